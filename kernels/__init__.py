@@ -1,0 +1,1 @@
+"""Triton kernels and their thin launchers (no autograd); installed as `vit_fast.kernels`."""

@@ -1,0 +1,22 @@
+"""Error measures shared by the op tests: the kernel, torch in the same dtype, and float64."""
+import torch
+
+# relative-error bound by dtype (fp32 on a GPU runs tf32 dots: the 'tf32' row applies there)
+DTYPE_BOUND = {torch.float64: 1e-10, torch.float32: 1e-5, "tf32": 2e-3, torch.float16: 1e-2, torch.bfloat16: 2e-2}
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||, computed in float64; NaN or Inf in `out` gives inf."""
+    out, ref = out.detach().double().cpu(), ref.detach().double().cpu()
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def assert_close_to_ref(name, out, torch_out, ref, bound, factor=2.0, floor=1e-6):
+    """`out` within `bound` of float64 `ref`, and no worse than `factor` x torch's own error."""
+    err, torch_err = rel_err(out, ref), rel_err(torch_out, ref)
+    max_abs = (out.detach().double().cpu() - ref.detach().double().cpu()).abs().max().item() if out.numel() else 0.0
+    print(f"{name}: rel err {err:.2e} (torch same dtype {torch_err:.2e}), max abs {max_abs:.2e}")
+    assert err <= bound, f"{name}: rel err {err:.3e} > bound {bound:.1e}"
+    assert err <= factor * torch_err + floor, f"{name}: rel err {err:.3e} > {factor} x torch's {torch_err:.3e}"

@@ -1,0 +1,94 @@
+"""The package skeleton: import, dispatch, the reference model's shape and naming."""
+import importlib
+import os
+
+import pytest
+import torch
+
+import vit_fast
+from vit_fast import dispatch, reference
+
+# Parameter counts with a 1000-class head, as timm reports them for the same names.
+PARAM_COUNTS = {
+    "vit_tiny_patch16_224": 5_717_416,
+    "vit_small_patch16_224": 22_050_664,
+    "vit_base_patch16_224": 86_567_656,
+    "vit_base_patch32_224": 88_224_232,
+    "vit_large_patch16_224": 304_326_632,
+}
+
+
+def test_kernels_installed_inside_the_package():
+    mod = importlib.import_module("vit_fast.kernels")
+    assert mod.__name__ == "vit_fast.kernels"
+
+
+@pytest.mark.parametrize("name,count", sorted(PARAM_COUNTS.items()))
+def test_reference_parameter_counts(name, count):
+    with torch.device("meta"):
+        model = reference.create_reference(name)
+    assert sum(p.numel() for p in model.parameters()) == count
+
+
+def test_reference_state_dict_uses_timm_names():
+    with torch.device("meta"):
+        keys = list(reference.create_reference("vit_base_patch16_224").state_dict())
+    assert keys[:4] == ["cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias"]
+    block0 = [k for k in keys if k.startswith("blocks.0.")]
+    assert block0 == [
+        f"blocks.0.{n}" for n in (
+            "norm1.weight", "norm1.bias", "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias",
+            "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight", "mlp.fc2.bias")
+    ]
+    assert keys[-4:] == ["norm.weight", "norm.bias", "head.weight", "head.bias"]
+    assert len(keys) == 4 + 12 * 12 + 4
+
+
+def test_reference_forward_matches_hand_written_vit():
+    """The reference against the paper's equations written out with plain tensor ops."""
+    torch.manual_seed(1)
+    model = reference.VisionTransformer(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=3,
+                                        num_classes=5).double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    sd = model.state_dict()
+    patches = x.unfold(2, 8, 8).unfold(3, 8, 8).permute(0, 2, 3, 1, 4, 5).reshape(2, 16, 3 * 64)
+    h = patches @ sd["patch_embed.proj.weight"].reshape(24, -1).t() + sd["patch_embed.proj.bias"]
+    h = torch.cat([sd["cls_token"].expand(2, -1, -1), h], 1) + sd["pos_embed"]
+
+    def ln(t, pre):
+        mu, var = t.mean(-1, keepdim=True), t.var(-1, unbiased=False, keepdim=True)
+        return (t - mu) / (var + 1e-6).sqrt() * sd[pre + ".weight"] + sd[pre + ".bias"]
+
+    for i in range(2):
+        p = f"blocks.{i}."
+        qkv = ln(h, p + "norm1") @ sd[p + "attn.qkv.weight"].t() + sd[p + "attn.qkv.bias"]
+        q, k, v = qkv.reshape(2, 17, 3, 3, 8).permute(2, 0, 3, 1, 4)
+        a = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5, -1) @ v
+        h = h + a.transpose(1, 2).reshape(2, 17, 24) @ sd[p + "attn.proj.weight"].t() + sd[p + "attn.proj.bias"]
+        m = ln(h, p + "norm2") @ sd[p + "mlp.fc1.weight"].t() + sd[p + "mlp.fc1.bias"]
+        m = torch.nn.functional.gelu(m) @ sd[p + "mlp.fc2.weight"].t() + sd[p + "mlp.fc2.bias"]
+        h = h + m
+    logits = ln(h, "norm")[:, 0] @ sd["head.weight"].t() + sd["head.bias"]
+    torch.testing.assert_close(model(x), logits, rtol=1e-10, atol=1e-10)
+
+
+def test_dispatch_rules(monkeypatch):
+    x = torch.zeros(1)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert dispatch.use_kernels(x) == dispatch.HAS_TRITON
+    monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
+    assert not dispatch.use_kernels(x)
+    monkeypatch.delenv(dispatch.FORCE_TORCH_ENV)
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert not dispatch.use_kernels(x)
+
+
+def test_interpreter_is_on_for_cpu_runs():
+    if not torch.cuda.is_available():
+        assert os.environ.get("TRITON_INTERPRET") == "1"
+        assert dispatch.use_kernels(torch.zeros(1))
+
+
+def test_public_api():
+    for name in ("attention", "attention_packed", "layer_norm", "add_layer_norm", "linear_gelu", "patch_embed"):
+        assert callable(getattr(vit_fast.functional, name))

@@ -1,0 +1,1 @@
+"""torch.library registrations, autograd Functions and input checks, one module per op."""

@@ -1,0 +1,225 @@
+"""The oracle: plain PyTorch, written from the paper (Dosovitskiy et al., arXiv 2010.11929).
+
+Tests and benchmarks import this module; nothing here calls a vit_fast kernel. The functions
+compute in the dtype they are given (tests pass float64 copies for the exact answer). The model
+keeps timm's module and parameter names, so timm state_dicts load into it strict.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- functions
+
+
+def attention(q, k, v, scale=None):
+    """softmax(q k^T * scale) v over the last two dims; q, k, v: [..., N, D]."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def attention_packed(qkv, num_heads, scale=None):
+    """qkv: [B, N, 3*H*D] in timm's order -> [B, N, H*D]."""
+    B, N, _ = qkv.shape
+    q, k, v = qkv.reshape(B, N, 3, num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    return attention(q, k, v, scale).transpose(1, 2).reshape(B, N, -1)
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-6):
+    """LayerNorm over the last dim, two-pass statistics."""
+    mean = x.mean(dim=-1, keepdim=True)
+    var = (x - mean).pow(2).mean(dim=-1, keepdim=True)
+    y = (x - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y
+
+
+def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-6):
+    """(LayerNorm(x + residual), x + residual)."""
+    s = x + residual
+    return layer_norm(s, weight, bias, eps), s
+
+
+def gelu(x, approximate="none"):
+    if approximate == "tanh":
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x.pow(3))))
+    if approximate == "none":
+        return 0.5 * x * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
+
+
+def linear(x, weight, bias=None, residual=None):
+    y = torch.matmul(x, weight.t())
+    if bias is not None:
+        y = y + bias
+    if residual is not None:
+        y = y + residual
+    return y
+
+
+def linear_gelu(x, weight, bias=None, approximate="none"):
+    return gelu(linear(x, weight, bias), approximate)
+
+
+def patch_embed(x, weight, bias=None, cls_token=None, pos_embed=None, mean=None, std=None):
+    """Images [B, C, H, W] -> tokens [B, L(+1), E] by the eager pipeline the fused op replaces."""
+    if x.dtype == torch.uint8:
+        m = torch.as_tensor(mean, dtype=weight.dtype, device=x.device).view(1, -1, 1, 1)
+        s = torch.as_tensor(std, dtype=weight.dtype, device=x.device).view(1, -1, 1, 1)
+        x = (x.to(weight.dtype) / 255.0 - m) / s
+    p = weight.shape[-1]
+    y = F.conv2d(x, weight, bias, stride=p).flatten(2).transpose(1, 2)
+    if cls_token is not None:
+        y = torch.cat([cls_token.expand(y.shape[0], -1, -1), y], dim=1)
+    if pos_embed is not None:
+        y = y + pos_embed
+    return y
+
+
+# ----------------------------------------------------------------------------- model
+
+ACT_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
+class PatchEmbed(nn.Module):
+    """[B, C, H, W] -> [B, L, E] by a convolution with kernel = stride = patch size."""
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True):
+        super().__init__()
+        self.img_size = (img_size, img_size)
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (img_size // patch_size, img_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+
+    def forward(self, x):
+        return self.proj(x).flatten(2).transpose(1, 2)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, num_heads=8, qkv_bias=False, attn_drop=0.0, proj_drop=0.0):
+        super().__init__()
+        assert dim % num_heads == 0, "dim must be divisible by num_heads"
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = torch.softmax(q @ k.transpose(-2, -1) * self.head_dim**-0.5, dim=-1)
+        x = (self.attn_drop(attn) @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class Mlp(nn.Module):
+    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer="gelu", drop=0.0):
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate=ACT_APPROXIMATE[act_layer])
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden_features, out_features)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x):
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim, init_values=1e-5):
+        super().__init__()
+        self.gamma = nn.Parameter(init_values * torch.ones(dim))
+
+    def forward(self, x):
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm encoder block: x + attn(norm1(x)), then + mlp(norm2(x))."""
+
+    def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, proj_drop=0.0, attn_drop=0.0,
+                 init_values=None, act_layer="gelu"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
+        self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
+        self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
+
+    def forward(self, x):
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
+                 embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True,
+                 drop_rate=0.0, attn_drop_rate=0.0, init_values=None, act_layer="gelu"):
+        super().__init__()
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool: expected 'token' or 'avg', got {global_pool!r}")
+        self.global_pool = global_pool
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.randn(1, num_patches + self.num_prefix_tokens, embed_dim) * 0.02)
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.blocks = nn.Sequential(*[
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, init_values, act_layer)
+            for _ in range(depth)
+        ])
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+
+    def forward_features(self, x):
+        x = self.patch_embed(x)  # [B, L, E]
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1+L, E]
+        x = self.pos_drop(x + self.pos_embed)
+        return self.norm(self.blocks(x))
+
+    def forward_head(self, x, pre_logits=False):
+        x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+
+# name -> constructor arguments, as timm's factories of the same names
+CONFIGS = {
+    "vit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_base_patch32_224": dict(patch_size=32, embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16_224": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+    "vit_huge_patch14_224": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
+    "vit_tiny_patch16_384": dict(img_size=384, patch_size=16, embed_dim=192, depth=12, num_heads=3),
+    "vit_small_patch16_384": dict(img_size=384, patch_size=16, embed_dim=384, depth=12, num_heads=6),
+    "vit_base_patch16_384": dict(img_size=384, patch_size=16, embed_dim=768, depth=12, num_heads=12),
+    "vit_base_patch32_384": dict(img_size=384, patch_size=32, embed_dim=768, depth=12, num_heads=12),
+    "vit_large_patch16_384": dict(img_size=384, patch_size=16, embed_dim=1024, depth=24, num_heads=16),
+}
+
+
+def create_reference(name, **kwargs):
+    """The reference model for a factory name, e.g. ``create_reference('vit_base_patch16_224')``."""
+    if name not in CONFIGS:
+        raise ValueError(f"name: expected one of {sorted(CONFIGS)}, got {name!r}")
+    return VisionTransformer(**{**CONFIGS[name], **kwargs})
