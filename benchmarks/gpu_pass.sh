@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU pass (issue 8) in one script: build, GPU test suite, every benchmark.
+#   bash benchmarks/gpu_pass.sh [build|tests|bench|all] [extra pytest args...]
+# Logs and results go to $OUT (default ./gpu_out): build.log, tests.log, bench_<op>.log,
+# results.tar.gz (benchmarks/results/<device>/).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+MODE=${1:-all}; shift || true
+OUT=${OUT:-$PWD/gpu_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_JOBS=${MAX_JOBS:-16}
+PY=${PY:-python3}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+
+t0=$SECONDS
+$PY setup.py develop --no-deps > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+$PY -c "import vit_fast, vit_fast._C, torch; print('built in', $SECONDS - $t0, 's; ops:', torch.ops.vit_fast.patch_embed)" || exit 1
+[ "$MODE" = build ] && exit 0
+
+if [ "$MODE" = tests ] || [ "$MODE" = all ]; then
+  $PY -m pytest -q -n 8 -p no:cacheprovider --durations=15 tests "$@" 2>&1 | tee "$OUT/tests.log" | tail -80
+fi
+
+if [ "$MODE" = bench ] || [ "$MODE" = all ]; then
+  for op in attention layernorm mlp patch_embed vit; do
+    echo "== benchmarks/$op.py --quick =="
+    timeout 240 $PY benchmarks/$op.py --quick 2>&1 | tee "$OUT/bench_$op.log" | tail -40
+  done
+  tar czf "$OUT/results.tar.gz" benchmarks/results
+fi
