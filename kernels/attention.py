@@ -1,0 +1,426 @@
+"""FlashAttention-style softmax attention (non-causal): Triton kernels and their launchers.
+
+Every tensor is addressed as [B, H, N, D] through its (batch, head, token) strides with a unit
+stride on D, so q, k, v can be views of a packed [B, N, 3*H*D] qkv buffer and O can be written
+straight into the [B, N, H*D] layout the output projection reads. No autograd here.
+
+Forward: one program per (batch*head, block of BLOCK_M queries); it loops over key blocks with an
+online softmax in exp2 (scale folded into log2(e)), accumulates in fp32, and writes O (input dtype)
+and the row log-sum-exp LSE (fp32, natural log of sum_j exp(scale * q.k_j)).
+
+Backward (recomputes P from LSE; no N x N buffer, no atomics, so it is deterministic):
+  1. attention_bwd_delta_kernel: delta = rowsum(dO * O), fp32.
+  2. attention_bwd_dkdv_kernel: one program per (batch*head, block of BLOCK_N keys), looping over
+     query blocks; dV = P^T dO, dK = scale * dS^T Q with dS = P * (dO V^T - delta).
+  3. attention_bwd_dq_kernel: one program per (batch*head, block of BLOCK_M queries), looping over
+     key blocks; dQ = scale * dS K.
+  Single pass: when one key block covers all keys (N_KV <= BLOCK_N of the dK/dV config, e.g.
+  ViT's N = 197 or 257 with BLOCK_N = 256), the dK/dV program holds every key of its head, so each
+  query block's dQ is complete inside it and is written there: the scores are computed once instead
+  of twice and step 3 is skipped, still without atomics.
+
+Grids are 1-D with batch*head outermost (axis 0 allows 2^31-1 programs; B*H = 98,304 is fine), so
+the query blocks of one head run next to each other and share its K/V in L2. Head dims up to 128
+are padded to BLOCK_D = next power of two with masks on D; token masks are applied only to the
+ragged last block of the loop. fp32 inputs: `tl.dot` uses its default input precision, tf32 on a
+GPU (~1e-3 relative error), exact fp32 products under the CPU interpreter.
+"""
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
+LOG2E_IN_KERNEL = tl.constexpr(LOG2E)  # kernels read only constexpr globals
+LN2_IN_KERNEL = tl.constexpr(0.6931471805599453)
+MAX_HEAD_DIM = 128
+
+
+class Config(NamedTuple):
+    block_m: int  # query rows per tile
+    block_n: int  # key rows per tile
+    num_warps: int
+    num_stages: int
+
+
+# Hopper table: (kernel, BLOCK_D) -> (config for fp16/bf16 inputs, config for fp32 inputs).
+# 16-bit D=64 rows: the best of a sweep of the textbook kernels at [256,12,197,64] bf16 on an H100
+# (fwd 128 queries x 32 keys; bwd 32 queries x 128 keys for dK/dV, 128 x 32 for dQ; 4 warps,
+# 3 stages): at N = 197 narrow key tiles waste less on the ragged block while 128-row query tiles keep
+# the tensor cores busy. D=128 (also ViT-H's D=80) doubles the per-row registers: 8 warps. D <= 32
+# halves them: forward key tiles widen to 64. fp32 (tf32) tiles take twice the registers: half the
+# accumulator rows, and 2 stages at D=128. Every entry compiles for sm_90 without register spills
+# (Triton 3.9 + ptxas, offline). Re-tune on the target GPU with `python benchmarks/attention.py --sweep`.
+CONFIGS = {
+    ("fwd", 16): (Config(128, 64, 4, 3), Config(64, 64, 4, 3)),
+    ("fwd", 32): (Config(128, 64, 4, 3), Config(64, 64, 4, 3)),
+    ("fwd", 64): (Config(128, 32, 4, 3), Config(64, 32, 4, 3)),
+    ("fwd", 128): (Config(128, 32, 8, 3), Config(128, 32, 8, 2)),
+    ("dkdv", 16): (Config(32, 128, 4, 3), Config(32, 64, 4, 3)),
+    ("dkdv", 32): (Config(32, 128, 4, 3), Config(32, 64, 4, 3)),
+    ("dkdv", 64): (Config(32, 128, 4, 3), Config(32, 64, 4, 3)),
+    ("dkdv", 128): (Config(32, 128, 8, 3), Config(16, 128, 8, 2)),
+    ("dq", 16): (Config(128, 32, 4, 3), Config(64, 32, 4, 3)),
+    ("dq", 32): (Config(128, 32, 4, 3), Config(64, 32, 4, 3)),
+    ("dq", 64): (Config(128, 32, 4, 3), Config(64, 32, 4, 3)),
+    ("dq", 128): (Config(128, 32, 8, 3), Config(128, 32, 8, 2)),
+}
+# Single-pass backward (the dK/dV kernel writes dQ too), used when N_KV <= block_n; 16-bit inputs.
+# Empty until measured: at D=64, Config(32, 256, 8, 3) compiles for sm_90 without spills (255 regs)
+# and is among the sweep's candidates.
+SINGLE_PASS_CONFIGS = {}
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
+
+
+def config(kernel: str, head_dim: int, dtype) -> Config:
+    """The table's config for kernel 'fwd', 'dkdv' or 'dq'."""
+    return CONFIGS[kernel, block_d(head_dim)][dtype == torch.float32]
+
+
+def bwd_configs(head_dim: int, n_kv: int, dtype):
+    """(dK/dV config, dQ config), or (single-pass config, None) when one key block covers N_KV."""
+    single = SINGLE_PASS_CONFIGS.get(block_d(head_dim))
+    if single is not None and n_kv <= single.block_n and dtype != torch.float32:
+        return single, None
+    return config("dkdv", head_dim, dtype), config("dq", head_dim, dtype)
+
+
+# ----------------------------------------------------------------------------- tile helpers
+
+
+@triton.jit
+def _program_rows(n_rows, H, BLOCK: tl.constexpr):
+    # 1-D grid with batch*head outermost: (batch, head, batch*head, this program's BLOCK row indices)
+    pid = tl.program_id(0).to(tl.int64)
+    num_blocks = tl.cdiv(n_rows, BLOCK)
+    bh = pid // num_blocks
+    return bh // H, bh % H, bh, (pid % num_blocks) * BLOCK + tl.arange(0, BLOCK)
+
+
+@triton.jit
+def _tile_ptrs(X, b, h, rows, offs_d, stride_b, stride_h, stride_n):
+    # [len(rows), BLOCK_D] pointers into X[b, h, rows, :]
+    return X + b * stride_b + h * stride_h + rows[:, None] * stride_n + offs_d[None, :]
+
+
+@triton.jit
+def _load_tile(ptrs, rows, n_rows, cols, n_cols, MASK_ROWS: tl.constexpr, MASK_COLS: tl.constexpr):
+    # [R, C] tile; only the dimensions flagged ragged get a predicate (zeros where masked)
+    if MASK_ROWS and MASK_COLS:
+        tile = tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :], other=0.0)
+    elif MASK_ROWS:
+        tile = tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+    elif MASK_COLS:
+        tile = tl.load(ptrs, mask=(cols < n_cols)[None, :], other=0.0)
+    else:
+        tile = tl.load(ptrs)
+    return tile
+
+
+@triton.jit
+def _store_rows(ptrs, tile, rows, n_rows, cols, n_cols, PAD_D: tl.constexpr):
+    # one store per program: the row mask is always applied, the column mask when D is padded
+    if PAD_D:
+        tl.store(ptrs, tile, mask=(rows < n_rows)[:, None] & (cols < n_cols)[None, :])
+    else:
+        tl.store(ptrs, tile, mask=(rows < n_rows)[:, None])
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+@triton.jit
+def _fwd_key_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, keys, n_kv, offs_d, head_dim, qk_scale,
+                   MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr):
+    # acc [BLOCK_M, BLOCK_D] fp32, m_i / l_i [BLOCK_M] running max (log2 units) and sum
+    k = _load_tile(k_ptrs, keys, n_kv, offs_d, head_dim, MASK_KEYS, PAD_D)  # [BLOCK_N, BLOCK_D]
+    s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N] scores in log2 units
+    if MASK_KEYS:
+        s = tl.where((keys < n_kv)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.math.exp2(s - m_new[:, None])
+    alpha = tl.math.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_tile(v_ptrs, keys, n_kv, offs_d, head_dim, MASK_KEYS, PAD_D)  # [BLOCK_N, BLOCK_D]
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    return acc, m_new, l_i
+
+
+@triton.jit
+def attention_fwd_kernel(
+    Q, K, V,  # [B, H, N_Q | N_KV, D] through strides
+    O,  # [B, H, N_Q, D] through strides, input dtype
+    LSE,  # [B*H, N_Q] fp32, contiguous
+    qk_scale,  # scale * log2(e)
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_ob, stride_oh, stride_on,
+    H, N_Q, N_KV, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
+):
+    b, h, bh, offs_m = _program_rows(N_Q, H, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn)
+    q = _load_tile(q_ptrs, offs_m, N_Q, offs_d, head_dim, True, PAD_D)  # [BLOCK_M, BLOCK_D]
+    k_ptrs = _tile_ptrs(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn)
+    v_ptrs = _tile_ptrs(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    n_full = N_KV - N_KV % BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _fwd_key_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n + offs_n, N_KV, offs_d,
+                                       head_dim, qk_scale, False, PAD_D)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    if n_full < N_KV:  # the ragged last key block
+        acc, m_i, l_i = _fwd_key_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_full + offs_n, N_KV, offs_d,
+                                       head_dim, qk_scale, True, PAD_D)
+
+    acc = acc / l_i[:, None]
+    o_ptrs = _tile_ptrs(O, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on)
+    _store_rows(o_ptrs, acc.to(O.dtype.element_ty), offs_m, N_Q, offs_d, head_dim, PAD_D)
+    lse = (m_i + tl.math.log2(l_i)) * LN2_IN_KERNEL  # back to natural-log units
+    tl.store(LSE + bh * N_Q + offs_m, lse, mask=offs_m < N_Q)
+
+
+# ----------------------------------------------------------------------------- backward
+
+
+@triton.jit
+def attention_bwd_delta_kernel(
+    O, DO,  # [B, H, N_Q, D] through strides
+    DELTA,  # [B*H, N_Q] fp32: rowsum(dO * O)
+    stride_ob, stride_oh, stride_on,
+    stride_dob, stride_doh, stride_don,
+    H, N_Q, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
+):
+    b, h, bh, offs_m = _program_rows(N_Q, H, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_tile(_tile_ptrs(O, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on),
+                   offs_m, N_Q, offs_d, head_dim, True, PAD_D)
+    do = _load_tile(_tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don),
+                    offs_m, N_Q, offs_d, head_dim, True, PAD_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + bh * N_Q + offs_m, delta, mask=offs_m < N_Q)
+
+
+@triton.jit
+def _dkdv_query_block(dk, dv, k, v, keys, n_kv, q_ptrs, do_ptrs, dq_ptrs, lse_ptrs, delta_ptrs, queries, n_q,
+                      offs_d, head_dim, qk_scale, scale,
+                      MASK_QUERIES: tl.constexpr, PAD_D: tl.constexpr, WRITE_DQ: tl.constexpr):
+    # dk, dv [BLOCK_N, BLOCK_D] fp32 accumulators for the keys k, v [BLOCK_N, BLOCK_D]
+    q = _load_tile(q_ptrs, queries, n_q, offs_d, head_dim, MASK_QUERIES, PAD_D)  # [BLOCK_M, BLOCK_D]
+    do = _load_tile(do_ptrs, queries, n_q, offs_d, head_dim, MASK_QUERIES, PAD_D)
+    if MASK_QUERIES:  # masked queries: q = dO = delta = 0 and P = 0, so they add nothing
+        lse = tl.load(lse_ptrs, mask=queries < n_q, other=float("inf"))
+        delta = tl.load(delta_ptrs, mask=queries < n_q, other=0.0)
+    else:
+        lse = tl.load(lse_ptrs)
+        delta = tl.load(delta_ptrs)
+    s_t = tl.dot(k, tl.trans(q)) * qk_scale  # [BLOCK_N, BLOCK_M] scores^T in log2 units
+    p_t = tl.math.exp2(s_t - (lse * LOG2E_IN_KERNEL)[None, :])
+    if WRITE_DQ:  # padding keys must not reach dQ (with k = 0 their P is exp(-lse), not 0)
+        p_t = tl.where((keys < n_kv)[:, None], p_t, 0.0)
+    dv = tl.dot(p_t.to(do.dtype), do, dv)
+    dp_t = tl.dot(v, tl.trans(do))  # [BLOCK_N, BLOCK_M]
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    if WRITE_DQ:  # this program holds every key of the head: dQ of these queries is complete
+        dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale  # [BLOCK_M, BLOCK_D]
+        _store_rows(dq_ptrs, dq.to(dq_ptrs.dtype.element_ty), queries, n_q, offs_d, head_dim, PAD_D)
+    return dk, dv
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    Q, K, V, DO,  # [B, H, N_Q | N_KV, D] through strides
+    DK, DV,  # [B, H, N_KV, D] through strides
+    DQ,  # [B, H, N_Q, D] through strides; written only when WRITE_DQ
+    LSE, DELTA,  # [B*H, N_Q] fp32
+    qk_scale, scale,  # scale * log2(e), scale
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dkb, stride_dkh, stride_dkn,
+    stride_dvb, stride_dvh, stride_dvn,
+    stride_dqb, stride_dqh, stride_dqn,
+    H, N_Q, N_KV, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
+    WRITE_DQ: tl.constexpr,
+):
+    b, h, bh, offs_n = _program_rows(N_KV, H, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    k = _load_tile(_tile_ptrs(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn),
+                   offs_n, N_KV, offs_d, head_dim, True, PAD_D)  # [BLOCK_N, BLOCK_D]
+    v = _load_tile(_tile_ptrs(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn),
+                   offs_n, N_KV, offs_d, head_dim, True, PAD_D)
+    q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn)
+    do_ptrs = _tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don)
+    dq_ptrs = _tile_ptrs(DQ, b, h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn)
+    lse_ptrs = LSE + bh * N_Q + offs_m
+    delta_ptrs = DELTA + bh * N_Q + offs_m
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    m_full = N_Q - N_Q % BLOCK_M
+    for start_m in range(0, m_full, BLOCK_M):
+        dk, dv = _dkdv_query_block(dk, dv, k, v, offs_n, N_KV, q_ptrs, do_ptrs, dq_ptrs, lse_ptrs, delta_ptrs,
+                                   start_m + offs_m, N_Q, offs_d, head_dim, qk_scale, scale, False, PAD_D, WRITE_DQ)
+        q_ptrs += BLOCK_M * stride_qn
+        do_ptrs += BLOCK_M * stride_don
+        dq_ptrs += BLOCK_M * stride_dqn
+        lse_ptrs += BLOCK_M
+        delta_ptrs += BLOCK_M
+    if m_full < N_Q:  # the ragged last query block
+        dk, dv = _dkdv_query_block(dk, dv, k, v, offs_n, N_KV, q_ptrs, do_ptrs, dq_ptrs, lse_ptrs, delta_ptrs,
+                                   m_full + offs_m, N_Q, offs_d, head_dim, qk_scale, scale, True, PAD_D, WRITE_DQ)
+
+    dk_ptrs = _tile_ptrs(DK, b, h, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkn)
+    _store_rows(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), offs_n, N_KV, offs_d, head_dim, PAD_D)
+    dv_ptrs = _tile_ptrs(DV, b, h, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn)
+    _store_rows(dv_ptrs, dv.to(DV.dtype.element_ty), offs_n, N_KV, offs_d, head_dim, PAD_D)
+
+
+@triton.jit
+def _dq_key_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, keys, n_kv, offs_d, head_dim, qk_scale,
+                  MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr):
+    # dq [BLOCK_M, BLOCK_D] fp32 accumulator for the queries q [BLOCK_M, BLOCK_D]
+    k = _load_tile(k_ptrs, keys, n_kv, offs_d, head_dim, MASK_KEYS, PAD_D)  # [BLOCK_N, BLOCK_D]
+    v = _load_tile(v_ptrs, keys, n_kv, offs_d, head_dim, MASK_KEYS, PAD_D)
+    s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N] in log2 units
+    p = tl.math.exp2(s - (lse * LOG2E_IN_KERNEL)[:, None])
+    if MASK_KEYS:
+        p = tl.where((keys < n_kv)[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq)
+
+
+@triton.jit
+def attention_bwd_dq_kernel(
+    Q, K, V, DO,  # [B, H, N_Q | N_KV, D] through strides
+    DQ,  # [B, H, N_Q, D] through strides
+    LSE, DELTA,  # [B*H, N_Q] fp32
+    qk_scale, scale,  # scale * log2(e), scale
+    stride_qb, stride_qh, stride_qn,
+    stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_don,
+    stride_dqb, stride_dqh, stride_dqn,
+    H, N_Q, N_KV, head_dim,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
+):
+    b, h, bh, offs_m = _program_rows(N_Q, H, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+
+    # padding query rows load q = dO = 0, lse = delta = 0: finite, and never stored
+    q = _load_tile(_tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn),
+                   offs_m, N_Q, offs_d, head_dim, True, PAD_D)  # [BLOCK_M, BLOCK_D]
+    do = _load_tile(_tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don),
+                    offs_m, N_Q, offs_d, head_dim, True, PAD_D)
+    lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    k_ptrs = _tile_ptrs(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn)
+    v_ptrs = _tile_ptrs(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn)
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    n_full = N_KV - N_KV % BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _dq_key_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n + offs_n, N_KV, offs_d, head_dim,
+                           qk_scale, False, PAD_D)
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    if n_full < N_KV:  # the ragged last key block
+        dq = _dq_key_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, n_full + offs_n, N_KV, offs_d, head_dim,
+                           qk_scale, True, PAD_D)
+
+    dq_ptrs = _tile_ptrs(DQ, b, h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn)
+    _store_rows(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), offs_m, N_Q, offs_d, head_dim, PAD_D)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _bhn_strides(t: torch.Tensor):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def attention_fwd(q, k, v, o, lse, scale: float, fwd_cfg: Config = None):
+    """Writes o = softmax(scale * q k^T) v and lse = logsumexp(scale * q k^T) (fp32, natural log).
+
+    q, o: [B, H, N_Q, D]; k, v: [B, H, N_KV, D] (any strides, unit stride on D); lse: [B, H, N_Q]
+    contiguous fp32. ``fwd_cfg`` overrides the table (benchmark sweeps).
+    """
+    B, H, n_q, head_dim = q.shape
+    n_kv = k.shape[2]
+    if B * H * n_q == 0:
+        return
+    cfg = config("fwd", head_dim, q.dtype) if fwd_cfg is None else fwd_cfg
+    bd = block_d(head_dim)
+    grid = (B * H * triton.cdiv(n_q, cfg.block_m),)
+    attention_fwd_kernel[grid](
+        q, k, v, o, lse, scale * LOG2E,
+        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(o),
+        H, n_q, n_kv, head_dim,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, PAD_D=bd != head_dim,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def attention_bwd(do, q, k, v, o, lse, dq, dk, dv, scale: float, bwd_cfgs=None):
+    """Writes dq, dk, dv (shapes and strides of q, k, v: any, unit stride on D) for upstream do.
+
+    o, lse: the forward's outputs. ``bwd_cfgs`` overrides the table: (dK/dV config, dQ config), or
+    (single-pass config with block_n >= N_KV, None), as `bwd_configs` returns them.
+    """
+    B, H, n_q, head_dim = q.shape
+    n_kv = k.shape[2]
+    if B * H * n_q == 0:
+        return
+    dkdv_cfg, dq_cfg = bwd_configs(head_dim, n_kv, q.dtype) if bwd_cfgs is None else bwd_cfgs
+    write_dq = dq_cfg is None
+    if write_dq and n_kv > dkdv_cfg.block_n:
+        raise ValueError(f"single-pass backward needs block_n >= N_KV, got {dkdv_cfg.block_n} < {n_kv}")
+    bd = block_d(head_dim)
+    pad_d = bd != head_dim
+    qk_scale = scale * LOG2E
+
+    delta = torch.empty_like(lse)
+    delta_block_m = 64
+    attention_bwd_delta_kernel[(B * H * triton.cdiv(n_q, delta_block_m),)](
+        o, do, delta, *_bhn_strides(o), *_bhn_strides(do), H, n_q, head_dim,
+        BLOCK_M=delta_block_m, BLOCK_D=bd, PAD_D=pad_d,
+    )
+    cfg = dkdv_cfg
+    attention_bwd_dkdv_kernel[(B * H * triton.cdiv(n_kv, cfg.block_n),)](
+        q, k, v, do, dk, dv, dq, lse, delta, qk_scale, scale,
+        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do),
+        *_bhn_strides(dk), *_bhn_strides(dv), *_bhn_strides(dq),
+        H, n_q, n_kv, head_dim,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, PAD_D=pad_d, WRITE_DQ=write_dq,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    if write_dq:
+        return
+    cfg = dq_cfg
+    attention_bwd_dq_kernel[(B * H * triton.cdiv(n_q, cfg.block_m),)](
+        q, k, v, do, dq, lse, delta, qk_scale, scale,
+        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do), *_bhn_strides(dq),
+        H, n_q, n_kv, head_dim,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, PAD_D=pad_d,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )

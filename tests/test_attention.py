@@ -1,0 +1,473 @@
+"""Attention kernels (forward, dq/dk/dv, packed qkv) and the drop-in module, against float64 math.
+
+Without a GPU the Triton kernels run under the interpreter (fp32 and fp16: bf16 dots are wrong
+there); GPU tests add bf16, tf32-dot fp32, long sequences, B*H > 65,535, cuda:1, torch.compile.
+"""
+import contextlib
+
+import pytest
+import torch
+
+import vit_fast.functional as VF
+from numerics import DTYPE_BOUND, assert_close_to_ref, rel_err
+from vit_fast import dispatch, reference
+from vit_fast.kernels import attention as kernels
+from vit_fast.nn import Attention
+
+CPU_DTYPES = [torch.float32, torch.float16]
+GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def uses_tf32(dtype, device):
+    return dtype == torch.float32 and str(device).startswith("cuda")
+
+
+def bound(dtype, device):
+    return DTYPE_BOUND["tf32" if uses_tf32(dtype, device) else dtype]
+
+
+@contextlib.contextmanager
+def torch_matmul_like_kernels(dtype, device):
+    """torch's same-dtype comparison runs its matmuls in tf32 where the kernels' fp32 dots do."""
+    was = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = uses_tf32(dtype, device)
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = was
+
+
+@pytest.fixture
+def poison_empty():
+    """torch.empty / empty_like return NaN-filled memory, so elements a kernel leaves unwritten fail."""
+    was = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    yield
+    torch.use_deterministic_algorithms(was)
+
+
+def launches(op):
+    return dispatch.kernel_launches[op]
+
+
+def make_qkv(B, H, n_q, n_kv, D, dtype, device, std=1.0):
+    q = torch.randn(B, H, n_q, D, device=device, dtype=dtype) * std
+    k = torch.randn(B, H, n_kv, D, device=device, dtype=dtype) * std
+    v = torch.randn(B, H, n_kv, D, device=device, dtype=dtype)
+    return q, k, v
+
+
+def torch_fwd_bwd(fn, inputs, do):
+    """(out, grads) of `fn` on detached copies of `inputs` with torch's autograd."""
+    copies = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*copies)
+    out.backward(do.to(out.dtype))
+    return out.detach(), [c.grad for c in copies]
+
+
+def check_attention(name, out, grads, fn, inputs, do, dtype, device, key_count):
+    """Kernel output and grads vs float64 (bound) and vs torch in the same dtype (2x fwd, 3x bwd)."""
+    ref_out, ref_grads = torch_fwd_bwd(fn, [t.double() for t in inputs], do.double())
+    with torch_matmul_like_kernels(dtype, device):
+        torch_out, torch_grads = torch_fwd_bwd(fn, inputs, do)
+    b = bound(dtype, device)
+    assert_close_to_ref(f"{name} out", out, torch_out, ref_out, b)
+    for g_name, g, tg, rg in zip(("dq", "dk", "dv"), grads, torch_grads, ref_grads):
+        if key_count == 1 and g_name in ("dq", "dk"):
+            # one key: softmax is constant 1, so dq = dk = 0; what is left is rounding in dO.V - delta,
+            # relative to the size of the terms that cancel
+            q, k, v = (t.double() for t in inputs)
+            cancelling = do.double().norm() * v.norm() * max(q.norm(), k.norm())
+            assert g.double().norm() <= b * cancelling, f"{name} {g_name}: {g.norm():.2e} not ~0"
+            continue
+        assert_close_to_ref(f"{name} {g_name}", g, tg, rg, b, factor=3.0)
+
+
+# ----------------------------------------------------------------------------- kernels (launchers)
+
+# B, H, N_Q, N_KV, D: N = 1; ragged 197 / 257; D = 80 and 48 padded to the next power of two; cross
+# attention with whole query blocks and a ragged key block
+SHAPES = [
+    (1, 1, 1, 1, 32),
+    (2, 2, 197, 197, 64),
+    (2, 2, 257, 257, 80),
+    (1, 2, 197, 197, 128),
+    (1, 1, 128, 70, 48),
+]
+
+
+def single_pass_cfgs(n_kv):
+    return kernels.Config(32, max(16, 1 << (n_kv - 1).bit_length()), 4, 1), None
+
+
+@pytest.mark.parametrize("bwd", ["two-pass", "single-pass"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_kernels_vs_reference(dtype, shape, bwd, device):
+    """The launchers on NaN-poisoned outputs: o, lse, dq, dk, dv all written and right."""
+    if device == "cpu" and dtype == torch.float16 and bwd == "single-pass" and shape[2] > 200:
+        pytest.skip("interpreter time: fp16 single pass is covered at the smaller shapes")
+    B, H, n_q, n_kv, D = shape
+    q, k, v = make_qkv(B, H, n_q, n_kv, D, dtype, device)
+    do = torch.randn(B, H, n_q, D, device=device, dtype=dtype)
+    scale = D**-0.5
+    o = torch.full_like(q, float("nan"))
+    lse = torch.full((B, H, n_q), float("nan"), device=device)
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    kernels.attention_fwd(q, k, v, o, lse, scale)
+    kernels.attention_bwd(do, q, k, v, o, lse, dq, dk, dv, scale,
+                          single_pass_cfgs(n_kv) if bwd == "single-pass" else None)
+
+    # 16-bit products are exact in fp32, so lse is fp32-accurate for every dtype but tf32
+    ref_lse = torch.logsumexp(scale * q.double() @ k.double().transpose(-1, -2), dim=-1)
+    assert rel_err(lse, ref_lse) <= (DTYPE_BOUND["tf32"] if uses_tf32(dtype, device) else 1e-5)
+    check_attention("attention", o, (dq, dk, dv), reference.attention, (q, k, v), do, dtype, device, n_kv)
+
+
+def test_single_pass_rejects_too_few_keys_per_block(device):
+    q, k, v = make_qkv(1, 1, 40, 40, 32, torch.float32, device)
+    o, lse = torch.empty_like(q), torch.empty(1, 1, 40, device=device)
+    with pytest.raises(ValueError, match="single-pass backward needs block_n >= N_KV"):
+        kernels.attention_bwd(o, q, k, v, o, lse, q.clone(), k.clone(), v.clone(), 1.0,
+                              (kernels.Config(16, 32, 4, 1), None))
+
+
+# ----------------------------------------------------------------------------- public ops
+
+
+def packed_views(B, N, H, D, dtype, device):
+    """q, k, v as strided [B, H, N, D] views of one [B, N, 3, H, D] leaf buffer."""
+    qkv = torch.randn(B, N, 3, H, D, device=device, dtype=dtype, requires_grad=True)
+    return qkv, qkv.permute(2, 0, 3, 1, 4).unbind(0)
+
+
+LAYOUTS = ["packed-views", "bnhd-transposed", "head-dim-slices"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_attention_strided_views(dtype, layout, device, poison_empty):
+    """q, k, v read through strides (no copies); grads flow back to the viewed leaves."""
+    B, H, N, D = 2, 2, 197, 64
+    if layout == "packed-views":
+        leaf, (q, k, v) = packed_views(B, N, H, D, dtype, device)
+        leaves = [leaf]
+    elif layout == "bnhd-transposed":
+        leaves = [torch.randn(B, N, H, D, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+        q, k, v = (t.transpose(1, 2) for t in leaves)
+    else:  # row stride 96 inside a wider buffer
+        leaves = [torch.randn(B, H, N, 96, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+        q, k, v = (t[..., 16:16 + D] for t in leaves)
+    assert q.stride(-1) == 1 and not q.is_contiguous()
+    before = launches("attention_fwd"), launches("attention_bwd")
+    out = VF.attention(q, k, v)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    if dispatch.use_kernels(q):
+        assert (launches("attention_fwd"), launches("attention_bwd")) == (before[0] + 1, before[1] + 1)
+    check_attention(f"attention {layout}", out, grads, reference.attention, (q, k, v), do, dtype, device, N)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_attention_large_logits(dtype, device, poison_empty):
+    """scale * |q.k| ~ 100: the online softmax stays finite and as exact as torch in the same dtype."""
+    q, k, v = make_qkv(1, 2, 197, 197, 64, dtype, device, std=4.0)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    logits = (q.double() @ k.double().transpose(-1, -2)) * 64**-0.5
+    assert logits.abs().max() > 80
+    out = VF.attention(q, k, v)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    check_attention("attention large logits", out, grads, reference.attention, (q, k, v), do, dtype, device, 197)
+
+
+def test_attention_scale_and_defaults(device, poison_empty):
+    q, k, v = make_qkv(1, 2, 33, 33, 32, torch.float32, device)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    for scale in (None, 0.05, -0.3):
+        out = VF.attention(q, k, v, scale=scale)
+        do = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+        fn = lambda a, b, c: reference.attention(a, b, c, scale)  # noqa: E731
+        check_attention(f"attention scale={scale}", out, grads, fn, (q, k, v), do, torch.float32, device, 33)
+
+
+def test_attention_expanded_upstream_gradient(device):
+    """out.sum() hands back a stride-0 gradient; the backward still runs (and matches)."""
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 1, 20, 20, 32, torch.float32, device))
+    VF.attention(q, k, v).sum().backward()
+    qd, kd, vd = (t.detach().double().requires_grad_() for t in (q, k, v))
+    reference.attention(qd, kd, vd).sum().backward()
+    for t, r in ((q, qd), (k, kd), (v, vd)):
+        assert rel_err(t.grad, r.grad) <= 1e-5
+
+
+def test_attention_empty_batch(device):
+    q, k, v = (t.requires_grad_() for t in make_qkv(0, 2, 197, 197, 64, torch.float32, device))
+    out = VF.attention(q, k, v)
+    assert out.shape == (0, 2, 197, 64)
+    out.sum().backward()
+    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
+    qkv = torch.randn(0, 197, 3 * 2 * 64, device=device, requires_grad=True)
+    out = VF.attention_packed(qkv, 2)
+    assert out.shape == (0, 197, 128)
+    out.sum().backward()
+    assert qkv.grad.shape == qkv.shape
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_attention_packed(dtype, device, poison_empty):
+    """qkv [B, N, 3*H*D] -> [B, N, H*D]; the gradient lands in one dqkv buffer (no NaN left)."""
+    B, N, H, D = 2, 197, 2, 64
+    qkv = torch.randn(B, N, 3 * H * D, device=device, dtype=dtype, requires_grad=True)
+    before = launches("attention_packed_fwd"), launches("attention_packed_bwd")
+    out = VF.attention_packed(qkv, H)
+    assert out.shape == (B, N, H * D) and out.is_contiguous()
+    do = torch.randn_like(out)
+    (dqkv,) = torch.autograd.grad(out, qkv, do)
+    if dispatch.use_kernels(qkv):
+        assert (launches("attention_packed_fwd"), launches("attention_packed_bwd")) == (before[0] + 1, before[1] + 1)
+    ref_out, (ref_dqkv,) = torch_fwd_bwd(lambda t: reference.attention_packed(t, H), [qkv.double()], do.double())
+    torch_out, (torch_dqkv,) = torch_fwd_bwd(lambda t: reference.attention_packed(t, H), [qkv], do)
+    b = bound(dtype, device)
+    assert_close_to_ref("attention_packed out", out, torch_out, ref_out, b)
+    assert_close_to_ref("attention_packed dqkv", dqkv, torch_dqkv, ref_dqkv, b, factor=3.0)
+
+
+def test_attention_packed_reads_a_strided_qkv(device):
+    """qkv itself a view (every other token of a bigger buffer): read through its strides."""
+    base = torch.randn(1, 40, 3 * 2 * 32, device=device)
+    qkv = base[:, ::2]
+    out = VF.attention_packed(qkv, 2)
+    ref = reference.attention_packed(qkv.double(), 2)
+    assert rel_err(out, ref) <= DTYPE_BOUND[torch.float32]
+
+
+def test_opcheck(device):
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 17, 17, 32, torch.float32, device))
+    torch.library.opcheck(torch.ops.vit_fast.attention_fwd.default, (q, k, v, 0.3))
+    o, lse = torch.ops.vit_fast.attention_fwd(q, k, v, 0.3)
+    torch.library.opcheck(torch.ops.vit_fast.attention_bwd.default,
+                          (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse, 0.3))
+    qkv = torch.randn(2, 17, 3 * 2 * 32, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.vit_fast.attention_packed_fwd.default, (qkv, 2, 0.3))
+    o, lse = torch.ops.vit_fast.attention_packed_fwd(qkv, 2, 0.3)
+    torch.library.opcheck(torch.ops.vit_fast.attention_packed_bwd.default,
+                          (torch.randn_like(o), qkv.detach(), o.detach(), lse, 2, 0.3))
+
+
+def test_torch_path_matches_reference(monkeypatch):
+    """VIT_FAST_FORCE_TORCH=1 runs the PyTorch path (SDPA): same math, no kernel launch."""
+    monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
+    q, k, v = make_qkv(2, 3, 19, 23, 16, torch.float32, "cpu")
+    before = launches("attention_fwd"), launches("attention_packed_fwd")
+    ref = reference.attention(q.double(), k.double(), v.double(), 0.2)
+    assert rel_err(VF.attention(q, k, v, 0.2), ref) <= DTYPE_BOUND[torch.float32]
+    qkv = torch.randn(2, 19, 3 * 3 * 16)
+    assert rel_err(VF.attention_packed(qkv, 3), reference.attention_packed(qkv.double(), 3)) <= DTYPE_BOUND[torch.float32]
+    assert (launches("attention_fwd"), launches("attention_packed_fwd")) == before
+
+
+def _q(*shape, dtype=torch.float32):
+    return torch.randn(*shape, dtype=dtype)
+
+
+BAD_INPUTS = [
+    ("q not a tensor", lambda: VF.attention([1.0], _q(1, 1, 4, 32), _q(1, 1, 4, 32)), TypeError, "q: expected a torch.Tensor"),
+    ("q rank 3", lambda: VF.attention(_q(1, 4, 32), _q(1, 1, 4, 32), _q(1, 1, 4, 32)), ValueError, "q: expected a 4-D"),
+    ("k rank 5", lambda: VF.attention(_q(1, 1, 4, 32), _q(1, 1, 1, 4, 32), _q(1, 1, 4, 32)), ValueError, "k: expected a 4-D"),
+    ("q int dtype", lambda: VF.attention(torch.ones(1, 1, 4, 32, dtype=torch.int32), _q(1, 1, 4, 32), _q(1, 1, 4, 32)),
+     ValueError, "q: expected dtype in"),
+    ("k dtype", lambda: VF.attention(_q(1, 1, 4, 32), _q(1, 1, 4, 32, dtype=torch.float16), _q(1, 1, 4, 32)),
+     ValueError, "k: expected dtype torch.float32"),
+    ("v device", lambda: VF.attention(_q(1, 1, 4, 32), _q(1, 1, 4, 32), torch.empty(1, 1, 4, 32, device="meta")),
+     RuntimeError, "v: expected device cpu"),
+    ("k heads", lambda: VF.attention(_q(1, 2, 4, 32), _q(1, 1, 4, 32), _q(1, 1, 4, 32)), ValueError, "k: expected shape"),
+    ("k head dim", lambda: VF.attention(_q(1, 1, 4, 32), _q(1, 1, 4, 16), _q(1, 1, 4, 16)), ValueError, "k: expected shape"),
+    ("v tokens", lambda: VF.attention(_q(1, 1, 4, 32), _q(1, 1, 4, 32), _q(1, 1, 5, 32)), ValueError, "v: expected the shape of k"),
+    ("no tokens", lambda: VF.attention(_q(1, 1, 0, 32), _q(1, 1, 0, 32), _q(1, 1, 0, 32)), ValueError, "at least one token"),
+    ("head dim 256", lambda: VF.attention(_q(1, 1, 4, 256), _q(1, 1, 4, 256), _q(1, 1, 4, 256)), ValueError,
+     "q: head dim 256 is not supported"),
+    ("q last stride", lambda: VF.attention(_q(1, 1, 4, 32, 2)[..., 0], _q(1, 1, 4, 32), _q(1, 1, 4, 32)), ValueError,
+     "q: expected unit stride on the last dim"),
+    ("v last stride", lambda: VF.attention(_q(1, 1, 4, 32), _q(1, 1, 4, 32), _q(1, 1, 32, 4).transpose(-1, -2)),
+     ValueError, "v: expected unit stride on the last dim"),
+    ("scale tensor", lambda: VF.attention(_q(1, 1, 4, 32), _q(1, 1, 4, 32), _q(1, 1, 4, 32), scale=torch.tensor(0.1)),
+     TypeError, "scale: expected a Python float"),
+    ("qkv rank 4", lambda: VF.attention_packed(_q(1, 4, 3, 64), 2), ValueError, "qkv: expected a 3-D"),
+    ("qkv width", lambda: VF.attention_packed(_q(1, 4, 100), 2), ValueError, "qkv: last dim 100 is not 3 \\* num_heads"),
+    ("num_heads 0", lambda: VF.attention_packed(_q(1, 4, 96), 0), ValueError, "num_heads: expected a positive int"),
+    ("num_heads str", lambda: VF.attention_packed(_q(1, 4, 96), "2"), ValueError, "num_heads: expected a positive int"),
+    ("qkv head dim 256", lambda: VF.attention_packed(_q(1, 4, 3 * 256), 1), ValueError, "qkv: head dim 256"),
+    ("qkv last stride", lambda: VF.attention_packed(_q(1, 4, 96, 2)[..., 0], 2), ValueError,
+     "qkv: expected unit stride on the last dim"),
+]
+
+
+@pytest.mark.parametrize("call,error,match", [b[1:] for b in BAD_INPUTS], ids=[b[0] for b in BAD_INPUTS])
+def test_bad_inputs(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------- module
+
+
+def test_module_matches_reference_attention(device):
+    """Same state_dict as reference.Attention: output and every parameter gradient match float64."""
+    torch.manual_seed(1)
+    dim, heads = 128, 2
+    ref = reference.Attention(dim, heads, qkv_bias=True).to(device)
+    mod = Attention(dim, heads, qkv_bias=True).to(device)
+    assert list(mod.state_dict()) == list(ref.state_dict())
+    mod.load_state_dict(ref.state_dict())
+    ref64 = reference.Attention(dim, heads, qkv_bias=True).to(device).double()
+    ref64.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 197, dim, device=device)
+    dy = torch.randn(2, 197, dim, device=device)
+    before = launches("attention_packed_fwd")
+    y = mod(x)
+    y.backward(dy)
+    if dispatch.use_kernels(x):
+        assert launches("attention_packed_fwd") == before + 1
+    with torch_matmul_like_kernels(torch.float32, device):
+        y_ref = ref(x)
+        y_ref.backward(dy)
+    y64 = ref64(x.double())
+    y64.backward(dy.double())
+    b = bound(torch.float32, device)
+    assert_close_to_ref("module out", y, y_ref, y64, b)
+    for (name, p), p_ref, p64 in zip(mod.named_parameters(), ref.parameters(), ref64.parameters()):
+        assert_close_to_ref(f"module d{name}", p.grad, p_ref.grad, p64.grad, b, factor=3.0)
+
+
+def test_module_qk_norm(device):
+    """qk_norm: timm's q_norm / k_norm (LayerNorm over head_dim, eps 1e-6) before the kernels."""
+    dim, heads = 64, 2
+    mod = Attention(dim, heads, qkv_bias=True, qk_norm=True).to(device)
+    assert [k for k in mod.state_dict() if "norm" in k] == ["q_norm.weight", "q_norm.bias", "k_norm.weight",
+                                                            "k_norm.bias"]
+    with torch.no_grad():
+        for p in (mod.q_norm.weight, mod.k_norm.bias):
+            p.normal_()
+    x = torch.randn(2, 50, dim, device=device)
+    sd = {k: t.double() for k, t in mod.state_dict().items()}
+    x64 = x.double()
+    q, k, v = (x64 @ sd["qkv.weight"].t() + sd["qkv.bias"]).reshape(2, 50, 3, heads, 32).permute(2, 0, 3, 1, 4)
+    q = reference.layer_norm(q, sd["q_norm.weight"], sd["q_norm.bias"], eps=1e-6)
+    k = reference.layer_norm(k, sd["k_norm.weight"], sd["k_norm.bias"], eps=1e-6)
+    o = reference.attention(q, k, v).transpose(1, 2).reshape(2, 50, dim)
+    y64 = o @ sd["proj.weight"].t() + sd["proj.bias"]
+    assert rel_err(mod(x), y64) <= bound(torch.float32, device)
+
+
+def test_module_attn_drop(device):
+    mod = Attention(64, 2, attn_drop=0.1).to(device)
+    x = torch.randn(1, 5, 64, device=device)
+    with pytest.raises(NotImplementedError, match="attn_drop"):
+        mod(x)
+    mod.eval()
+    assert mod(x).shape == x.shape  # dropout is the identity in eval mode
+    Attention(64, 2, attn_drop=0.0).train()(x)
+
+
+def test_module_bad_dim():
+    with pytest.raises(ValueError, match="dim: 100 is not divisible by num_heads 3"):
+        Attention(100, 3)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+GPU_SHAPES = [  # B, H, N, D: ViT-B/16, ViT-H/14, ViT-B@384, long sequences, other head dims
+    (8, 12, 197, 64),
+    (4, 16, 257, 80),
+    (2, 12, 577, 64),
+    (1, 8, 1024, 64),
+    (1, 4, 4096, 64),
+    (1, 4, 4096, 128),
+    (4, 6, 197, 32),
+    (4, 4, 197, 48),
+    (4, 4, 197, 96),
+    (3, 2, 1, 64),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_attention(dtype, shape, poison_empty):
+    B, H, N, D = shape
+    leaf, (q, k, v) = packed_views(B, N, H, D, dtype, "cuda")
+    out = VF.attention(q, k, v)
+    do = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    check_attention("gpu attention", out, grads, reference.attention, (q, k, v), do, dtype, "cuda", N)
+    qkv = leaf.detach().reshape(B, N, 3 * H * D).requires_grad_()
+    out_p = VF.attention_packed(qkv, H)
+    (dqkv,) = torch.autograd.grad(out_p, qkv, do.transpose(1, 2).reshape(B, N, H * D))
+    torch.testing.assert_close(out_p, out.transpose(1, 2).reshape(B, N, H * D), rtol=0, atol=0)
+    torch.testing.assert_close(dqkv.view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0), grads, rtol=0, atol=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4, 12, 197, 64), (2, 16, 257, 64), (2, 4, 100, 32)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_gpu_single_pass_backward(dtype, shape):
+    """The single-pass backward candidates the sweep times, checked at the shapes they cover."""
+    B, H, N, D = shape
+    q, k, v = make_qkv(B, H, N, N, D, dtype, "cuda")
+    do = torch.randn_like(q)
+    o, lse = torch.empty_like(q), torch.empty(B, H, N, device="cuda")
+    kernels.attention_fwd(q, k, v, o, lse, D**-0.5)
+    for cfg in (kernels.Config(32, 256, 8, 3), kernels.Config(16, 256, 8, 3), kernels.Config(64, 256, 8, 2)):
+        dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+        kernels.attention_bwd(do, q, k, v, o, lse, dq, dk, dv, D**-0.5, (cfg, None))
+        check_attention(f"single pass {cfg}", o, (dq, dk, dv), reference.attention, (q, k, v), do, dtype, "cuda", N)
+
+
+@pytest.mark.gpu
+def test_gpu_many_heads_grid():
+    """B*H = 98,304 > 65,535: batch*heads on grid axis 0; first and last batches checked fwd and bwd."""
+    B, H, N, D = 8192, 12, 197, 64
+    q, k, v = (t.requires_grad_() for t in make_qkv(B, H, N, N, D, torch.float16, "cuda"))
+    out = VF.attention(q, k, v)
+    do = torch.randn_like(out)
+    out.backward(do)
+    for sl in (slice(0, 4), slice(B - 4, B)):
+        check_attention("B*H=98304", out[sl], (q.grad[sl], k.grad[sl], v.grad[sl]), reference.attention,
+                        (q[sl].detach(), k[sl].detach(), v[sl].detach()), do[sl], torch.float16, "cuda", N)
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic():
+    q, k, v = (t.requires_grad_() for t in make_qkv(4, 12, 197, 197, 64, torch.bfloat16, "cuda"))
+    do = torch.randn_like(q)
+    runs = [torch.autograd.grad(VF.attention(q, k, v), (q, k, v), do) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_gpu_second_device():
+    qkv = torch.randn(2, 197, 3 * 12 * 64, device="cuda:1", dtype=torch.bfloat16, requires_grad=True)
+    out = VF.attention_packed(qkv, 12)
+    out.sum().backward()
+    assert out.device == qkv.grad.device == torch.device("cuda:1")
+    ref = reference.attention_packed(qkv.detach().double(), 12)
+    assert rel_err(out, ref) <= DTYPE_BOUND[torch.bfloat16]
+
+
+@pytest.mark.gpu
+def test_gpu_module_compile_fullgraph():
+    torch.manual_seed(0)
+    mod = Attention(768, 12, qkv_bias=True).cuda().to(torch.bfloat16)
+    compiled = torch.compile(mod, fullgraph=True)
+    x = torch.randn(8, 197, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    y = mod(x)
+    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+    yc = compiled(x)
+    (dxc,) = torch.autograd.grad(yc, x, torch.ones_like(yc))
+    torch.testing.assert_close(yc, y, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(dxc, dx, rtol=2e-2, atol=2e-2)
