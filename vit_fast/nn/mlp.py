@@ -1,16 +1,89 @@
-"""Drop-in timm Mlp (skeleton)."""
+"""Drop-in timm ``Mlp``: fc1 + GELU fused in one Triton matmul, then fc2; timm's names and state_dict."""
+import functools
+
 import torch.nn as nn
 
 from vit_fast import functional as VF
 
+ACT_NAMES = {"gelu": "none", "gelu_tanh": "tanh"}  # timm's act_layer strings -> F.gelu's `approximate`
+
+
+def _module_approximate(module):
+    """'none' / 'tanh' for a GELU module instance, None for anything else."""
+    if isinstance(module, nn.GELU):
+        return module.approximate
+    cls = type(module)
+    if cls.__name__ == "GELUTanh":  # timm.layers.GELUTanh (matched by name: timm is not a dependency)
+        return "tanh"
+    if cls.__name__ == "GELU" and cls.__module__.startswith("timm."):  # timm.layers.GELU: erf
+        return "none"
+    return None
+
+
+def _is_module_factory(act_layer):
+    target = act_layer.func if isinstance(act_layer, functools.partial) else act_layer
+    return isinstance(target, type) and issubclass(target, nn.Module)
+
+
+def gelu_approximate(act_layer) -> str:
+    """The GELU flavour an ``act_layer`` asks for: 'none' (exact, erf) or 'tanh'.
+
+    Accepts timm's spellings: 'gelu', 'gelu_tanh'; ``nn.GELU``; a class or ``functools.partial``
+    producing ``GELU(approximate='tanh')``; timm's ``GELU`` / ``GELUTanh``; a GELU module instance.
+    Anything else raises ValueError (the fused kernels only do GELU; never a silent erf).
+    """
+    if isinstance(act_layer, str):
+        if act_layer.lower() in ACT_NAMES:  # timm lower-cases activation names
+            return ACT_NAMES[act_layer.lower()]
+    elif isinstance(act_layer, nn.Module):
+        approximate = _module_approximate(act_layer)
+        if approximate is not None:
+            return approximate
+    elif _is_module_factory(act_layer):
+        try:
+            instance = act_layer()
+        except TypeError:  # a module class that needs arguments is no activation
+            instance = None
+        approximate = _module_approximate(instance)
+        if approximate is not None:
+            return approximate
+    raise ValueError(f"act_layer: expected 'gelu', 'gelu_tanh', nn.GELU, a GELU(approximate='tanh') class or "
+                     f"partial, or timm's GELU / GELUTanh; got {act_layer!r}")
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
 
 class Mlp(nn.Module):
-    def __init__(self, in_features, hidden_features=None, out_features=None, bias=True, drop=0.0):
+    """timm's ``Mlp``: fc1 -> act -> drop1 -> norm -> fc2 -> drop2, with fc1 + bias + GELU fused.
+
+    Same constructor, submodule names (``fc1``, ``act``, ``drop1``, ``norm``, ``fc2``, ``drop2``) and
+    state_dict (``fc1.weight``, ``fc1.bias``, ``fc2.weight``, ``fc2.bias``) as timm. ``act`` is an
+    ``nn.GELU`` of the chosen flavour, kept for the repr and for code that inspects it; forward runs
+    the fused kernel instead (forward hooks on ``fc1`` / ``act`` / ``fc2`` do not fire). ``bias`` and
+    ``drop`` take a bool / float or a pair (fc1, fc2), as in timm. ``use_conv=True`` (1x1 convs) is
+    not supported.
+    """
+
+    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.GELU, norm_layer=None,
+                 bias=True, drop=0.0, use_conv=False):
         super().__init__()
-        hidden_features = hidden_features or in_features
+        if use_conv:
+            raise ValueError("use_conv: vit_fast.nn.Mlp supports Linear layers only (use_conv=False)")
         out_features = out_features or in_features
-        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
-        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
+        hidden_features = hidden_features or in_features
+        bias1, bias2 = _pair(bias)
+        drop1, drop2 = _pair(drop)
+        self.approximate = gelu_approximate(act_layer)
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias1)
+        self.act = nn.GELU(approximate=self.approximate)
+        self.drop1 = nn.Dropout(drop1)
+        self.norm = norm_layer(hidden_features) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias2)
+        self.drop2 = nn.Dropout(drop2)
 
     def forward(self, x):
-        return self.fc2(VF.linear_gelu(x, self.fc1.weight, self.fc1.bias))
+        h = VF.linear_gelu(x, self.fc1.weight, self.fc1.bias, self.approximate)  # [..., hidden]
+        h = self.norm(self.drop1(h))
+        return self.drop2(VF.linear(h, self.fc2.weight, self.fc2.bias))

@@ -1,0 +1,381 @@
+"""Triton kernels for Linear + bias (+ residual) + GELU, and the GELU backward, with their launchers.
+
+Forward: y = act(x @ W^T + b (+ r)), one matmul whose epilogue adds the bias and the residual and
+applies the activation on the fp32 accumulator before the only store. W is read in nn.Linear's
+[N, K] layout through its strides (no transposed copy). Two kernels compute it:
+- ``linear_act_kernel``: pointer loads, one program per output tile, grouped tile order. Any
+  GPU, any strides; the default under Triton's interpreter (the tests run both kernels there).
+- ``linear_act_tma_kernel``: Hopper (sm_90+): TMA tensor descriptors for X, W and the stores, one
+  persistent program per SM walking the tiles in the same grouped order. Needs 16-byte aligned
+  bases and row strides; ``select_kernel`` falls back to the pointer kernel otherwise.
+fp32 inputs run ``tl.dot`` in tf32 on a GPU (Triton's default input precision), like
+``torch.backends.cuda.matmul.allow_tf32 = True``: the kernel's fp32 results carry tf32 error.
+
+Backward helper: ``activation_backward`` writes dpre = dy * act'(pre) and, per program, the
+column sums of dpre (fp32) for the bias gradient, reduced afterwards by the caller in a fixed
+order (deterministic, no atomics).
+
+Activations (constexpr strings): "none", "gelu" (exact, erf) and "gelu_tanh" (tanh approximation).
+"""
+import dataclasses
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+try:  # host-side TMA descriptors (in Triton 3.6 and 3.9 alike)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:
+    TensorDescriptor = None
+
+ACTIVATIONS = ("none", "gelu", "gelu_tanh")
+
+SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
+INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
+SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
+GELU_TANH_CUBIC = tl.constexpr(0.044715)
+TWO_LOG2E = tl.constexpr(2.8853900817779268)  # 2 / ln 2: exp(-2|z|) = exp2(-TWO_LOG2E |z|)
+
+
+# ----------------------------------------------------------------------------- elementwise math
+
+
+@triton.jit
+def _tanh(z):
+    # exp(-2|z|) lies in (0, 1], so nothing overflows; |z| > ~9 gives exactly +-1 (GELU(+-60) = 60 / 0)
+    e = tl.exp2(tl.abs(z) * -TWO_LOG2E)
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(z < 0, -t, t)
+
+
+@triton.jit
+def _gelu_tanh_inner(pre):
+    # (tensor first in every product with a constexpr: constexpr * tensor does not stay a tensor in the interpreter)
+    return (pre + pre * pre * pre * GELU_TANH_CUBIC) * SQRT_2_OVER_PI
+
+
+@triton.jit
+def _activation(pre, ACTIVATION: tl.constexpr):
+    """act(pre) on fp32."""
+    if ACTIVATION == "gelu":
+        return 0.5 * pre * (1.0 + tl.math.erf(pre * SQRT_HALF))
+    elif ACTIVATION == "gelu_tanh":
+        return 0.5 * pre * (1.0 + _tanh(_gelu_tanh_inner(pre)))
+    else:
+        return pre
+
+
+@triton.jit
+def _activation_grad(pre, ACTIVATION: tl.constexpr):
+    """d act / d pre on fp32 (the activation is never "none" here)."""
+    if ACTIVATION == "gelu":
+        cdf = 0.5 * (1.0 + tl.math.erf(pre * SQRT_HALF))
+        return cdf + pre * INV_SQRT_2PI * tl.exp(-0.5 * pre * pre)
+    else:
+        t = _tanh(_gelu_tanh_inner(pre))
+        dinner = (pre * pre * (3.0 * GELU_TANH_CUBIC) + 1.0) * SQRT_2_OVER_PI
+        return 0.5 * (1.0 + t) + 0.5 * pre * (1.0 - t * t) * dinner
+
+
+# ----------------------------------------------------------------------------- forward kernels
+
+
+@triton.jit
+def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    """Tile id -> (row tile, column tile), GROUP_M row tiles at a time, so consecutive programs
+    share X row blocks (and W column blocks) in L2."""
+    tiles_per_group = GROUP_M * num_pid_n
+    first_m = (tile_id // tiles_per_group) * GROUP_M
+    group_rows = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (tile_id % tiles_per_group) % group_rows
+    pid_n = (tile_id % tiles_per_group) // group_rows
+    return pid_m, pid_n
+
+
+@triton.jit
+def _bias_residual(acc, b_ptr, r_ptr, offs_m, offs_n, M, N, stride_rm, stride_rn,
+                   HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
+    """acc [BM, BN] fp32 + b[offs_n] + r[offs_m, offs_n] (masked at the edges)."""
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    if HAS_RESIDUAL:
+        r_ptrs = r_ptr + offs_m.to(tl.int64)[:, None] * stride_rm + offs_n[None, :] * stride_rn
+        mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+        acc += tl.load(r_ptrs, mask=mask, other=0.0).to(tl.float32)
+    return acc
+
+
+@triton.jit
+def linear_act_kernel(
+    x_ptr,  # [M, K]
+    w_ptr,  # [N, K] (nn.Linear's weight), read as W^T [K, N] through its strides
+    b_ptr,  # [N] (read only if HAS_BIAS)
+    r_ptr,  # [M, N] residual (read only if HAS_RESIDUAL)
+    y_ptr,  # [M, N] out: act(pre)
+    pre_ptr,  # [M, N] pre = x @ W^T + b (+ r), kept for the backward (written only if SAVE_PRE)
+    M, N, K,
+    stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_rn, stride_ym, stride_yn,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SAVE_PRE: tl.constexpr,
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask in the main loop
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    # rows / columns past the edge load row / column 0 instead of masking every load; the stores are masked
+    rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
+    cols = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
+    w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn  # [BLOCK_K, BLOCK_N]
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            b = tl.load(w_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc = tl.dot(a, b, acc)
+        x_ptrs += BLOCK_K * stride_xk
+        w_ptrs += BLOCK_K * stride_wk
+
+    acc = _bias_residual(acc, b_ptr, r_ptr, offs_m, offs_n, M, N, stride_rm, stride_rn, HAS_BIAS, HAS_RESIDUAL)
+    out_offs = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
+    mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
+    if SAVE_PRE:
+        tl.store(pre_ptr + out_offs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + out_offs, _activation(acc, ACTIVATION).to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tma_epilogue(acc, y_desc, pre_desc, b_ptr, r_ptr, off_m, off_n, M, N, stride_rm, stride_rn,
+                  ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                  SAVE_PRE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] fp32 at (off_m, off_n) -> bias, residual, activation, TMA stores
+    (the descriptors clip what falls outside [M, N])."""
+    offs_m = off_m + tl.arange(0, BLOCK_M)
+    offs_n = off_n + tl.arange(0, BLOCK_N)
+    acc = _bias_residual(acc, b_ptr, r_ptr, offs_m, offs_n, M, N, stride_rm, stride_rn, HAS_BIAS, HAS_RESIDUAL)
+    if SAVE_PRE:
+        pre_desc.store([off_m, off_n], acc.to(pre_desc.dtype))
+    y_desc.store([off_m, off_n], _activation(acc, ACTIVATION).to(y_desc.dtype))
+
+
+@triton.jit
+def linear_act_tma_kernel(
+    x_desc,  # [M, K], blocks [BLOCK_M, BLOCK_K]
+    w_desc,  # [N, K], blocks [BLOCK_N, BLOCK_K]
+    y_desc,  # [M, N] out, blocks [BLOCK_M, BLOCK_N // EPILOGUE_SPLIT]
+    pre_desc,  # [M, N] pre, blocks as y_desc (y_desc again, unused, unless SAVE_PRE)
+    b_ptr,  # [N] (read only if HAS_BIAS)
+    r_ptr,  # [M, N] residual (read only if HAS_RESIDUAL)
+    M, N, K, stride_rm, stride_rn,
+    num_programs,  # the launch grid: min(SMs, tiles)
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SAVE_PRE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE_SPLIT: tl.constexpr,  # 1, or 2: store the tile as two [BLOCK_M, BLOCK_N / 2] halves (less smem)
+    FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,  # tl.range options for the tile loop
+):
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    k_tiles = tl.cdiv(K, BLOCK_K)
+    # the epilogue's tile index has its own counter: with FLATTEN the pipeliner must not carry one
+    # value into both the loads and the epilogue (as in Triton's persistent-matmul tutorial)
+    tile_id_epilogue = tl.program_id(0) - num_programs
+    for tile_id in tl.range(tl.program_id(0), num_pid_m * num_pid_n, num_programs, flatten=FLATTEN,
+                            warp_specialize=WARP_SPECIALIZE):
+        pid_m, pid_n = _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])  # [BLOCK_M, BLOCK_K], zero past the edges
+            b = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])  # [BLOCK_N, BLOCK_K]
+            acc = tl.dot(a, b.T, acc)
+
+        tile_id_epilogue += num_programs
+        pid_m, pid_n = _grouped_tile(tile_id_epilogue, num_pid_m, num_pid_n, GROUP_M)
+        off_m = pid_m * BLOCK_M
+        off_n = pid_n * BLOCK_N
+        if EPILOGUE_SPLIT == 2:
+            acc0, acc1 = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+            _tma_epilogue(acc0, y_desc, pre_desc, b_ptr, r_ptr, off_m, off_n, M, N, stride_rm, stride_rn,
+                          ACTIVATION, HAS_BIAS, HAS_RESIDUAL, SAVE_PRE, BLOCK_M, BLOCK_N // 2)
+            _tma_epilogue(acc1, y_desc, pre_desc, b_ptr, r_ptr, off_m, off_n + BLOCK_N // 2, M, N, stride_rm,
+                          stride_rn, ACTIVATION, HAS_BIAS, HAS_RESIDUAL, SAVE_PRE, BLOCK_M, BLOCK_N // 2)
+        else:
+            _tma_epilogue(acc, y_desc, pre_desc, b_ptr, r_ptr, off_m, off_n, M, N, stride_rm, stride_rn,
+                          ACTIVATION, HAS_BIAS, HAS_RESIDUAL, SAVE_PRE, BLOCK_M, BLOCK_N)
+
+
+# ----------------------------------------------------------------------------- backward kernel
+
+
+@triton.jit
+def activation_backward_kernel(
+    dy_ptr,  # [M, N] gradient of y
+    pre_ptr,  # [M, N] saved pre-activation
+    dpre_ptr,  # [M, N] out: dy * act'(pre)
+    db_partial_ptr,  # [cdiv(M, ROWS_PER_PROGRAM), N] fp32 out: column sums of dpre per row program
+    M, N, stride_dym, stride_dyn, stride_prem, stride_dprem,
+    ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ROWS_PER_PROGRAM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // num_pid_n  # row programs and column blocks share axis 0 (no 65,535 limit)
+    pid_n = tl.program_id(0) % num_pid_n
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for start in tl.static_range(0, ROWS_PER_PROGRAM, BLOCK_M):
+        offs_m = (pid_m * ROWS_PER_PROGRAM + start + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask = (offs_m[:, None] < M) & mask_n[None, :]
+        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :] * stride_dyn, mask=mask, other=0.0)
+        pre = tl.load(pre_ptr + offs_m[:, None] * stride_prem + offs_n[None, :], mask=mask, other=0.0)
+        dpre = dy.to(tl.float32) * _activation_grad(pre.to(tl.float32), ACTIVATION)  # 0 where masked
+        tl.store(dpre_ptr + offs_m[:, None] * stride_dprem + offs_n[None, :],
+                 dpre.to(dpre_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            db += tl.sum(dpre, axis=0)
+    if HAS_BIAS:
+        tl.store(db_partial_ptr + pid_m * N + offs_n, db, mask=mask_n)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulConfig:
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    GROUP_M: int
+    num_warps: int
+    num_stages: int
+    EPILOGUE_SPLIT: int = 1  # TMA kernel only
+    FLATTEN: bool = False  # TMA kernel only
+    WARP_SPECIALIZE: bool = False  # TMA kernel only
+
+
+# (kernel, input element bytes) -> tile config on a GPU. Not yet timed on an H100: set these from
+# `python benchmarks/mlp.py --sweep` (M=50432, K=768, N=3072). Each compiles for sm_90 with Triton
+# 3.6 and 3.9 within an H100's shared memory (tests/test_mlp.py checks that without a GPU); 4-byte
+# inputs (tf32) take BLOCK_K 32 for that. WARP_SPECIALIZE on sm_90 with Triton 3.6 compiled to the
+# same binary as without it here; FLATTEN lets the next tile's loads overlap this tile's epilogue.
+CONFIGS = {
+    ("pointer", 2): MatmulConfig(128, 128, 64, GROUP_M=8, num_warps=8, num_stages=4),
+    ("pointer", 4): MatmulConfig(128, 128, 32, GROUP_M=8, num_warps=8, num_stages=3),
+    ("tma", 2): MatmulConfig(128, 128, 64, GROUP_M=8, num_warps=8, num_stages=4),
+    ("tma", 4): MatmulConfig(128, 128, 32, GROUP_M=8, num_warps=8, num_stages=3),
+}
+# Under the interpreter small tiles are as fast and put tile edges, several K steps and a partial
+# tile group inside small test shapes.
+INTERPRETER_CONFIG = MatmulConfig(32, 64, 32, GROUP_M=4, num_warps=4, num_stages=1)
+
+BWD_ROWS_PER_PROGRAM = 256
+BWD_BLOCK_M = 32
+BWD_BLOCK_N = 128
+
+
+def default_config(kernel: str, x: torch.Tensor) -> MatmulConfig:
+    if x.device.type != "cuda":
+        return INTERPRETER_CONFIG
+    return CONFIGS[(kernel, min(x.element_size(), 4))]
+
+
+def _tma_ready(t) -> bool:
+    """A 2-D tensor TMA can address: unit last stride, 16-byte aligned base and row stride."""
+    return (t is None or (t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) > 0
+                          and (t.stride(0) * t.element_size()) % 16 == 0))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def select_kernel(x, weight, out, pre_out=None) -> str:
+    """"tma" on sm_90+ when every TMA-addressed tensor is aligned for it, else "pointer"."""
+    if (x.device.type == "cuda" and TensorDescriptor is not None and torch.cuda.get_device_capability(x.device)[0] >= 9
+            and x.shape[1] > 0 and all(_tma_ready(t) for t in (x, weight, out, pre_out))):
+        return "tma"
+    return "pointer"
+
+
+def linear_act(x, weight, bias, residual, out, pre_out, activation, kernel=None, config=None, num_programs=None):
+    """out = act(x @ weight^T + bias + residual); pre_out (optional) gets the value before act.
+
+    x [M, K], weight [N, K], bias [N] or None, residual [M, N] or None, out and pre_out [M, N]
+    (written in their own dtypes). ``kernel`` "pointer" / "tma" and ``config`` default to
+    ``select_kernel`` and the config table; ``num_programs`` (TMA kernel) defaults to the SM count.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    M, K = x.shape
+    N = weight.shape[0]
+    if M == 0 or N == 0:
+        return out
+    kernel = kernel or select_kernel(x, weight, out, pre_out)
+    cfg = config or default_config(kernel, x)
+    flags = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
+                 SAVE_PRE=pre_out is not None)
+    b = bias if bias is not None else out  # placeholders for pointers the kernel does not read
+    r = residual if residual is not None else out
+    r_strides = residual.stride() if residual is not None else (0, 0)
+    if kernel == "tma":
+        if K == 0:
+            raise ValueError("linear_act: the TMA kernel needs K > 0")
+        split_n = cfg.BLOCK_N // cfg.EPILOGUE_SPLIT
+        x_desc = TensorDescriptor.from_tensor(x, [cfg.BLOCK_M, cfg.BLOCK_K])
+        w_desc = TensorDescriptor.from_tensor(weight, [cfg.BLOCK_N, cfg.BLOCK_K])
+        y_desc = TensorDescriptor.from_tensor(out, [cfg.BLOCK_M, split_n])
+        pre_desc = TensorDescriptor.from_tensor(pre_out, [cfg.BLOCK_M, split_n]) if pre_out is not None else y_desc
+        tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
+        if num_programs is None:
+            num_programs = _sm_count(x.device.index) if x.is_cuda else tiles
+        num_programs = min(num_programs, tiles)
+        linear_act_tma_kernel[(num_programs,)](
+            x_desc, w_desc, y_desc, pre_desc, b, r, M, N, K, *r_strides, num_programs, **flags,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+            EPILOGUE_SPLIT=cfg.EPILOGUE_SPLIT, FLATTEN=cfg.FLATTEN, WARP_SPECIALIZE=cfg.WARP_SPECIALIZE,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return out
+    if out.stride() != (pre_out if pre_out is not None else out).stride():
+        raise ValueError("linear_act: out and pre_out must have the same strides")
+    grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
+    linear_act_kernel[grid](
+        x, weight, b, r, out, pre_out if pre_out is not None else out, M, N, K,
+        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *r_strides, out.stride(0), out.stride(1),
+        **flags, EVEN_K=K % cfg.BLOCK_K == 0,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def db_partial_rows(M: int) -> int:
+    """Rows of the fp32 bias-gradient partials buffer ``activation_backward`` fills."""
+    return triton.cdiv(M, BWD_ROWS_PER_PROGRAM)
+
+
+def activation_backward(dy, pre, dpre, activation, db_partial=None):
+    """dpre = dy * act'(pre); db_partial [db_partial_rows(M), N] fp32 (optional) gets the column
+    sums of dpre per row program (the bias gradient is ``db_partial.sum(0)``).
+
+    dy, pre, dpre [M, N] with unit last stride; activation "gelu" or "gelu_tanh".
+    """
+    if activation not in ("gelu", "gelu_tanh"):
+        raise ValueError(f"activation: expected 'gelu' or 'gelu_tanh', got {activation!r}")
+    M, N = dy.shape
+    if M == 0 or N == 0:
+        if db_partial is not None:
+            db_partial.zero_()
+        return dpre
+    grid = (db_partial_rows(M) * triton.cdiv(N, BWD_BLOCK_N),)
+    activation_backward_kernel[grid](
+        dy, pre, dpre, db_partial if db_partial is not None else dpre, M, N,
+        dy.stride(0), dy.stride(1), pre.stride(0), dpre.stride(0),
+        ACTIVATION=activation, HAS_BIAS=db_partial is not None,
+        ROWS_PER_PROGRAM=BWD_ROWS_PER_PROGRAM, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=4)
+    return dpre

@@ -1,0 +1,535 @@
+"""Linear + bias + GELU and Linear + bias + residual (kernels/mlp.py, vit_fast/ops/mlp.py) and the
+drop-in Mlp: every output and gradient against float64, both GELU flavours, ragged tiles, both
+matmul kernels (pointer and TMA, the TMA one under the interpreter too), bad inputs."""
+import functools
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from numerics import DTYPE_BOUND, assert_close_to_ref
+from vit_fast import dispatch, reference
+from vit_fast import functional as VF
+from vit_fast.kernels import mlp as kernels
+from vit_fast.nn import Mlp
+from vit_fast.nn.mlp import gelu_approximate
+
+CPU_DTYPES = [torch.float32, torch.float16]  # tl.dot on bf16 is not trustworthy under the interpreter
+
+
+def _bound(dtype, device):
+    return DTYPE_BOUND["tf32" if dtype == torch.float32 and device == "cuda" else dtype]
+
+
+def _leaves(*tensors):
+    return [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+
+
+def _grads(out, inputs, dy):
+    out.backward(dy)
+    return [t.grad for t in inputs if t is not None]
+
+
+def _check_fwd_bwd(name, fn, torch_fn, ref_fn, inputs, device, dtype):
+    """fn (vit_fast) vs torch_fn (PyTorch, same dtype) vs ref_fn on float64 copies: output and
+    every input gradient; proves the kernel path ran."""
+    ours, theirs = _leaves(*inputs), _leaves(*inputs)
+    exact = [t.detach().double().requires_grad_() if t is not None else None for t in inputs]
+    launches = sum(dispatch.kernel_launches.values())
+    out = fn(*ours)
+    assert sum(dispatch.kernel_launches.values()) > launches, "the kernel path did not run"
+    torch_out, ref = torch_fn(*theirs), ref_fn(*exact)
+    bound = _bound(dtype, device)
+    assert out.dtype == torch_out.dtype and out.shape == ref.shape
+    assert_close_to_ref(f"{name} out", out, torch_out, ref, bound)
+    dy = torch.randn_like(ref)
+    names = [n for n, t in zip("x w b r".split(), inputs) if t is not None]
+    for n, g, tg, rg in zip(names, _grads(out, ours, dy.to(out.dtype)), _grads(torch_out, theirs, dy.to(out.dtype)),
+                            _grads(ref, exact, dy)):
+        assert_close_to_ref(f"{name} d{n}", g, tg, rg, bound, factor=3.0)
+
+
+def _linear_inputs(shape, K, N, dtype, device, bias=True):
+    x = torch.randn(*shape, K, dtype=dtype, device=device)
+    w = (torch.randn(N, K, dtype=dtype, device=device) * K**-0.5).to(dtype)
+    b = torch.randn(N, dtype=dtype, device=device) if bias else None
+    return x, w, b
+
+
+# ----------------------------------------------------------------------------- linear_gelu
+
+# (leading shape, K, N, bias): ragged against every tile size, a 3-D input, no bias
+SHAPES = [((130,), 96, 200, True), ((2, 65), 96, 200, True), ((130,), 96, 200, False), ((1,), 40, 24, True)]
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("shape,K,N,bias", SHAPES)
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_linear_gelu_matches_float64(device, dtype, shape, K, N, bias, approximate):
+    x, w, b = _linear_inputs(shape, K, N, dtype, device, bias)
+    _check_fwd_bwd(
+        f"linear_gelu {approximate} {dtype} {shape}x{K}->{N}",
+        lambda x, w, b: VF.linear_gelu(x, w, b, approximate),
+        lambda x, w, b: F.gelu(F.linear(x, w, b), approximate=approximate),
+        lambda x, w, b: reference.linear_gelu(x, w, b, approximate),
+        (x, w, b), device, dtype)
+
+
+@pytest.mark.parametrize("residual_dtype", ["same", torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_linear_residual_matches_float64(device, dtype, bias, residual_dtype):
+    x, w, b = _linear_inputs((2, 65), 200, 96, dtype, device, bias)
+    r = torch.randn(2, 65, 96, device=device, dtype=dtype if residual_dtype == "same" else residual_dtype)
+    _check_fwd_bwd(
+        f"linear+residual {dtype} residual {r.dtype}", VF.linear, lambda x, w, b, r: F.linear(x, w, b) + r,
+        reference.linear, (x, w, b, r), device, dtype)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_linear_without_residual(device, dtype):
+    x, w, b = _linear_inputs((130,), 96, 200, dtype, device)
+    _check_fwd_bwd(f"linear {dtype}", VF.linear, F.linear, reference.linear, (x, w, b), device, dtype)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_gelu_saturates_exactly(device, dtype, approximate):
+    """pre = +-60 (and +-30): GELU gives exactly pre or 0, gradients exactly dy or 0, nothing NaN."""
+    pre = torch.tensor([60.0, -60.0, 30.0, -30.0] * 4, device=device)
+    x = torch.diag(pre).to(dtype).requires_grad_()  # [16, 16]: x @ I^T = diag(pre)
+    w = torch.eye(16, dtype=dtype, device=device).requires_grad_()
+    b = torch.zeros(16, dtype=dtype, device=device, requires_grad=True)
+    y = VF.linear_gelu(x, w, b, approximate)
+    expected = torch.diag(pre.clamp_min(0)).to(dtype)
+    assert torch.equal(y.diagonal(), expected.diagonal())
+    dy = torch.ones_like(y)
+    y.backward(dy)
+    for g in (x.grad, w.grad, b.grad):
+        assert torch.isfinite(g).all()
+    slope = (pre > 0).to(dtype)  # GELU'(+-60) is exactly 1 / 0 in fp32
+    assert torch.equal(x.grad.diagonal(), slope)
+
+
+def test_empty_batch(device):
+    x, w, b = _leaves(*_linear_inputs((0, 7), 32, 48, torch.float32, device))
+    y = VF.linear_gelu(x, w, b)
+    assert y.shape == (0, 7, 48)
+    y.sum().backward()
+    assert x.grad.shape == x.shape
+    assert torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+    assert VF.linear(x, w, b, residual=torch.zeros(0, 7, 48, device=device)).shape == (0, 7, 48)
+
+
+def test_strided_inputs(device):
+    """A non-contiguous x (a column slice) and a transposed-view weight are read through their strides."""
+    base = torch.randn(130, 192, device=device)
+    x = base[:, ::2]  # [130, 96], row stride 192, column stride 2
+    w = torch.randn(96, 200, device=device).t()  # [200, 96] with strides (1, 200)
+    b = torch.randn(200, device=device)
+    ref = reference.linear_gelu(x.double(), w.double(), b.double())
+    assert_close_to_ref("strided linear_gelu", VF.linear_gelu(x, w, b), F.gelu(F.linear(x, w, b)), ref,
+                        _bound(torch.float32, device))
+
+
+def test_force_torch_path(monkeypatch, device):
+    x, w, b = _linear_inputs((5,), 32, 48, torch.float32, device)
+    monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
+    launches = sum(dispatch.kernel_launches.values())
+    torch.testing.assert_close(VF.linear_gelu(x, w, b, "tanh"), F.gelu(F.linear(x, w, b), approximate="tanh"))
+    assert sum(dispatch.kernel_launches.values()) == launches
+
+
+def test_autocast_casts_like_f_linear(device):
+    """Under autocast fp32 x / weight / bias run in the autocast dtype (as F.linear); a float32
+    residual keeps float32 (as F.linear(...) + r)."""
+    dtype = torch.float16 if device == "cpu" else torch.bfloat16
+    x, w, b = _linear_inputs((130,), 96, 200, torch.float32, device)
+    r = torch.randn(130, 200, device=device)
+    with torch.autocast(device, dtype=dtype):
+        y, y_torch = VF.linear_gelu(x, w, b, "tanh"), F.gelu(F.linear(x, w, b), approximate="tanh")
+        z, z_torch = VF.linear(x, w, b, residual=r), F.linear(x, w, b) + r
+    assert y.dtype == y_torch.dtype == dtype and z.dtype == z_torch.dtype == torch.float32
+    assert_close_to_ref("autocast linear_gelu", y, y_torch, reference.linear_gelu(x.double(), w.double(), b.double(),
+                                                                                   "tanh"), DTYPE_BOUND[dtype])
+    assert_close_to_ref("autocast linear+residual", z, z_torch,
+                        reference.linear(x.double(), w.double(), b.double(), r.double()), DTYPE_BOUND[dtype])
+
+
+# ----------------------------------------------------------------------------- launchers
+
+TMA_CONFIGS = [
+    kernels.MatmulConfig(32, 64, 32, GROUP_M=4, num_warps=4, num_stages=1),
+    kernels.MatmulConfig(32, 64, 32, GROUP_M=2, num_warps=4, num_stages=1, EPILOGUE_SPLIT=2),
+    kernels.MatmulConfig(64, 32, 16, GROUP_M=8, num_warps=4, num_stages=1, FLATTEN=True, WARP_SPECIALIZE=True),
+]
+
+
+@pytest.mark.parametrize("config", TMA_CONFIGS, ids=["plain", "split_epilogue", "flatten_ws"])
+@pytest.mark.parametrize("activation", kernels.ACTIVATIONS)
+def test_tma_kernel_writes_every_element(activation, config):
+    """The persistent TMA kernel, run by the interpreter on CPU (3 programs walking 20 ragged
+    tiles): NaN-poisoned outputs, bias and residual, against float64."""
+    x, w, b = _linear_inputs((130,), 96, 200, torch.float32, "cpu")
+    r = torch.randn(130, 200)
+    out, pre = torch.full((130, 200), float("nan")), torch.full((130, 200), float("nan"))
+    kernels.linear_act(x, w, b, r, out, pre, activation, kernel="tma", config=config, num_programs=3)
+    exact = reference.linear(x.double(), w.double(), b.double(), r.double())
+    act = {"none": lambda t: t, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}[activation]
+    torch.testing.assert_close(pre.double(), exact, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.double(), act(exact), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("activation", kernels.ACTIVATIONS)
+def test_pointer_kernel_writes_every_element(activation):
+    x, w, b = _linear_inputs((130,), 96, 200, torch.float16, "cpu")
+    out, pre = torch.full((130, 200), float("nan"), dtype=torch.float16), torch.full((130, 200), float("nan"))
+    kernels.linear_act(x, w, b, None, out, pre, activation, kernel="pointer")
+    exact = reference.linear(x.double(), w.double(), b.double())
+    act = {"none": lambda t: t, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}[activation]
+    torch.testing.assert_close(pre.double(), exact, rtol=1e-5, atol=1e-5)  # pre_out in float32: no rounding
+    torch.testing.assert_close(out.double(), act(exact), rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
+def test_activation_backward_writes_every_element(activation):
+    """dpre and the bias-gradient partials, NaN-poisoned, over 2 row programs with a ragged tail."""
+    M, N = 300, 200
+    dy, pre = torch.randn(M, N), torch.randn(M, N) * 4
+    dpre = torch.full((M, N), float("nan"))
+    partial = torch.full((kernels.db_partial_rows(M), N), float("nan"))
+    kernels.activation_backward(dy, pre, dpre, activation, partial)
+    p = pre.double().requires_grad_()
+    F.gelu(p, approximate="tanh" if activation == "gelu_tanh" else "none").backward(dy.double())
+    torch.testing.assert_close(dpre.double(), p.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(partial.double().sum(0), p.grad.sum(0), rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_selection():
+    x, w = torch.randn(64, 96), torch.randn(200, 96)
+    assert kernels.select_kernel(x, w, torch.empty(64, 200)) == "pointer"  # CPU: never TMA
+    assert kernels._tma_ready(x) and kernels._tma_ready(w)
+    assert not kernels._tma_ready(torch.randn(64, 97, dtype=torch.float16)[:, :96])  # 194-byte rows
+    assert not kernels._tma_ready(torch.randn(64, 100)[:, 1:97])  # base 4 bytes off
+    assert not kernels._tma_ready(torch.randn(96, 64).t())  # column-major
+
+
+HOPPER_COMPILE = r"""
+import sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vit_fast.kernels import mlp as kernels
+
+SMEM_LIMIT = 232448  # bytes of shared memory one H100 block may use
+DT = {2: "bf16", 4: "fp32"}
+
+
+def compile_sm90(fn, types, constexprs, num_warps, num_stages):
+    # as a launch at ViT shapes compiles: every pointer and int divisible by 16 (Triton's own
+    # specialization, which lets the loads vectorize and pipeline)
+    signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in types.items() if t[0] in "*i"}
+    opts = dict(num_warps=num_warps, num_stages=num_stages)
+    k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
+    assert k.metadata.shared <= SMEM_LIMIT, (fn.__name__, constexprs, k.metadata.shared)
+    print(fn.__name__, constexprs, opts, "shared", k.metadata.shared)
+
+
+flags = dict(HAS_BIAS=True, HAS_RESIDUAL=True, SAVE_PRE=True)
+for (kernel, size), c in kernels.CONFIGS.items():
+    dt, blocks = DT[size], dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M)
+    if kernel == "pointer":
+        types = {n: "*" + dt for n in ("x_ptr", "w_ptr", "b_ptr", "r_ptr", "y_ptr", "pre_ptr")}
+        types.update({n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_wn", "stride_rm", "stride_ym")})
+        constexprs = dict(stride_xk=1, stride_wk=1, stride_rn=1, stride_yn=1, ACTIVATION="gelu", EVEN_K=True)
+        compile_sm90(kernels.linear_act_kernel, types, {**constexprs, **flags, **blocks}, c.num_warps, c.num_stages)
+    else:
+        out_block = f"[{c.BLOCK_M}, {c.BLOCK_N // c.EPILOGUE_SPLIT}]"
+        types = dict(x_desc=f"tensordesc<{dt}[{c.BLOCK_M}, {c.BLOCK_K}]>",
+                     w_desc=f"tensordesc<{dt}[{c.BLOCK_N}, {c.BLOCK_K}]>", y_desc=f"tensordesc<{dt}{out_block}>",
+                     pre_desc=f"tensordesc<{dt}{out_block}>", b_ptr="*" + dt, r_ptr="*" + dt)
+        types.update({n: "i32" for n in ("M", "N", "K", "stride_rm", "num_programs")})
+        constexprs = dict(stride_rn=1, ACTIVATION="gelu_tanh", EPILOGUE_SPLIT=c.EPILOGUE_SPLIT, FLATTEN=c.FLATTEN,
+                          WARP_SPECIALIZE=c.WARP_SPECIALIZE)
+        compile_sm90(kernels.linear_act_tma_kernel, types, {**constexprs, **flags, **blocks}, c.num_warps,
+                     c.num_stages)
+types = dict(dy_ptr="*bf16", pre_ptr="*bf16", dpre_ptr="*bf16", db_partial_ptr="*fp32")
+types.update({n: "i32" for n in ("M", "N", "stride_dym", "stride_dyn", "stride_prem", "stride_dprem")})
+compile_sm90(kernels.activation_backward_kernel, types,
+             dict(ACTIVATION="gelu", HAS_BIAS=True, ROWS_PER_PROGRAM=kernels.BWD_ROWS_PER_PROGRAM,
+                  BLOCK_M=kernels.BWD_BLOCK_M, BLOCK_N=kernels.BWD_BLOCK_N), num_warps=4, num_stages=3)
+"""
+
+
+def test_kernels_compile_for_hopper():
+    """Every tabled config (TMA kernel included) and the backward kernel compile for sm_90 with this
+    Triton, no GPU needed, and fit an H100's shared memory. In a subprocess: the interpreter is off there."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True, timeout=300)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("shared") == len(kernels.CONFIGS) + 1
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def test_opcheck(device):
+    x, w, b = _linear_inputs((20,), 32, 48, torch.float32, device)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    r = torch.randn(20, 48, device=device)
+    torch.library.opcheck(torch.ops.vit_fast.linear_act_fwd, (x, w, b, None, "gelu_tanh", True))
+    torch.library.opcheck(torch.ops.vit_fast.linear_act_fwd, (x, w, None, r, "none", False))
+    dy, pre = torch.randn(20, 48, device=device), torch.randn(20, 48, device=device)
+    torch.library.opcheck(torch.ops.vit_fast.linear_act_bwd, (dy, pre, x.detach(), w.detach(), "gelu", True))
+
+
+def test_torch_compile_fullgraph(device):
+    x, w1, b1 = _linear_inputs((2, 9), 32, 64, torch.float32, device)
+    _, w2, b2 = _linear_inputs((1,), 64, 32, torch.float32, device)
+
+    def mlp(x, w1, b1, w2, b2):
+        return VF.linear(VF.linear_gelu(x, w1, b1, "tanh"), w2, b2, residual=x)
+
+    ours, theirs = _leaves(x, w1, b1, w2, b2), _leaves(x, w1, b1, w2, b2)
+    out = torch.compile(mlp, fullgraph=True)(*ours)
+    expected = mlp(*theirs)
+    torch.testing.assert_close(out, expected)
+    out.sum().backward()
+    expected.sum().backward()
+    for a, e in zip(ours, theirs):
+        torch.testing.assert_close(a.grad, e.grad)
+
+
+def _bad(**kw):
+    x, w, b = _linear_inputs((4,), 8, 6, torch.float32, "cpu")
+    args = dict(x=x, weight=w, bias=b)
+    args.update(kw)
+    return args
+
+
+BAD_INPUTS = [
+    ("linear_gelu", _bad(x=torch.randn(4, 7)), ValueError, "last dim 7"),
+    ("linear_gelu", _bad(weight=torch.randn(48)), ValueError, "weight: expected a 2-D"),
+    ("linear_gelu", _bad(weight=torch.randn(6, 8, 1)), ValueError, "weight: expected a 2-D"),
+    ("linear_gelu", _bad(bias=torch.randn(5)), ValueError, "bias: expected shape"),
+    ("linear_gelu", _bad(bias=torch.randn(1, 6)), ValueError, "bias: expected a 1-D"),
+    ("linear_gelu", _bad(weight=torch.randn(6, 8, dtype=torch.float16)), ValueError, "weight: expected dtype"),
+    ("linear_gelu", _bad(bias=torch.randn(6, dtype=torch.float64)), ValueError, "bias: expected dtype"),
+    ("linear_gelu", _bad(weight=torch.randn(6, 8, device="meta")), RuntimeError, "weight: expected device"),
+    ("linear_gelu", _bad(x=torch.ones(4, 8, dtype=torch.int32), weight=torch.ones(6, 8, dtype=torch.int32),
+                         bias=None), ValueError, "x: expected dtype"),
+    ("linear_gelu", _bad(x=[[1.0] * 8]), TypeError, "x: expected a torch.Tensor"),
+    ("linear_gelu", _bad(approximate="erf"), ValueError, "approximate"),
+    ("linear", _bad(residual=torch.randn(4, 5)), ValueError, "residual: expected shape"),
+    ("linear", _bad(residual=torch.randn(4, 6, dtype=torch.float16)), ValueError, "residual: expected dtype"),
+    ("linear", _bad(residual=torch.randn(4, 6, device="meta")), RuntimeError, "residual: expected device"),
+]
+
+
+@pytest.mark.parametrize("fn,kwargs,error,match", BAD_INPUTS, ids=[b[3] for b in BAD_INPUTS])
+def test_bad_inputs(fn, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        getattr(VF, fn)(**kwargs)
+
+
+def test_backward_without_saved_pre():
+    x, w, b = (t.requires_grad_() for t in _linear_inputs((4,), 8, 6, torch.float32, "cpu"))
+    y, _ = torch.ops.vit_fast.linear_act_fwd(x, w, b, None, "gelu", False)
+    with pytest.raises(RuntimeError, match="save_pre=True"):
+        y.sum().backward()
+
+
+# ----------------------------------------------------------------------------- Mlp
+
+
+class GELUTanh(nn.Module):  # stands in for timm.layers.GELUTanh (matched by class name)
+    def forward(self, x):
+        return F.gelu(x, approximate="tanh")
+
+
+class TimmGELU(nn.Module):  # stands in for timm.layers.GELU (erf), matched by name and module
+    def forward(self, x):
+        return F.gelu(x)
+
+
+TimmGELU.__name__ = "GELU"
+TimmGELU.__module__ = "timm.layers.activations"
+
+ACT_LAYERS = [
+    ("gelu", "none"), ("gelu_tanh", "tanh"), ("GELU", "none"), (nn.GELU, "none"), (nn.GELU(), "none"),
+    (nn.GELU(approximate="tanh"), "tanh"), (functools.partial(nn.GELU, approximate="tanh"), "tanh"),
+    (GELUTanh, "tanh"), (GELUTanh(), "tanh"), (TimmGELU, "none"),
+]
+
+
+@pytest.mark.parametrize("act_layer,approximate", ACT_LAYERS, ids=[str(a[0]) for a in ACT_LAYERS])
+def test_act_layer_spellings(act_layer, approximate):
+    assert gelu_approximate(act_layer) == approximate
+    assert Mlp(8, 16, act_layer=act_layer).act.approximate == approximate
+
+
+@pytest.mark.parametrize("act_layer", ["relu", "quick_gelu", nn.ReLU, nn.SiLU(), nn.Linear, None, 1.0],
+                         ids=["relu", "quick_gelu", "ReLU", "SiLU()", "Linear", "None", "float"])
+def test_unknown_act_layer_raises(act_layer):
+    with pytest.raises(ValueError, match="act_layer"):
+        Mlp(8, 16, act_layer=act_layer)
+
+
+@pytest.mark.parametrize("act_layer", ["gelu", "gelu_tanh"])
+def test_mlp_matches_reference(device, act_layer):
+    ref = reference.Mlp(96, 200, act_layer=act_layer).to(device)
+    mlp = Mlp(96, 200, act_layer=act_layer).to(device)
+    assert list(mlp.state_dict()) == list(ref.state_dict()) == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    mlp.load_state_dict(ref.state_dict(), strict=True)
+    x = torch.randn(2, 65, 96, device=device)
+    exact = ref.double()(x.double())
+    assert_close_to_ref(f"Mlp {act_layer}", mlp(x), ref.float()(x), exact, _bound(torch.float32, device))
+
+
+def test_mlp_dropout_in_training(device):
+    """drop > 0 in training drops (the same masks as the reference for the same RNG state); eval does not."""
+    ref = reference.Mlp(32, 64, drop=0.5).to(device)
+    mlp = Mlp(32, 64, drop=0.5).to(device)
+    mlp.load_state_dict(ref.state_dict())
+    x = torch.randn(8, 32, device=device)
+    torch.manual_seed(1)
+    ours = mlp(x)
+    torch.manual_seed(1)
+    theirs = ref(x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    mlp.eval()
+    ref.eval()
+    assert not torch.allclose(ours, mlp(x))
+    torch.testing.assert_close(mlp(x), ref(x), rtol=1e-5, atol=1e-5)
+
+
+def test_mlp_constructor_options(device):
+    mlp = Mlp(16, 24, 8, norm_layer=nn.LayerNorm, bias=(True, False), drop=(0.0, 0.1)).to(device)
+    assert mlp.fc2.bias is None and mlp.drop2.p == 0.1 and isinstance(mlp.norm, nn.LayerNorm)
+    assert list(mlp.state_dict()) == ["fc1.weight", "fc1.bias", "norm.weight", "norm.bias", "fc2.weight"]
+    mlp.eval()
+    x = torch.randn(3, 16, device=device)
+    expected = F.linear(mlp.norm(F.gelu(mlp.fc1(x))), mlp.fc2.weight)
+    torch.testing.assert_close(mlp(x), expected, rtol=1e-5, atol=1e-5)
+    assert Mlp(16).fc1.out_features == 16 and Mlp(16).fc2.out_features == 16
+    with pytest.raises(ValueError, match="use_conv"):
+        Mlp(16, use_conv=True)
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_gpu_vit_shapes(dtype, approximate):
+    """ViT-B's fc1 (768 -> 3072, 4096 tokens) with GELU and fc2 (3072 -> 768) with the residual.
+    fp32 runs tf32 dots: PyTorch's same-dtype run allows tf32 too, to compare like with like."""
+    torch.backends.cuda.matmul.allow_tf32 = dtype == torch.float32
+    try:
+        x, w, b = _linear_inputs((16, 256), 768, 3072, dtype, "cuda")
+        _check_fwd_bwd(f"fc1 gelu {approximate} {dtype}", lambda x, w, b: VF.linear_gelu(x, w, b, approximate),
+                       lambda x, w, b: F.gelu(F.linear(x, w, b), approximate=approximate),
+                       lambda x, w, b: reference.linear_gelu(x, w, b, approximate), (x, w, b), "cuda", dtype)
+        h, w2, b2 = _linear_inputs((16, 256), 3072, 768, dtype, "cuda")
+        _check_fwd_bwd(f"fc2 residual {dtype}", VF.linear, lambda x, w, b, r: F.linear(x, w, b) + r,
+                       reference.linear, (h, w2, b2, torch.randn_like(x)), "cuda", dtype)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+GPU_CONFIGS = [("pointer", None), ("tma", None),
+               ("tma", kernels.MatmulConfig(128, 128, 64, GROUP_M=8, num_warps=8, num_stages=3, EPILOGUE_SPLIT=2)),
+               ("tma", kernels.MatmulConfig(128, 128, 64, GROUP_M=8, num_warps=8, num_stages=4, WARP_SPECIALIZE=True)),
+               ("tma", kernels.MatmulConfig(128, 128, 64, GROUP_M=8, num_warps=8, num_stages=4, FLATTEN=True))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel,config", GPU_CONFIGS, ids=["pointer", "tma", "tma_split", "tma_ws", "tma_flatten"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_kernels_ragged(kernel, config, dtype):
+    """Both kernels (TMA needs sm_90), NaN-poisoned, ragged M and N, bias + residual + GELU."""
+    if kernel == "tma" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA kernel needs sm_90+")
+    x, w, b = _linear_inputs((1000,), 768, 1544, dtype, "cuda")
+    r = torch.randn(1000, 1544, device="cuda", dtype=dtype)
+    out, pre = torch.full_like(r, float("nan")), torch.full_like(r, float("nan"))
+    kernels.linear_act(x, w, b, r, out, pre, "gelu_tanh", kernel=kernel, config=config)
+    exact = reference.linear(x.double(), w.double(), b.double(), r.double())
+    assert_close_to_ref(f"{kernel} pre", pre, (F.linear(x, w, b) + r), exact, DTYPE_BOUND[dtype])
+    assert_close_to_ref(f"{kernel} out", out, F.gelu(F.linear(x, w, b) + r, approximate="tanh"),
+                        F.gelu(exact, approximate="tanh"), DTYPE_BOUND[dtype])
+
+
+@pytest.mark.gpu
+def test_gpu_unaligned_and_odd_shapes():
+    """K = 100 (200-byte bf16 rows: no TMA), N = 197, 3-D input: the pointer kernel on any GPU."""
+    x, w, b = _linear_inputs((3, 197), 100, 197, torch.bfloat16, "cuda")
+    assert kernels.select_kernel(x.view(-1, 100), w, torch.empty(591, 197, device="cuda")) == "pointer"
+    _check_fwd_bwd("unaligned bf16", VF.linear_gelu, lambda x, w, b: F.gelu(F.linear(x, w, b)),
+                   reference.linear_gelu, (x, w, b), "cuda", torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_int64_offsets():
+    """M * N > 2^31 elements: rows past the int32 range land where they should (both kernels)."""
+    M, K, N = 600_000, 64, 4096
+    x, w, b = _linear_inputs((M,), K, N, torch.bfloat16, "cuda")
+    tail = slice(M - 300, M)
+    for kernel in ("pointer", "tma") if torch.cuda.get_device_capability()[0] >= 9 else ("pointer",):
+        out = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+        out[tail] = float("nan")
+        kernels.linear_act(x, w, b, None, out, None, "gelu", kernel=kernel)
+        exact = reference.linear_gelu(x[tail].double(), w.double(), b.double())
+        assert_close_to_ref(f"{kernel} tail rows", out[tail], F.gelu(F.linear(x[tail], w, b)), exact,
+                            DTYPE_BOUND[torch.bfloat16])
+        del out
+
+
+@pytest.mark.gpu
+def test_gpu_autocast_bf16():
+    test_autocast_casts_like_f_linear("cuda")
+
+
+@pytest.mark.gpu
+def test_gpu_deterministic_backward():
+    x, w, b = _linear_inputs((4096,), 768, 3072, torch.bfloat16, "cuda")
+    grads = []
+    for _ in range(2):
+        xs, ws, bs = _leaves(x, w, b)
+        VF.linear_gelu(xs, ws, bs).backward(torch.ones(4096, 3072, device="cuda", dtype=torch.bfloat16))
+        grads.append((xs.grad, ws.grad, bs.grad))
+    for a, c in zip(*grads):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("act_layer", ["gelu", "gelu_tanh"])
+def test_gpu_mlp_compile_fullgraph(act_layer):
+    mlp = Mlp(768, 3072, act_layer=act_layer).cuda().to(torch.bfloat16)
+    x = torch.randn(8, 197, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    eager = mlp(x)
+    compiled = torch.compile(mlp, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager)
+    (g_eager,) = torch.autograd.grad(eager.sum(), x)
+    (g_compiled,) = torch.autograd.grad(compiled.sum(), x)
+    torch.testing.assert_close(g_compiled, g_eager)
+    torch.library.opcheck(torch.ops.vit_fast.linear_act_fwd,
+                          (x.detach().view(-1, 768)[:512].requires_grad_(), mlp.fc1.weight, mlp.fc1.bias, None,
+                           "gelu", True))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+def test_gpu_second_device():
+    x, w, b = _linear_inputs((300,), 96, 200, torch.bfloat16, "cuda:1")
+    y = VF.linear_gelu(x, w, b)
+    assert y.device == torch.device("cuda:1")
+    torch.testing.assert_close(y, F.gelu(F.linear(x, w, b)), rtol=2e-2, atol=2e-2)

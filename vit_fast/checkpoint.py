@@ -1,0 +1,422 @@
+"""Weights from a file: timm/PyTorch checkpoints, Google's .npz in every layout, and the position
+embeddings resampled the way each source does it.
+
+Everything here works on any ``nn.Module`` with timm's ``VisionTransformer`` key names
+(``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.{i}.norm1|attn.qkv|attn.proj|norm2|
+mlp.fc1|mlp.fc2``, ``norm``, ``pre_logits.fc``, ``head``).
+
+Google's checkpoints come in three layouts: the original google-research/vision_transformer
+Flax names (optionally under ``opt/target/``), big_vision's (under ``params/`` or
+``params/img/``), and big_vision's scanned form, whose ``Transformer/encoderblock/...`` arrays
+hold every layer stacked on a leading axis. The tables ``_NPZ_*`` below map them to timm's keys.
+"""
+import math
+import os
+import re
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+POS_RESAMPLE_MODES = ("google", "bilinear", "bicubic")
+TORCH_CHECKPOINT_EXTENSIONS = (".pth", ".pt", ".bin", ".safetensors")
+
+# --------------------------------------------------------------------------- position embeddings
+
+
+def _zoom_linear(x, out_size, dim):
+    """Linear interpolation of ``x`` along ``dim`` to ``out_size`` points, corners aligned.
+
+    scipy.ndimage.zoom(..., order=1) with its default ``grid_mode=False`` reads output point i
+    at input coordinate i * (in - 1) / (out - 1) (and at 0 when out == 1).
+    """
+    in_size = x.shape[dim]
+    step = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
+    coord = torch.arange(out_size, dtype=x.dtype, device=x.device) * step
+    lo = coord.floor().long().clamp_(0, in_size - 1)
+    hi = (lo + 1).clamp_(max=in_size - 1)
+    shape = [1] * x.ndim
+    shape[dim] = out_size
+    frac = (coord - lo.to(x.dtype)).view(shape)
+    return x.index_select(dim, lo) * (1 - frac) + x.index_select(dim, hi) * frac
+
+
+def resample_pos_embed(pos_embed, new_grid, num_prefix_tokens=1, mode="bicubic", old_grid=None):
+    """Resample a position embedding to another patch grid, the prefix (class) rows kept apart.
+
+    pos_embed: [1, num_prefix_tokens + old_h * old_w, E]; new_grid: (h, w) or an int for a square;
+    old_grid: (old_h, old_w), inferred as a square when None. Returns
+    [1, num_prefix_tokens + h * w, E] in pos_embed's dtype. ``mode``:
+
+    - ``'google'``: Google's fine-tuning code, ``scipy.ndimage.zoom(grid, (h/old_h, w/old_w, 1),
+      order=1)``: bilinear with corners aligned, computed in float64 as scipy does;
+    - ``'bilinear'``: timm's .npz loader (bilinear, corners not aligned, no antialias);
+    - ``'bicubic'``: timm's .pth loader and the walkthrough (bicubic, corners not aligned).
+    """
+    if mode not in POS_RESAMPLE_MODES:
+        raise ValueError(f"mode: expected one of {POS_RESAMPLE_MODES}, got {mode!r}")
+    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
+        raise ValueError(f"pos_embed: expected shape [1, tokens, dim], got {list(pos_embed.shape)}")
+    new_h, new_w = (new_grid, new_grid) if isinstance(new_grid, int) else tuple(new_grid)
+    num_grid = pos_embed.shape[1] - num_prefix_tokens
+    if old_grid is None:
+        side = math.isqrt(max(num_grid, 0))
+        if side * side != num_grid:
+            raise ValueError(
+                f"pos_embed: {num_grid} grid tokens (after {num_prefix_tokens} prefix tokens) are not a "
+                f"square grid; pass old_grid=(h, w)")
+        old_grid = (side, side)
+    old_h, old_w = old_grid
+    if old_h * old_w != num_grid:
+        raise ValueError(f"old_grid: {old_h}x{old_w} does not match the {num_grid} grid tokens of pos_embed")
+    if (old_h, old_w) == (new_h, new_w):
+        return pos_embed
+
+    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    compute_dtype = torch.float64 if mode == "google" or pos_embed.dtype == torch.float64 else torch.float32
+    grid = grid.to(compute_dtype).reshape(1, old_h, old_w, -1)
+    if mode == "google":
+        grid = _zoom_linear(_zoom_linear(grid, new_h, dim=1), new_w, dim=2)  # [1, h, w, E]
+    else:
+        grid = F.interpolate(grid.permute(0, 3, 1, 2), size=(new_h, new_w), mode=mode, align_corners=False)
+        grid = grid.permute(0, 2, 3, 1)  # [1, h, w, E]
+    grid = grid.reshape(1, new_h * new_w, -1).to(pos_embed.dtype)
+    return torch.cat([prefix, grid], dim=1)
+
+
+def _check_pos_resample(pos_resample):
+    if pos_resample not in POS_RESAMPLE_MODES:
+        raise ValueError(f"pos_resample: expected one of {POS_RESAMPLE_MODES}, got {pos_resample!r}")
+
+
+def _pos_prefix_rows(model):
+    """Rows of ``model.pos_embed`` that belong to prefix tokens (timm's ``no_embed_class`` has none)."""
+    if getattr(model, "no_embed_class", False):
+        return 0
+    return getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0)
+
+
+def _model_grid(model, pos_embed_rows, prefix_rows):
+    grid = getattr(getattr(model, "patch_embed", None), "grid_size", None)
+    if grid is not None:
+        return tuple(grid)
+    side = math.isqrt(pos_embed_rows - prefix_rows)
+    return side, side
+
+
+# --------------------------------------------------------------------------- applying a state_dict
+
+
+def _apply_state_dict(model, state, *, strict, pos_resample, source, replace_head=False, origin=None,
+                      unexpected=(), malformed=None, stacklevel=3):
+    """Copy ``state`` (timm key names) into ``model``, resampling ``pos_embed`` to the model's grid.
+
+    replace_head: a head (or pre-logits layer) that does not fit the model is skipped with one
+    warning and the model's own kept. ``origin`` names, per model key, where a checkpoint holds it
+    (used in messages); ``unexpected`` (names) and ``malformed`` (key -> message) are problems found
+    while reading the file. ``stacklevel``: of the warnings, to point at the user's call.
+    Problems: a RuntimeError naming every key when ``strict``, else one warning and the rest loaded.
+    """
+    origin = origin or {}
+    model_state = model.state_dict()
+    state = dict(state)
+    model_pos = model_state.get("pos_embed")
+    if "pos_embed" in state and model_pos is not None and state["pos_embed"].shape != model_pos.shape:
+        prefix_rows = _pos_prefix_rows(model)
+        try:
+            state["pos_embed"] = resample_pos_embed(
+                state["pos_embed"], _model_grid(model, model_pos.shape[1], prefix_rows),
+                num_prefix_tokens=prefix_rows, mode=pos_resample)
+        except ValueError:  # not a grid this model can take: reported below as misshapen
+            pass
+    malformed = malformed or {}
+
+    notes = []  # what replace_head left out, said in one warning
+    if replace_head:
+        head_keys = ("head.weight", "head.bias")
+        ckpt_head = {k: list(state[k].shape) for k in head_keys if k in state}
+        model_head = {k: list(model_state[k].shape) for k in head_keys if k in model_state}
+        if ckpt_head != model_head:
+            notes.append(f"head not loaded: checkpoint {ckpt_head.get('head.weight', 'none')}, model "
+                         f"{model_head.get('head.weight', 'none')} (the model's own head kept)")
+            state = {k: v for k, v in state.items() if k not in head_keys}
+            state.update({k: model_state[k] for k in model_head})  # the model's own: loads as itself
+        extra_pre_logits = [k for k in state if k.startswith("pre_logits.")]
+        if extra_pre_logits and not any(k.startswith("pre_logits.") for k in model_state):
+            notes.append("pre-logits layer not loaded (the model has no representation_size)")
+            state = {k: v for k, v in state.items() if k not in extra_pre_logits}
+    if notes:
+        warnings.warn(f"{source}: {'; '.join(notes)}", stacklevel=stacklevel)
+
+    def named(key):
+        return f"{key} ({origin[key]})" if key in origin else key
+
+    missing = [named(k) for k in model_state if k not in state and k not in malformed]
+    unexpected = [*unexpected, *(named(k) for k in state if k not in model_state)]
+    misshapen = [*malformed.values(), *(f"{named(k)}: checkpoint {list(v.shape)}, model {list(model_state[k].shape)}"
+                               for k, v in state.items() if k in model_state and v.shape != model_state[k].shape)]
+    problems = [f"{what} ({len(keys)}): {', '.join(keys)}"
+                for what, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)) if keys]
+    if problems:
+        message = f"{source} does not fit {type(model).__name__}:\n  " + "\n  ".join(problems)
+        if strict:
+            raise RuntimeError(message)
+        warnings.warn(message, stacklevel=stacklevel)
+    fitting = {k: v for k, v in state.items() if k in model_state and v.shape == model_state[k].shape}
+    model.load_state_dict(fitting, strict=False)
+    return model
+
+
+# --------------------------------------------------------------------------- Google .npz
+
+
+def _same(x):
+    return x
+
+
+def _dense_kernel(kernel):  # Flax Dense [in, out] -> nn.Linear.weight [out, in]
+    return kernel.t()
+
+
+def _conv_kernel(kernel):  # Flax Conv HWIO [p, p, C, E] -> nn.Conv2d.weight [E, C, p, p]
+    return kernel.permute(3, 2, 0, 1)
+
+
+def _qkv_kernel(q, k, v):  # 3 x DenseGeneral [E, H, D] -> qkv.weight [3*H*D, E], rows q | k | v
+    return torch.cat([w.reshape(w.shape[0], -1).t() for w in (q, k, v)])
+
+
+def _qkv_bias(q, k, v):  # 3 x [H, D] -> [3*H*D]
+    return torch.cat([b.reshape(-1) for b in (q, k, v)])
+
+
+def _attn_out_kernel(kernel):  # DenseGeneral [H, D, E] -> proj.weight [E, H*D]
+    return kernel.reshape(-1, kernel.shape[-1]).t()
+
+
+# The block's submodules as each codebase's Flax auto-naming spells them.
+_NPZ_BLOCK_MODULES = {
+    "vision_transformer": dict(norm1="LayerNorm_0", attn="MultiHeadDotProductAttention_1", norm2="LayerNorm_2",
+                               mlp="MlpBlock_3"),
+    "big_vision": dict(norm1="LayerNorm_0", attn="MultiHeadDotProductAttention_0", norm2="LayerNorm_1",
+                       mlp="MlpBlock_0"),
+}
+# timm key inside ``blocks.{i}.`` -> (.npz names inside the block, conversion of those arrays)
+_NPZ_BLOCK_KEYS = {
+    "norm1.weight": (("{norm1}/scale",), _same),
+    "norm1.bias": (("{norm1}/bias",), _same),
+    "attn.qkv.weight": (("{attn}/query/kernel", "{attn}/key/kernel", "{attn}/value/kernel"), _qkv_kernel),
+    "attn.qkv.bias": (("{attn}/query/bias", "{attn}/key/bias", "{attn}/value/bias"), _qkv_bias),
+    "attn.proj.weight": (("{attn}/out/kernel",), _attn_out_kernel),
+    "attn.proj.bias": (("{attn}/out/bias",), _same),
+    "norm2.weight": (("{norm2}/scale",), _same),
+    "norm2.bias": (("{norm2}/bias",), _same),
+    "mlp.fc1.weight": (("{mlp}/Dense_0/kernel",), _dense_kernel),
+    "mlp.fc1.bias": (("{mlp}/Dense_0/bias",), _same),
+    "mlp.fc2.weight": (("{mlp}/Dense_1/kernel",), _dense_kernel),
+    "mlp.fc2.bias": (("{mlp}/Dense_1/bias",), _same),
+}
+# timm key -> (.npz names, conversion) outside the blocks; pos_embed is handled apart
+_NPZ_TOP_KEYS = {
+    "patch_embed.proj.weight": (("embedding/kernel",), _conv_kernel),
+    "patch_embed.proj.bias": (("embedding/bias",), _same),
+    "cls_token": (("cls",), _same),
+    "norm.weight": (("Transformer/encoder_norm/scale",), _same),
+    "norm.bias": (("Transformer/encoder_norm/bias",), _same),
+    "pre_logits.fc.weight": (("pre_logits/kernel",), _dense_kernel),
+    "pre_logits.fc.bias": (("pre_logits/bias",), _same),
+    "head.weight": (("head/kernel",), _dense_kernel),
+    "head.bias": (("head/bias",), _same),
+}
+# where the model lives inside the file: checkpoints saved with optimizer state, big_vision, its
+# image tower of a two-tower model; the first with an embedding/kernel wins
+_NPZ_PREFIXES = ("opt/target/", "params/img/", "params/", "")
+_SCANNED_BLOCK = "Transformer/encoderblock/"
+_BLOCK_RE = re.compile(r"Transformer/encoderblock_(\d+)/")
+
+
+class _NpzState:
+    """A Google .npz read into timm key names, with what did not convert.
+
+    state: timm key -> tensor; origin: timm key -> the .npz name(s) it comes (or should come)
+    from; unexpected: .npz names under the model's prefix that map to nothing; malformed: timm
+    key -> message, for arrays of a rank that does not convert; layout: e.g. "big_vision,
+    scanned, prefix 'params/'"; pos_without_prefix_rows: big_vision adds the position embedding
+    before it prepends the class token, so its pos_embedding has no row for it.
+    """
+
+    def __init__(self, arrays):
+        self.prefix = next((p for p in _NPZ_PREFIXES if p + "embedding/kernel" in arrays), None)
+        if self.prefix is None:
+            sample = ", ".join(sorted(arrays)[:8])
+            raise ValueError(f"not a Google ViT .npz: no embedding/kernel under any of {list(_NPZ_PREFIXES)} "
+                             f"(first keys: {sample})")
+        p = self.prefix
+        self.arrays = {k[len(p):]: v for k, v in arrays.items() if k.startswith(p)}
+        names = self.arrays
+        self.scanned = any(k.startswith(_SCANNED_BLOCK) for k in names)
+        original = "Transformer/posembed_input/pos_embedding" in names or any("/MlpBlock_3/" in k for k in names)
+        self.flavour = "vision_transformer" if original else "big_vision"
+        self.pos_name = "Transformer/posembed_input/pos_embedding" if original else "pos_embedding"
+        self.pos_without_prefix_rows = not original
+        self.layout = f"{self.flavour}{', scanned' if self.scanned else ''}, prefix {p!r}"
+        self.state, self.origin, self.malformed = {}, {}, {}
+        self.read = set()
+
+        for key, (npz_names, convert) in _NPZ_TOP_KEYS.items():
+            self._convert(key, npz_names, convert)
+        self._convert("pos_embed", (self.pos_name,), _same)
+        modules = _NPZ_BLOCK_MODULES[self.flavour]
+        if self.scanned:
+            depth = max(v.shape[0] for k, v in names.items() if k.startswith(_SCANNED_BLOCK))
+            blocks = [(i, _SCANNED_BLOCK, i) for i in range(depth)]
+        else:
+            indices = sorted({int(m.group(1)) for k in names if (m := _BLOCK_RE.match(k))})
+            blocks = [(i, f"Transformer/encoderblock_{i}/", None) for i in indices]
+        for i, block, layer in blocks:
+            for key, (npz_names, convert) in _NPZ_BLOCK_KEYS.items():
+                self._convert(f"blocks.{i}.{key}", [block + n.format(**modules) for n in npz_names], convert, layer)
+        self.unexpected = sorted(repr(p + k) for k in names if k not in self.read)
+
+    def _convert(self, key, npz_names, convert, layer=None):
+        present = [n for n in npz_names if n in self.arrays and (layer is None or self.arrays[n].shape[0] > layer)]
+        self.read.update(present)
+        absent = [n for n in npz_names if n not in present]
+        where = ", ".join(repr(self.prefix + n) for n in absent or npz_names)
+        self.origin[key] = f"npz {where}{f' layer {layer}' if layer is not None else ''}{' absent' if absent else ''}"
+        if absent:
+            return  # reported as missing once compared with the model
+        tensors = [torch.from_numpy(np.asarray(self.arrays[n] if layer is None else self.arrays[n][layer]))
+                   for n in npz_names]
+        try:
+            self.state[key] = convert(*tensors).contiguous()
+        except RuntimeError:
+            shapes = ", ".join(f"{self.prefix + n!r} {list(t.shape)}" for n, t in zip(npz_names, tensors))
+            self.malformed[key] = f"{key}: npz {shapes} do not convert"
+
+
+def _load_npz_state(model, npz, pos_resample, source):
+    state = dict(npz.state)
+    prefix_rows = _pos_prefix_rows(model)
+    if npz.pos_without_prefix_rows and "pos_embed" in state and prefix_rows:
+        pos = state["pos_embed"]  # the class token gets no position embedding in big_vision: zero rows
+        state["pos_embed"] = torch.cat([pos.new_zeros(1, prefix_rows, pos.shape[-1]), pos], dim=1)
+    return _apply_state_dict(model, state, strict=True, pos_resample=pos_resample, replace_head=True,
+                             source=f"{source} ({npz.layout})", origin=npz.origin,
+                             unexpected=npz.unexpected, malformed=npz.malformed, stacklevel=4)
+
+
+def _read_npz(path):
+    with np.load(path) as f:
+        return _NpzState({k: f[k] for k in f.files})
+
+
+def load_npz(model, path, pos_resample="google"):
+    """Load a google-research/vision_transformer or big_vision ``.npz`` into ``model`` (timm names).
+
+    Reads the original Flax layout (also under ``opt/target/``), big_vision's (under ``params/``
+    or ``params/img/``) and its scanned form. The position grid is resampled by ``pos_resample``
+    (see :func:`resample_pos_embed`) when it differs from the model's. A head of another size (or
+    none) is skipped with one warning and the model's kept; so is a pre-logits layer the model
+    lacks. Missing, unexpected or misshapen weights raise a RuntimeError naming them.
+    Google trained with the tanh GELU: build the model with ``act_layer='gelu_tanh'`` to reproduce
+    its outputs (:func:`create_model` does). Returns ``model``.
+    """
+    _check_pos_resample(pos_resample)
+    return _load_npz_state(model, _read_npz(path), pos_resample, source=os.fspath(path))
+
+
+# --------------------------------------------------------------------------- PyTorch checkpoints
+
+_WRAPPER_KEYS = ("model", "state_dict", "module")  # training scripts, Lightning, DeepSpeed
+_DDP_PREFIX = "module."
+
+
+def _read_torch_checkpoint(path):
+    """A .pth/.pt/.bin (torch.load, weights_only) or .safetensors file -> a flat state_dict."""
+    ext = os.path.splitext(os.fspath(path))[1].lower()
+    if ext == ".safetensors":
+        from safetensors.torch import load_file  # optional dependency, needed only for this format
+
+        state = load_file(os.fspath(path))
+    elif ext in TORCH_CHECKPOINT_EXTENSIONS:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        raise ValueError(f"path: expected a file ending in {TORCH_CHECKPOINT_EXTENSIONS} (Google .npz: use "
+                         f"vit_fast.load_npz), got {os.fspath(path)!r}")
+    while isinstance(state, dict) and (key := next((k for k in _WRAPPER_KEYS if isinstance(state.get(k), dict)), None)):
+        state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        found = sorted(state)[:10] if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"{os.fspath(path)}: expected a state_dict of tensors (optionally under "
+                         f"{list(_WRAPPER_KEYS)}), found {found}")
+    if state and all(k.startswith(_DDP_PREFIX) for k in state):  # saved from DistributedDataParallel
+        state = {k[len(_DDP_PREFIX):]: v for k, v in state.items()}
+    return state
+
+
+def load_checkpoint(model, path, strict=True, pos_resample="bicubic"):
+    """Load a PyTorch checkpoint with timm's key names into ``model``.
+
+    ``.pth``/``.pt``/``.bin`` (read with ``torch.load(weights_only=True)``) or ``.safetensors``;
+    unwraps ``{"model": ...}``, ``{"state_dict": ...}``, ``{"module": ...}`` and a ``module.``
+    prefix. ``pos_embed`` is resampled by ``pos_resample`` when the patch grid differs. Missing,
+    unexpected and misshapen keys are named: a RuntimeError when ``strict``, else one warning
+    (the keys that fit are loaded). Returns ``model``.
+    """
+    _check_pos_resample(pos_resample)
+    return _apply_state_dict(model, _read_torch_checkpoint(path), strict=strict, pos_resample=pos_resample,
+                             source=os.fspath(path))
+
+
+# --------------------------------------------------------------------------- one call
+
+
+def _factory(name):
+    from vit_fast.model import MODELS  # imported here: vit_fast.model imports this module
+
+    if name not in MODELS:
+        raise ValueError(f"name: expected one of {sorted(MODELS)}, got {name!r}")
+    return MODELS[name]
+
+
+def create_model(name, checkpoint=None, num_classes=None, img_size=None, **kwargs):
+    """Build the ViT ``name`` and, with ``checkpoint``, load it.
+
+    A ``.npz`` checkpoint (Google's) defaults to ``act_layer='gelu_tanh'`` and
+    ``pos_resample='google'``, as Google trained and fine-tuned it; ``.pth``/``.pt``/``.bin``/
+    ``.safetensors`` to timm's ``'gelu'`` and ``'bicubic'``; keywords override both
+    (``pos_resample`` is taken here, every other keyword goes to the factory). ``num_classes``
+    None takes the checkpoint's head (and its pre-logits layer, as ``representation_size``);
+    another ``num_classes`` gets a fresh head, said in one warning. ``img_size`` other than the
+    checkpoint's resamples the position embeddings. Returns the model.
+    """
+    factory = _factory(name)
+    pos_resample = kwargs.pop("pos_resample", None)
+    if pos_resample is not None:
+        _check_pos_resample(pos_resample)
+    if num_classes is not None:
+        kwargs["num_classes"] = num_classes
+    if img_size is not None:
+        kwargs["img_size"] = img_size
+    if checkpoint is None:
+        return factory(**kwargs)
+
+    source = os.fspath(checkpoint)
+    is_npz = source.lower().endswith(".npz")
+    if is_npz:
+        npz = _read_npz(checkpoint)
+        state = npz.state
+    else:
+        state = _read_torch_checkpoint(checkpoint)
+    kwargs.setdefault("act_layer", "gelu_tanh" if is_npz else "gelu")
+    pos_resample = pos_resample or ("google" if is_npz else "bicubic")
+    if "head.weight" in state:
+        kwargs.setdefault("num_classes", state["head.weight"].shape[0])
+        if kwargs["num_classes"] == state["head.weight"].shape[0] and "pre_logits.fc.weight" in state:
+            kwargs.setdefault("representation_size", state["pre_logits.fc.weight"].shape[0])  # the head's input
+    model = factory(**kwargs)
+    if is_npz:
+        return _load_npz_state(model, npz, pos_resample, source)
+    return _apply_state_dict(model, state, strict=True, pos_resample=pos_resample, replace_head=True, source=source)
