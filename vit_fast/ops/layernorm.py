@@ -1,11 +1,206 @@
-"""LayerNorm op (skeleton: PyTorch path only until the Triton kernels land)."""
+"""LayerNorm and residual-add + LayerNorm over the last dim: registration, autograd, checks, dispatch.
+
+Ops (all in the `vit_fast` namespace; mean and rstd are [rows] fp32, rows = numel // C):
+- layer_norm_fwd(x, weight?, bias?, eps) -> (y, mean, rstd)
+- layer_norm_bwd(dy, x, weight?, mean, rstd, compute_dweight, compute_dbias) -> (dx, dweight, dbias)
+- add_layer_norm_fwd(x, residual, weight?, bias?, eps) -> (y, s, mean, rstd), s = x + residual
+- add_layer_norm_bwd(dy, ds?, s, weight?, mean, rstd, compute_dweight, compute_dbias)
+  -> (dx, dweight, dbias); dx = ds + dLN/ds is the gradient of both x and residual
+A gradient not asked for comes back as an empty [0] tensor (a custom op cannot return None).
+"""
+import math
+from typing import Optional
+
+import torch
 import torch.nn.functional as F
+
+from vit_fast import dispatch
+from vit_fast.kernels import layernorm as kernels
+from vit_fast.ops.checks import FLOAT_DTYPES, check_same, check_tensor
+
+# Registered with torch.library.custom_op, not triton_op: triton_op + wrap_triton cannot run under
+# Triton's interpreter on fake tensors, so CI (CPU) could not opcheck it.
+
+
+@torch.library.custom_op("vit_fast::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dispatch.record_launch("layer_norm_fwd")
+    with dispatch.device_of(x):
+        y, _, mean, rstd = kernels.layer_norm_fwd(x, weight, bias, eps)
+    return y, mean, rstd
+
+
+@torch.library.custom_op("vit_fast::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
+                   rstd: torch.Tensor, compute_dweight: bool, compute_dbias: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dispatch.record_launch("layer_norm_bwd")
+    with dispatch.device_of(x):
+        dx, dweight, dbias = kernels.layer_norm_bwd(dy, x, weight, mean, rstd, None, compute_dweight, compute_dbias)
+    return dx, _or_empty(dweight, x), _or_empty(dbias, x)
+
+
+@torch.library.custom_op("vit_fast::add_layer_norm_fwd", mutates_args=())
+def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
+                       bias: Optional[torch.Tensor], eps: float
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    dispatch.record_launch("add_layer_norm_fwd")
+    with dispatch.device_of(x):
+        return kernels.layer_norm_fwd(x, weight, bias, eps, residual=residual)
+
+
+@torch.library.custom_op("vit_fast::add_layer_norm_bwd", mutates_args=())
+def add_layer_norm_bwd(dy: torch.Tensor, ds: Optional[torch.Tensor], s: torch.Tensor,
+                       weight: Optional[torch.Tensor], mean: torch.Tensor, rstd: torch.Tensor,
+                       compute_dweight: bool, compute_dbias: bool
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dispatch.record_launch("add_layer_norm_bwd")
+    with dispatch.device_of(s):
+        dx, dweight, dbias = kernels.layer_norm_bwd(dy, s, weight, mean, rstd, ds, compute_dweight, compute_dbias)
+    return dx, _or_empty(dweight, s), _or_empty(dbias, s)
+
+
+def _or_empty(grad, like):
+    return grad if grad is not None else like.new_empty(0)
+
+
+# ----------------------------------------------------------------------------- fake impls
+
+
+def _fake_stats(x):
+    rows = math.prod(x.shape[:-1])
+    return x.new_empty(rows, dtype=torch.float32), x.new_empty(rows, dtype=torch.float32)
+
+
+def _fake_grads(x, weight, compute_dweight, compute_dbias):
+    C = x.shape[-1]
+    dweight = x.new_empty(C if compute_dweight and weight is not None else 0)
+    return x.new_empty(x.shape), dweight, x.new_empty(C if compute_dbias else 0)
+
+
+@layer_norm_fwd.register_fake
+def _(x, weight, bias, eps):
+    return (x.new_empty(x.shape), *_fake_stats(x))
+
+
+@layer_norm_bwd.register_fake
+def _(dy, x, weight, mean, rstd, compute_dweight, compute_dbias):
+    return _fake_grads(x, weight, compute_dweight, compute_dbias)
+
+
+@add_layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, eps):
+    return (x.new_empty(x.shape), x.new_empty(x.shape), *_fake_stats(x))
+
+
+@add_layer_norm_bwd.register_fake
+def _(dy, ds, s, weight, mean, rstd, compute_dweight, compute_dbias):
+    return _fake_grads(s, weight, compute_dweight, compute_dbias)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def _wanted(ctx, weight_index):
+    """(compute dweight, compute dbias) from which of weight and bias need a gradient."""
+    return ctx.needs_input_grad[weight_index], ctx.needs_input_grad[weight_index + 1]
+
+
+def _layer_norm_setup_context(ctx, inputs, output):
+    x, weight, _, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _layer_norm_backward(ctx, dy, _dmean, _drstd):
+    x, weight, mean, rstd = ctx.saved_tensors
+    compute_dweight, compute_dbias = _wanted(ctx, 1)
+    dx, dweight, dbias = layer_norm_bwd(dy, x, weight, mean, rstd, compute_dweight, compute_dbias)
+    return dx, dweight if compute_dweight else None, dbias if compute_dbias else None, None
+
+
+def _add_layer_norm_setup_context(ctx, inputs, output):
+    _, _, weight, _, _ = inputs
+    _, s, mean, rstd = output
+    ctx.save_for_backward(s, weight, mean, rstd)
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.set_materialize_grads(False)  # an unused s gives ds = None: no zeros to read
+
+
+def _add_layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
+    s, weight, mean, rstd = ctx.saved_tensors
+    compute_dweight, compute_dbias = _wanted(ctx, 2)
+    if dy is None:  # only s was used: y contributes nothing
+        dy = torch.zeros_like(s)
+    dx, dweight, dbias = add_layer_norm_bwd(dy, ds, s, weight, mean, rstd, compute_dweight, compute_dbias)
+    return dx, dx, dweight if compute_dweight else None, dbias if compute_dbias else None, None
+
+
+layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
+add_layer_norm_fwd.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup_context)
+
+
+# ----------------------------------------------------------------------------- public functions
+
+
+def _check_inputs(x, weight, bias, residual=None):
+    check_tensor("x", x)
+    if x.dim() == 0 or x.shape[-1] == 0:
+        raise ValueError(f"x: expected a tensor [..., C] with C >= 1, got shape {tuple(x.shape)}")
+    C = x.shape[-1]
+    if residual is not None:
+        if residual.shape != x.shape:
+            raise ValueError(f"residual: expected the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_tensor(name, t)
+            if t.shape != (C,):
+                raise ValueError(f"{name}: expected shape ({C},) (the last dim of x), got {tuple(t.shape)}")
+    check_same("x", x, residual=residual, weight=weight, bias=bias)
+    if dispatch.use_kernels(x):
+        check_tensor("x", x, dtypes=FLOAT_DTYPES)
+        kernels.check_width(C)
+        return True
+    return False
+
+
+def _autocast_fp32(*tensors):
+    """Under CUDA autocast torch runs layer_norm in fp32 (bf16 x with fp32 weights included):
+    the same here, so the drop-in gives torch's dtypes in mixed precision."""
+    x = tensors[0]
+    if isinstance(x, torch.Tensor) and x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
+    return tensors
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-6):
+    """LayerNorm over the last dim: x [..., C], weight / bias [C] or None -> y [..., C].
+
+    The same numbers as ``F.layer_norm(x, (C,), weight, bias, eps)``, statistics in fp32, y
+    contiguous on the kernel path. x may be any view whose last dim has unit stride and whose
+    leading dims collapse (read in place); other layouts are copied once. Kernels take C <= 16384 and fp16 / bf16 / fp32. Under CUDA
+    autocast it runs in fp32, as torch's layer_norm does.
+    """
+    x, weight, bias = _autocast_fp32(x, weight, bias)
+    if _check_inputs(x, weight, bias):
+        return layer_norm_fwd(x, weight, bias, float(eps))[0]
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
 
 
 def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-6):
+    """(LayerNorm(x + residual), x + residual): x, residual [..., C] of the same shape and dtype.
+
+    One read of x and residual, one write of y and s (both contiguous on the kernel path); y is
+    normalized from s as stored in x's dtype. The gradient of x and of residual is the same: ds + dLN/ds. Under CUDA
+    autocast it runs in fp32, as torch's add and layer_norm would.
+    """
+    x, residual, weight, bias = _autocast_fp32(x, residual, weight, bias)
+    check_tensor("x", x)
+    check_tensor("residual", residual)
+    if _check_inputs(x, weight, bias, residual):
+        y, s, _, _ = add_layer_norm_fwd(x, residual, weight, bias, float(eps))
+        return y, s
     s = x + residual
     return F.layer_norm(s, (s.shape[-1],), weight, bias, eps), s

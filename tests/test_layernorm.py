@@ -1,0 +1,432 @@
+"""LayerNorm and add + LayerNorm kernels: forward and every gradient against float64, the launch
+configurations, registration (opcheck, torch.compile), the drop-in module and bad inputs.
+
+On CPU the kernels run under Triton's interpreter (fp32, fp16); `pytest -m gpu` adds bf16, the
+widths 1280 / 8192, more than 65,535 rows, determinism and torch.compile on a GPU.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+from numerics import DTYPE_BOUND, assert_close_to_ref
+
+import vit_fast
+from vit_fast import dispatch, reference
+from vit_fast import functional as VF
+from vit_fast.kernels import layernorm as kernels
+from vit_fast.ops import layernorm as ops
+
+FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
+
+
+def make_x(shape, dtype, device, mean_offset=0.0, layout="contiguous"):
+    """Unit-variance values around mean_offset in `shape`, laid out as asked:
+    'contiguous'; 'rowstride', a slice of wider rows (read in place through its row stride);
+    'copy', leading dims that do not collapse into one stride (the launcher copies it)."""
+    *lead, C = shape
+    if layout == "contiguous":
+        x = torch.randn(shape, device=device) + mean_offset
+    elif layout == "rowstride":
+        x = (torch.randn(*lead, C + 24, device=device) + mean_offset)[..., 3:C + 3]
+    else:
+        assert len(lead) == 2, "'copy' transposes the two leading dims"
+        x = (torch.randn(lead[1], lead[0], C, device=device) + mean_offset).transpose(0, 1)
+    return x.to(dtype)
+
+
+def make_affine(C, affine, dtype, device):
+    weight = torch.randn(C, device=device).to(dtype) if affine in ("both", "weight") else None
+    bias = torch.randn(C, device=device).to(dtype) if affine in ("both", "bias") else None
+    return weight, bias
+
+
+def run(fn, inputs, grads_out):
+    """fn(*leaves) and the gradients of every input (None stays None) for output gradients
+    grads_out (a None entry: that output is left out of the loss)."""
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
+    outs = fn(*leaves)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    pairs = [(o, g) for o, g in zip(outs, grads_out) if g is not None]
+    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+    return outs, [t.grad if t is not None else None for t in leaves]
+
+
+def check_against_float64(names, fn_kernel, fn_torch, fn_ref, inputs, grads_out):
+    """The kernel path, PyTorch in the same dtype and float64 math on the same inputs: every
+    output and every input gradient within the dtype's bound and 2x (3x for gradients) torch's."""
+    dtype = inputs[0].dtype
+    outs, grads = run(fn_kernel, inputs, grads_out)
+    t_outs, t_grads = run(fn_torch, inputs, grads_out)
+    r_outs, r_grads = run(fn_ref, [t.double() if t is not None else None for t in inputs],
+                          [g.double() if g is not None else None for g in grads_out])
+    on_kernels = dispatch.use_kernels(inputs[0])
+    for o in outs:
+        assert o.dtype == dtype and (o.is_contiguous() or not on_kernels)
+    for name, out, t_out, r_out in zip(names[:len(outs)], outs, t_outs, r_outs):
+        assert out.shape == r_out.shape, name
+        assert_close_to_ref(name, out, t_out, r_out, DTYPE_BOUND[dtype])
+    for name, g, t_g, r_g in zip(names[len(outs):], grads, t_grads, r_grads):
+        assert (g is None) == (r_g is None), name
+        if g is not None:
+            assert g.dtype == dtype and g.shape == r_g.shape, name
+            assert_close_to_ref(name, g, t_g, r_g, DTYPE_BOUND[dtype], factor=3.0)
+
+
+def assert_kernel_ran(before, device, *ops_):
+    """The kernel path ran each op once since `before` (unless VIT_FAST_FORCE_TORCH turned it off)."""
+    if dispatch.use_kernels(torch.zeros(1, device=device)):
+        for op in ops_:
+            assert dispatch.kernel_launches[op] == before[op] + 1, op
+
+
+# shape, dtype, affine, eps, mean offset, layout
+LAYER_NORM_CASES = [
+    ((2, 197, 768), FP32, "both", 1e-6, 0.0, "contiguous"),
+    ((2, 197, 768), FP16, "both", 1e-6, 0.0, "rowstride"),
+    ((394, 100), FP32, "both", 1e-5, 0.0, "rowstride"),
+    ((394, 100), FP16, "weight", 1e-6, 0.0, "contiguous"),
+    ((2, 197, 384), FP32, "none", 1e-5, 0.0, "copy"),
+    ((2, 197, 384), FP16, "none", 1e-6, 0.0, "contiguous"),
+    ((197, 384), FP32, "bias", 1e-6, 0.0, "contiguous"),
+    ((1, 768), FP32, "weight", 1e-5, 0.0, "contiguous"),
+    ((1, 100), FP16, "both", 1e-5, 0.0, "contiguous"),
+    ((394, 768), FP32, "both", 1e-6, 1e4, "contiguous"),
+    ((2, 197, 100), FP32, "none", 1e-5, 1e4, "copy"),
+    ((8, 1280), FP32, "both", 1e-6, 0.0, "rowstride"),
+    ((4, 8192), FP32, "both", 1e-6, 0.0, "contiguous"),
+    ((0, 768), FP32, "both", 1e-6, 0.0, "contiguous"),
+    ((2, 0, 384), FP16, "none", 1e-6, 0.0, "contiguous"),
+]
+
+
+def skip_offset_on_torch_path(device, mean_offset):
+    if mean_offset and not dispatch.use_kernels(torch.zeros(1, device=device)):
+        pytest.skip("PyTorch path (VIT_FAST_FORCE_TORCH=1): its fp32 mean is off by half an ulp at 1e4")
+
+
+def _layer_norm_check(device, shape, dtype, affine, eps, mean_offset, layout):
+    skip_offset_on_torch_path(device, mean_offset)
+    x = make_x(shape, dtype, device, mean_offset, layout)
+    weight, bias = make_affine(shape[-1], affine, dtype, device)
+    dy = torch.randn(shape, device=device).to(dtype)
+    before = dispatch.kernel_launches.copy()
+    check_against_float64(
+        ["y", "dx", "dweight", "dbias"],
+        lambda x, w, b: VF.layer_norm(x, w, b, eps),
+        lambda x, w, b: F.layer_norm(x, (shape[-1],), w, b, eps),
+        lambda x, w, b: reference.layer_norm(x, w, b, eps),
+        [x, weight, bias], [dy])
+    assert_kernel_ran(before, device, "layer_norm_fwd", "layer_norm_bwd")
+
+
+@pytest.mark.parametrize("shape,dtype,affine,eps,mean_offset,layout", LAYER_NORM_CASES)
+def test_layer_norm_matches_float64(device, shape, dtype, affine, eps, mean_offset, layout):
+    _layer_norm_check(device, shape, dtype, affine, eps, mean_offset, layout)
+
+
+# shape, dtype, affine, eps, mean offset, layout, whether s is used (ds given) or not (ds None)
+ADD_LAYER_NORM_CASES = [
+    ((2, 197, 768), FP32, "both", 1e-6, 0.0, "contiguous", True),
+    ((2, 197, 768), FP16, "both", 1e-6, 0.0, "contiguous", True),
+    ((394, 100), FP32, "weight", 1e-5, 0.0, "rowstride", False),
+    ((2, 197, 384), FP16, "none", 1e-6, 0.0, "copy", True),
+    ((2, 197, 384), FP32, "bias", 1e-5, 0.0, "copy", False),
+    ((1, 768), FP32, "both", 1e-6, 1e4, "contiguous", True),
+    ((394, 768), FP32, "both", 1e-6, 1e4, "rowstride", False),
+    ((0, 384), FP32, "both", 1e-6, 0.0, "contiguous", True),
+]
+
+
+def _add_layer_norm_check(device, shape, dtype, affine, eps, mean_offset, layout, s_used):
+    skip_offset_on_torch_path(device, mean_offset)
+    x = make_x(shape, dtype, device, mean_offset, layout)
+    residual = make_x(shape, dtype, device, 0.0, layout)
+    if mean_offset:  # on the 2^-10 grid of fp32 values near 1e4, so s = x + residual is exact and
+        residual = (residual * 1024).round() / 1024  # y's error is the LayerNorm's alone
+    weight, bias = make_affine(shape[-1], affine, dtype, device)
+    dy = torch.randn(shape, device=device).to(dtype)
+    ds = torch.randn(shape, device=device).to(dtype) if s_used else None
+    before = dispatch.kernel_launches.copy()
+
+    def add_then_ln(x, r, w, b):
+        s = x + r
+        return F.layer_norm(s, (shape[-1],), w, b, eps), s
+
+    check_against_float64(
+        ["y", "s", "dx", "dresidual", "dweight", "dbias"],
+        lambda x, r, w, b: VF.add_layer_norm(x, r, w, b, eps),
+        add_then_ln,
+        lambda x, r, w, b: reference.add_layer_norm(x, r, w, b, eps),
+        [x, residual, weight, bias], [dy, ds])
+    assert_kernel_ran(before, device, "add_layer_norm_fwd", "add_layer_norm_bwd")
+
+
+@pytest.mark.parametrize("shape,dtype,affine,eps,mean_offset,layout,s_used", ADD_LAYER_NORM_CASES)
+def test_add_layer_norm_matches_float64(device, shape, dtype, affine, eps, mean_offset, layout, s_used):
+    _add_layer_norm_check(device, shape, dtype, affine, eps, mean_offset, layout, s_used)
+
+
+def test_only_s_used_gives_ds_as_the_gradient(device):
+    """When y is left out of the loss the whole gradient of x and residual is ds."""
+    x, r = (torch.randn(3, 100, device=device, requires_grad=True) for _ in range(2))
+    ds = torch.randn(3, 100, device=device)
+    _, s = VF.add_layer_norm(x, r, None, None)
+    s.backward(ds)
+    torch.testing.assert_close(x.grad, ds, rtol=0, atol=0)
+    torch.testing.assert_close(r.grad, ds, rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _width_in(max_c):
+    """A width just under a table bucket's bound (not a power of two unless the bound is tiny)."""
+    return max_c - 3
+
+
+@pytest.mark.parametrize("max_c,rows_per_program,num_warps", kernels.HOPPER_FWD_CONFIGS)
+def test_fwd_launch_configs_write_every_element(device, max_c, rows_per_program, num_warps):
+    """Every tuned forward configuration, into NaN-poisoned outputs, against float64."""
+    C, n_rows = _width_in(max_c), 37
+    x, residual = torch.randn(n_rows, C, device=device), torch.randn(n_rows, C, device=device)
+    weight, bias = make_affine(C, "both", FP32, device)
+    y, s = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
+    _, _, mean, rstd = kernels.layer_norm_fwd(x, weight, bias, 1e-6, residual=residual, y=y, s=s,
+                                              rows_per_program=rows_per_program, num_warps=num_warps)
+    ref_y, ref_s = reference.add_layer_norm(x.double(), residual.double(), weight.double(), bias.double())
+    ref_mean = ref_s.mean(-1)
+    ref_rstd = ((ref_s - ref_mean[:, None]).square().mean(-1) + 1e-6).rsqrt()
+    for name, out, ref in (("y", y, ref_y), ("s", s, ref_s), ("mean", mean, ref_mean), ("rstd", rstd, ref_rstd)):
+        assert_close_to_ref(name, out, out, ref, DTYPE_BOUND[FP32], floor=1e-6)
+
+
+@pytest.mark.parametrize("max_c,rows_per_program,num_warps,programs_per_sm", kernels.HOPPER_BWD_CONFIGS)
+def test_bwd_launch_configs_write_every_element(device, max_c, rows_per_program, num_warps, programs_per_sm):
+    """Every tuned backward configuration (3 programs looping over the rows), into a NaN-poisoned
+    dx, against float64: dx (with ds), dweight, dbias."""
+    C, n_rows = _width_in(max_c), 37
+    s, dy, ds = (torch.randn(n_rows, C, device=device) for _ in range(3))
+    weight, bias = make_affine(C, "both", FP32, device)
+    _, _, mean, rstd = kernels.layer_norm_fwd(s, weight, bias, 1e-6)
+    dx = torch.full_like(s, float("nan"))
+    _, dweight, dbias = kernels.layer_norm_bwd(dy, s, weight, mean, rstd, ds=ds, dx=dx,
+                                               rows_per_program=rows_per_program, num_warps=num_warps,
+                                               num_programs=3)
+    sd, wd, bd = (t.double().requires_grad_() for t in (s, weight, bias))
+    reference.layer_norm(sd, wd, bd).backward(dy.double())
+    for name, out, ref in (("dx", dx, sd.grad + ds.double()), ("dweight", dweight, wd.grad), ("dbias", dbias, bd.grad)):
+        assert_close_to_ref(name, out, out, ref, DTYPE_BOUND[FP32], floor=1e-6)
+
+
+@pytest.mark.parametrize("make,in_place", [
+    (lambda: torch.randn(4, 120)[:, 10:110], True),
+    (lambda: torch.randn(2, 3, 120)[..., 10:110], True),
+    (lambda: torch.randn(4, 6, 100)[:, 1:5], False),
+    (lambda: torch.randn(3, 4, 100).transpose(0, 1), False),
+    (lambda: torch.randn(100, 12).t(), False),
+])
+def test_rows_view_reads_in_place_when_the_rows_collapse(make, in_place):
+    x = make()
+    rows = kernels.rows_view(x)
+    assert rows.shape == (x.numel() // 100, 100) and rows.stride(1) == 1
+    assert (rows.data_ptr() == x.data_ptr()) == in_place
+    torch.testing.assert_close(rows, x.reshape(-1, 100), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def _opcheck_samples(device):
+    x = torch.randn(3, 5, 100, device=device, requires_grad=True)
+    r = torch.randn(3, 5, 100, device=device, requires_grad=True)
+    w = torch.randn(100, device=device, requires_grad=True)
+    b = torch.randn(100, device=device, requires_grad=True)
+    dy, ds = torch.randn(3, 5, 100, device=device), torch.randn(3, 5, 100, device=device)
+    _, mean, rstd = ops.layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-6)
+    _, s, s_mean, s_rstd = ops.add_layer_norm_fwd(x.detach(), r.detach(), w.detach(), None, 1e-6)
+    return [
+        (ops.layer_norm_fwd, (x, w, b, 1e-6)),
+        (ops.layer_norm_fwd, (x, None, None, 1e-5)),
+        (ops.layer_norm_bwd, (dy, x.detach(), w.detach(), mean, rstd, True, True)),
+        (ops.layer_norm_bwd, (dy, x.detach(), None, mean, rstd, False, False)),
+        (ops.add_layer_norm_fwd, (x, r, w, b, 1e-6)),
+        (ops.add_layer_norm_fwd, (x, r, None, None, 1e-5)),
+        (ops.add_layer_norm_bwd, (dy, ds, s, w.detach(), s_mean, s_rstd, True, False)),
+        (ops.add_layer_norm_bwd, (dy, None, s, None, s_mean, s_rstd, False, True)),
+    ]
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_opcheck(device, index):
+    op, args = _opcheck_samples(device)[index]
+    torch.library.opcheck(op, args)
+
+
+def _compiled_matches_eager(device, dtype, shape, mode="default"):
+    """A block-like step (add + LN, then LN of y + s) under torch.compile(fullgraph=True) against the
+    same ops run eagerly: outputs and every input gradient."""
+    C = shape[-1]
+    x, r = (torch.randn(shape, device=device).to(dtype) for _ in range(2))
+    w1, b1, w2 = (torch.randn(C, device=device).to(dtype) for _ in range(3))
+    grads_out = [torch.randn(shape, device=device).to(dtype) for _ in range(2)]
+
+    def step(x, r, w1, b1, w2):
+        y, s = VF.add_layer_norm(x, r, w1, b1)
+        return VF.layer_norm(y + s, w2, None, 1e-5), s
+
+    eager_outs, eager_grads = run(step, [x, r, w1, b1, w2], grads_out)
+    before = dispatch.kernel_launches.copy()
+    compiled = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
+    for _ in range(2):  # the second call replays the CUDA graph under reduce-overhead
+        outs, grads = run(compiled, [x, r, w1, b1, w2], grads_out)
+    if dispatch.use_kernels(x):
+        assert dispatch.kernel_launches["layer_norm_fwd"] > before["layer_norm_fwd"]
+        assert dispatch.kernel_launches["add_layer_norm_bwd"] > before["add_layer_norm_bwd"]
+    for got, want in zip([*outs, *grads], [*eager_outs, *eager_grads]):
+        torch.testing.assert_close(got, want)
+
+
+def test_torch_compile_fullgraph_matches_eager(device):
+    _compiled_matches_eager(device, FP32, (2, 7, 100))
+
+
+# ----------------------------------------------------------------------------- module
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(normalized_shape=768),
+    dict(normalized_shape=(384,), eps=1e-6),
+    dict(normalized_shape=100, elementwise_affine=False),
+    dict(normalized_shape=100, bias=False),
+    dict(normalized_shape=(5, 100)),
+])
+def test_module_is_a_drop_in_for_torch_layer_norm(device, kwargs):
+    ours, theirs = vit_fast.nn.LayerNorm(**kwargs).to(device), torch.nn.LayerNorm(**kwargs).to(device)
+    assert isinstance(ours, torch.nn.LayerNorm)
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
+    for p in theirs.parameters():
+        p.data.normal_()
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(3, 5, *theirs.normalized_shape[-1:], device=device)
+    dy = torch.randn_like(x)
+    reference_module = torch.nn.LayerNorm(**kwargs).to(device).double()
+    reference_module.load_state_dict(theirs.state_dict())
+    before = dispatch.kernel_launches.copy()
+    check_against_float64(["y", "dx"], ours, theirs, reference_module, [x], [dy])
+    assert_kernel_ran(before, device, "layer_norm_fwd", "layer_norm_bwd")
+    for name, p in ours.named_parameters():
+        p_ref = dict(reference_module.named_parameters())[name]
+        assert_close_to_ref(f"d{name}", p.grad, dict(theirs.named_parameters())[name].grad, p_ref.grad,
+                            DTYPE_BOUND[FP32], factor=3.0)
+
+
+def test_module_rejects_wrong_trailing_dims():
+    with pytest.raises(ValueError, match=r"x: expected trailing dims \(5, 100\)"):
+        vit_fast.nn.LayerNorm((5, 100))(torch.randn(2, 4, 100))
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+_X = torch.randn(4, 100)
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda: VF.layer_norm(_X.numpy()), TypeError, "x: expected a torch.Tensor"),
+    (lambda: VF.layer_norm(_X, torch.ones(99)), ValueError, r"weight: expected shape \(100,\)"),
+    (lambda: VF.layer_norm(_X, None, torch.ones(4, 100)), ValueError, r"bias: expected shape \(100,\)"),
+    (lambda: VF.layer_norm(_X, torch.ones(100, dtype=FP16)), ValueError, "weight: expected dtype torch.float32"),
+    (lambda: VF.layer_norm(_X, torch.ones(100, device="meta")), RuntimeError, "weight: expected device cpu"),
+    (lambda: VF.layer_norm(_X, [1.0] * 100), TypeError, "weight: expected a torch.Tensor"),
+    (lambda: VF.layer_norm(torch.randn(4, 0)), ValueError, "x: expected a tensor"),
+    (lambda: VF.add_layer_norm(_X, _X[:2]), ValueError, r"residual: expected the shape of x \(4, 100\)"),
+    (lambda: VF.add_layer_norm(_X, _X.half()), ValueError, "residual: expected dtype torch.float32"),
+    (lambda: VF.add_layer_norm(_X, None), TypeError, "residual: expected a torch.Tensor"),
+    (lambda: VF.add_layer_norm(_X, _X, torch.ones(100), torch.ones(101)), ValueError, r"bias: expected shape"),
+])
+def test_bad_inputs_raise_clear_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_kernel_path_rejects_what_the_kernels_do_not_cover(device):
+    if not dispatch.use_kernels(torch.zeros(1, device=device)):
+        pytest.skip("kernel path off (VIT_FAST_FORCE_TORCH=1 or no interpreter)")
+    with pytest.raises(ValueError, match="x: expected dtype in"):
+        VF.layer_norm(torch.randn(2, 100, dtype=torch.float64, device=device))
+    with pytest.raises(ValueError, match=f"x: the kernels normalize 1 <= C <= {kernels.MAX_C}"):
+        VF.layer_norm(torch.randn(1, kernels.MAX_C + 1, device=device))
+
+
+# ----------------------------------------------------------------------------- GPU only
+
+GPU_CASES = [(shape, dtype) for dtype in (FP32, FP16, BF16)
+             for shape in ((4, 197, 384), (4, 197, 768), (2, 197, 1024), (2, 197, 1280), (64, 8192), (394, 100))]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,dtype", GPU_CASES)
+def test_gpu_layer_norm_matches_float64(shape, dtype):
+    _layer_norm_check("cuda", shape, dtype, "both", 1e-6, 0.0, "rowstride")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape,dtype", GPU_CASES)
+def test_gpu_add_layer_norm_matches_float64(shape, dtype):
+    _add_layer_norm_check("cuda", shape, dtype, "both", 1e-6, 0.0, "contiguous", True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+def test_gpu_more_rows_than_a_grid_dimension(dtype):
+    _layer_norm_check("cuda", (70_000, 768), dtype, "both", 1e-6, 0.0, "contiguous")
+    _add_layer_norm_check("cuda", (70_000, 384), dtype, "weight", 1e-5, 0.0, "contiguous", True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("affine,layout", [("none", "copy"), ("weight", "rowstride"), ("both", "contiguous")])
+def test_gpu_mean_far_from_zero_and_layouts(affine, layout):
+    _layer_norm_check("cuda", (4, 197, 768), FP32, affine, 1e-5, 1e4, layout)
+    _add_layer_norm_check("cuda", (4, 197, 768), FP32, affine, 1e-6, 1e4, layout, False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fn", ["layer_norm", "add_layer_norm"])
+def test_gpu_weight_gradients_are_bit_identical_run_to_run(fn):
+    x, r, dy = (torch.randn(50432, 768, device="cuda", dtype=BF16) for _ in range(3))
+    weight, bias = make_affine(768, "both", BF16, "cuda")
+    call = (lambda x, r, w, b: VF.layer_norm(x, w, b)) if fn == "layer_norm" else \
+        (lambda x, r, w, b: VF.add_layer_norm(x, r, w, b)[0])
+    runs = [run(call, [x, r, weight, bias], [dy])[1] for _ in range(3)]
+    for grads in runs[1:]:
+        assert torch.equal(grads[2], runs[0][2]) and torch.equal(grads[3], runs[0][3])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [FP32, BF16])
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_gpu_torch_compile_fullgraph_matches_eager(dtype, mode):
+    _compiled_matches_eager("cuda", dtype, (8, 197, 768), mode)
+
+
+@pytest.mark.gpu
+def test_gpu_autocast_runs_in_fp32_as_torch_does():
+    """bf16 activations, fp32 parameters under autocast: torch's layer_norm runs (and returns) fp32."""
+    x, r = (torch.randn(4, 197, 768, device="cuda", dtype=BF16) for _ in range(2))
+    module = vit_fast.nn.LayerNorm(768).cuda()
+    for p in module.parameters():
+        p.data.normal_()
+    with torch.autocast("cuda", dtype=BF16):
+        y, y_torch = module(x), F.layer_norm(x, (768,), module.weight, module.bias, module.eps)
+        (fused, s), s_torch = VF.add_layer_norm(x, r.float(), module.weight, module.bias), x.float() + r.float()
+    assert y.dtype == y_torch.dtype == FP32 and s.dtype == s_torch.dtype
+    torch.testing.assert_close(y, y_torch)
+    torch.testing.assert_close(fused, F.layer_norm(s_torch, (768,), module.weight, module.bias, 1e-6))
+
+
+@pytest.mark.gpu
+def test_gpu_second_device_stays_there():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs 2 GPUs")
+    _layer_norm_check("cuda:1", (2, 197, 768), BF16, "both", 1e-6, 0.0, "contiguous")
+    x = torch.randn(4, 768, device="cuda:1")
+    assert VF.add_layer_norm(x, x)[0].device == x.device
