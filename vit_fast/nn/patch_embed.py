@@ -1,17 +1,74 @@
-"""Drop-in timm PatchEmbed (skeleton)."""
+"""Drop-in for timm's `PatchEmbed` over the fused patch-embedding op.
+
+The constructor arguments, attributes (img_size, patch_size, grid_size, num_patches, flatten,
+output_fmt, ...) and state_dict (`proj.weight` [E, C, p, p], `proj.bias` [E], `norm.*` with a
+norm layer) of `timm.layers.PatchEmbed`, so timm weights load strict; square patches only. The
+forward runs `vit_fast.functional.patch_embed`, which also takes uint8 images with their mean and std.
+"""
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from vit_fast import functional as VF
+from vit_fast.ops.patch_embed import normalize_uint8
+
+OUTPUT_FORMATS = ("NCHW", "NHWC", "NCL", "NLC")
+
+
+def _pair(v):
+    return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
 
 class PatchEmbed(nn.Module):
-    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True):
-        super().__init__()
-        self.img_size = (img_size, img_size)
-        self.patch_size = (patch_size, patch_size)
-        self.grid_size = (img_size // patch_size, img_size // patch_size)
-        self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
+    """Images [B, C, H, W] -> patch tokens [B, L, E] (or the grid in `output_fmt`)."""
 
-    def forward(self, x):
-        return VF.patch_embed(x, self.proj.weight, self.proj.bias)
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, norm_layer=None, flatten=True,
+                 output_fmt=None, bias=True, strict_img_size=True, dynamic_img_pad=False, device=None, dtype=None):
+        super().__init__()
+        self.patch_size = _pair(patch_size)
+        if self.patch_size[0] != self.patch_size[1]:
+            raise ValueError(f"patch_size: expected a square patch, got {self.patch_size}")
+        if img_size is None:
+            self.img_size = self.grid_size = self.num_patches = None
+        else:
+            self.img_size = _pair(img_size)
+            self.grid_size = tuple(s // p for s, p in zip(self.img_size, self.patch_size))
+            self.num_patches = self.grid_size[0] * self.grid_size[1]
+        if output_fmt is not None:
+            if output_fmt not in OUTPUT_FORMATS:
+                raise ValueError(f"output_fmt: expected one of {OUTPUT_FORMATS} or None, got {output_fmt!r}")
+            self.flatten, self.output_fmt = False, output_fmt
+        else:
+            self.flatten, self.output_fmt = flatten, "NCHW"
+        self.strict_img_size = strict_img_size
+        self.dynamic_img_pad = dynamic_img_pad
+        p = self.patch_size[0]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=p, stride=p, bias=bias, device=device, dtype=dtype)
+        self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
+
+    def forward(self, x, mean=None, std=None):
+        """x: [B, C, H, W] float, or uint8 with `mean` and `std` (C values each: (x / 255 - mean) / std)."""
+        B, _, H, W = x.shape
+        p = self.patch_size[0]
+        if self.img_size is not None:
+            if self.strict_img_size and (H, W) != self.img_size:
+                raise ValueError(f"x: expected images of size {self.img_size}, got {(H, W)}")
+            if not self.strict_img_size and not self.dynamic_img_pad and (H % p or W % p):
+                raise ValueError(f"x: expected H and W divisible by the patch size {p}, got {(H, W)}")
+        if self.dynamic_img_pad and (H % p or W % p):
+            if x.dtype == torch.uint8:  # timm pads the normalized image with zeros: normalize first
+                x, mean, std = normalize_uint8(x, mean, std, self.proj.weight.dtype), None, None
+            x = F.pad(x, (0, -W % p, 0, -H % p))
+        tokens = VF.patch_embed(x, self.proj.weight, self.proj.bias, mean=mean, std=std)  # [B, L, E]
+        grid_h, grid_w = x.shape[2] // p, x.shape[3] // p
+        if self.flatten:
+            return self.norm(tokens)
+        if self.output_fmt == "NLC":
+            out = tokens
+        elif self.output_fmt == "NCL":
+            out = tokens.transpose(1, 2)
+        elif self.output_fmt == "NHWC":
+            out = tokens.reshape(B, grid_h, grid_w, -1)
+        else:
+            out = tokens.transpose(1, 2).reshape(B, -1, grid_h, grid_w)
+        return self.norm(out)

@@ -1,6 +1,136 @@
-"""Patch-embedding op (skeleton: PyTorch path only until the extension lands)."""
-from vit_fast import reference
+"""Patch embedding: images [B, C, H, W] -> tokens [B, (1+)L, E] through the C++/CUDA extension.
+
+The op is defined in C++ (`csrc/patch_embed.cpp`, `TORCH_LIBRARY(vit_fast, ...)`:
+`torch.ops.vit_fast.patch_embed` and `torch.ops.vit_fast.patch_embed_backward`), with CPU and
+CUDA implementations there. This module registers what torch.compile and autograd need from
+Python: the fake impls and `register_autograd` (its backward recomputes the patch matrix from x
+instead of saving it; see `patch_embed_backward` in the .cpp for why), and picks the path:
+
+- extension built: `torch.ops.vit_fast.patch_embed` on CPU and CUDA tensors (a CUDA tensor with a
+  CPU-only build raises);
+- extension missing: the PyTorch pipeline (`vit_fast.reference.patch_embed`), with one warning;
+- `VIT_FAST_FORCE_TORCH=1`, or another device: the PyTorch pipeline.
+"""
+import warnings
+
+import torch
+
+from vit_fast import dispatch, reference
+from vit_fast.ops import checks
+
+try:
+    import vit_fast._C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
+
+    EXTENSION_ERROR = None
+except ImportError as error:  # e.g. an install that skipped the build: the PyTorch path stands in
+    EXTENSION_ERROR = error
+
+HAS_EXTENSION = EXTENSION_ERROR is None
+# False for a build without nvcc or with a CPU-only torch (a constant, so torch.compile reads it freely)
+EXTENSION_HAS_CUDA = HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("vit_fast::patch_embed", "CUDA")
+_warned_missing_extension = False
 
 
 def patch_embed(x, weight, bias=None, *, cls_token=None, pos_embed=None, mean=None, std=None):
-    return reference.patch_embed(x, weight, bias, cls_token, pos_embed, mean, std)
+    """Conv2d(kernel = stride = p) + flatten + transpose (+ cat cls_token) (+ pos_embed), fused.
+
+    x: [B, C, H, W], any memory format; uint8, normalized as (x / 255 - mean[c]) / std[c] (mean,
+    std: C values each, a sequence or a tensor; tensors on x's device avoid a copy per call), or
+    floating point in the weight's dtype, taken as normalized already (mean and std are ignored).
+    weight: [E, C, p, p] (a Conv2d weight); bias: [E]; cls_token: [1, 1, E];
+    pos_embed: [1, T, E] with T = L (+ 1 with cls_token), L = (H / p) * (W / p).
+    Returns [B, T, E] in the weight's dtype, patches in row-major grid order.
+    """
+    checks.check_tensor("x", x)
+    checks.check_tensor("weight", weight)
+    if dispatch.force_torch() or x.device.type not in ("cpu", "cuda"):
+        return reference.patch_embed(x, weight, bias, cls_token, pos_embed, mean, std)
+    if not HAS_EXTENSION:
+        _warn_missing_extension()
+        return reference.patch_embed(x, weight, bias, cls_token, pos_embed, mean, std)
+    if x.device.type == "cuda" and not EXTENSION_HAS_CUDA:
+        raise RuntimeError(
+            "patch_embed: vit_fast._C was built without CUDA (CPU-only torch or no nvcc at build time); "
+            "rebuild it with a CUDA torch and nvcc, or set VIT_FAST_FORCE_TORCH=1 for the PyTorch path")
+    if x.dtype == torch.uint8:
+        mean, std = _channel_values("mean", mean, x, weight), _channel_values("std", std, x, weight)
+    else:
+        mean = std = None
+    if not torch.compiler.is_compiling():
+        dispatch.record_launch("patch_embed_fwd")
+    return torch.ops.vit_fast.patch_embed(x, weight, bias, cls_token, pos_embed, mean, std)
+
+
+def _warn_missing_extension():
+    global _warned_missing_extension
+    if not _warned_missing_extension:
+        _warned_missing_extension = True
+        warnings.warn(f"vit_fast._C is not available ({EXTENSION_ERROR}); patch_embed runs the PyTorch pipeline "
+                      "(rebuild with `python setup.py build_ext --inplace`)", RuntimeWarning, stacklevel=3)
+
+
+def _channel_values(name, values, x, weight):
+    """mean / std as a tensor on x's device (a sequence becomes one, in the precision the kernel uses)."""
+    if values is None or isinstance(values, torch.Tensor):
+        return values
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    try:
+        return torch.tensor(values, dtype=dtype, device=x.device)
+    except (TypeError, ValueError) as error:
+        raise TypeError(f"{name}: expected a sequence of numbers or a tensor, got {values!r}") from error
+
+
+def normalize_uint8(x, mean, std, dtype):
+    """(x / 255 - mean[c]) / std[c] in `dtype`: the normalization the op fuses, as a separate pass."""
+    if mean is None or std is None:
+        raise ValueError("mean, std: uint8 x needs both, one value per channel")
+    mean = torch.as_tensor(mean, dtype=dtype, device=x.device).view(1, -1, 1, 1)
+    std = torch.as_tensor(std, dtype=dtype, device=x.device).view(1, -1, 1, 1)
+    return (x.to(dtype) / 255.0 - mean) / std
+
+
+def _dx_memory_format(x):
+    """dx's memory format, as the C++ backward chooses it."""
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+if HAS_EXTENSION:
+
+    @torch.library.register_fake("vit_fast::patch_embed")
+    def _patch_embed_fake(x, weight, bias=None, cls_token=None, pos_embed=None, mean=None, std=None):
+        p = weight.shape[-1]
+        tokens = (x.shape[2] // p) * (x.shape[3] // p) + (0 if cls_token is None else 1)
+        return weight.new_empty((x.shape[0], tokens, weight.shape[0]))
+
+    @torch.library.register_fake("vit_fast::patch_embed_backward")
+    def _patch_embed_backward_fake(grad_out, x, weight, mean, std, output_mask):
+        unused = weight.new_empty((0,))
+        E = weight.shape[0]
+        return (
+            torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_dx_memory_format(x))
+            if output_mask[0] else unused,
+            weight.new_empty(weight.shape) if output_mask[1] else unused,
+            weight.new_empty((E,)) if output_mask[2] else unused,
+            weight.new_empty((1, 1, E)) if output_mask[3] else unused,
+            weight.new_empty((1, grad_out.shape[1], E)) if output_mask[4] else unused,
+        )
+
+    def _setup_context(ctx, inputs, output):
+        x, weight, bias, cls_token, pos_embed, mean, std = inputs
+        ctx.save_for_backward(x, weight, mean, std)
+
+    def _backward(ctx, grad_out):
+        x, weight, mean, std = ctx.saved_tensors
+        # needs_input_grad covers the arguments the caller passed; the rest (defaults) need none
+        output_mask = [*ctx.needs_input_grad[:5], *[False] * (5 - len(ctx.needs_input_grad[:5]))]
+        output_mask[0] = output_mask[0] and x.is_floating_point()
+        if not any(output_mask):
+            return (None,) * 7
+        if not torch.compiler.is_compiling():
+            dispatch.record_launch("patch_embed_bwd")
+        grads = torch.ops.vit_fast.patch_embed_backward(grad_out, x, weight, mean, std, output_mask)
+        return *(g if needed else None for g, needed in zip(grads, output_mask)), None, None
+
+    torch.library.register_autograd("vit_fast::patch_embed", _backward, setup_context=_setup_context)
