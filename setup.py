@@ -5,9 +5,12 @@ The extension is a CPU `CppExtension` when torch has no CUDA or nvcc is missing,
 `CUDAExtension` (CPU + CUDA implementations) otherwise; CUDA archs come from
 `TORCH_CUDA_ARCH_LIST`, default sm_80 and sm_90.
 
-`python setup.py develop` works with setuptools >= 80, whose `develop` runs a PEP 660 editable
-install in an isolated build environment where torch cannot be imported: the `develop` below
-runs the same editable install without build isolation instead.
+`python setup.py develop`: setuptools >= 80 turned `develop` into a call of
+`pip install -e . --use-pep517` with build isolation, where torch cannot be imported; the
+`develop` below runs that editable install without isolation instead. Older setuptools keep the
+classic in-place `develop`, which needs no isolation and is used as is (pip would call back into
+it: running pip from there would recurse). `vit_fast/kernels` is a link to `kernels/` so that a
+checkout on sys.path (the classic develop) finds `vit_fast.kernels` as an install does.
 """
 import os
 import shutil
@@ -17,6 +20,7 @@ import sys
 from setuptools import setup
 from setuptools.command.develop import develop
 
+import setuptools
 import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
@@ -34,9 +38,14 @@ def patch_embed_extension():
     return CppExtension("vit_fast._C", cpu_sources, extra_compile_args=["-O3"])
 
 
+SETUPTOOLS_DEVELOP_IS_PIP = int(setuptools.__version__.split(".")[0]) >= 80
+
+
 class DevelopWithoutIsolation(develop):
     def run(self):
-        cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "-e", "."]
+        if not SETUPTOOLS_DEVELOP_IS_PIP:
+            return super().run()
+        cmd = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--use-pep517", "-e", "."]
         if self.no_deps:
             cmd.append("--no-deps")
         subprocess.check_call(cmd)

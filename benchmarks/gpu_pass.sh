@@ -11,10 +11,10 @@ export PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} MAX_
 PY=${PY:-python3}
 
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+$PY -c "import torch, triton, setuptools; print('torch', torch.__version__, 'triton', triton.__version__, 'setuptools', setuptools.__version__, torch.cuda.get_device_name())"
 
 t0=$SECONDS
-$PY setup.py develop --no-deps > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
+timeout 400 $PY setup.py develop --no-deps > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
 $PY -c "import vit_fast, vit_fast._C, torch; print('built in', $SECONDS - $t0, 's; ops:', torch.ops.vit_fast.patch_embed)" || exit 1
 [ "$MODE" = build ] && exit 0
 

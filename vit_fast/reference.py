@@ -4,6 +4,7 @@ Tests and benchmarks import this module; nothing here calls a vit_fast kernel. T
 compute in the dtype they are given (tests pass float64 copies for the exact answer). The model
 keeps timm's module and parameter names, so timm state_dicts load into it strict.
 """
+import collections
 import math
 
 import torch
@@ -165,10 +166,13 @@ class Block(nn.Module):
 class VisionTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
                  embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True,
-                 drop_rate=0.0, attn_drop_rate=0.0, init_values=None, act_layer="gelu"):
+                 drop_rate=0.0, attn_drop_rate=0.0, init_values=None, act_layer="gelu", fc_norm=None,
+                 representation_size=None):
         super().__init__()
         if global_pool not in ("token", "avg"):
             raise ValueError(f"global_pool: expected 'token' or 'avg', got {global_pool!r}")
+        # timm: with average pooling the final LayerNorm moves after the pool (`fc_norm`) unless fc_norm=False
+        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
         self.global_pool = global_pool
         self.num_prefix_tokens = 1 if class_token else 0
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
@@ -180,9 +184,16 @@ class VisionTransformer(nn.Module):
             Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, init_values, act_layer)
             for _ in range(depth)
         ])
-        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
+        # the original ImageNet-21k checkpoints' pre-logits layer (Dense + tanh), named as timm < 0.6 did
+        self.pre_logits = nn.Identity()
+        if representation_size:
+            self.pre_logits = nn.Sequential(collections.OrderedDict(
+                fc=nn.Linear(embed_dim, representation_size), act=nn.Tanh()))
         self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        head_in = representation_size or embed_dim
+        self.head = nn.Linear(head_in, num_classes) if num_classes > 0 else nn.Identity()
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
 
@@ -195,7 +206,7 @@ class VisionTransformer(nn.Module):
 
     def forward_head(self, x, pre_logits=False):
         x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
-        x = self.head_drop(x)
+        x = self.head_drop(self.pre_logits(self.fc_norm(x)))
         return x if pre_logits else self.head(x)
 
     def forward(self, x):

@@ -1,7 +1,8 @@
 """Drop-in modules with timm's constructors, names and state_dicts, over the fused ops."""
 from vit_fast.nn.attention import Attention
+from vit_fast.nn.block import Block
 from vit_fast.nn.layernorm import LayerNorm
 from vit_fast.nn.mlp import Mlp
 from vit_fast.nn.patch_embed import PatchEmbed
 
-__all__ = ["Attention", "LayerNorm", "Mlp", "PatchEmbed"]
+__all__ = ["Attention", "Block", "LayerNorm", "Mlp", "PatchEmbed"]

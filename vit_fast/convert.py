@@ -1,0 +1,171 @@
+"""``convert(model)``: swap vit_fast's fused modules into an existing timm (or reference) ViT in place.
+
+Each known module is rebuilt as its vit_fast twin holding the *same* parameter objects (so an
+optimizer built before the conversion still steps them) and the same training mode:
+
+    nn.LayerNorm (any subclass, e.g. timm's)  -> vit_fast.nn.LayerNorm
+    Attention (qkv, proj)                     -> vit_fast.nn.Attention
+    Mlp (fc1, GELU erf or tanh, fc2)          -> vit_fast.nn.Mlp, keeping the GELU flavour
+    PatchEmbed (conv with stride = kernel)    -> vit_fast.nn.PatchEmbed
+    Block (norm1, attn, norm2, mlp, ...)      -> vit_fast.nn.Block, once its parts are vit_fast's
+
+Modules are recognised by class name and structure, so timm need not be importable here. A module
+that does not fit (another activation, a norm inside the Mlp, gated attention, ...) is left as it
+is; everything left alone is listed at debug level on the ``vit_fast.convert`` logger.
+"""
+import logging
+
+import torch
+import torch.nn as nn
+
+from vit_fast.nn.attention import Attention
+from vit_fast.nn.block import Block
+from vit_fast.nn.layernorm import LayerNorm
+from vit_fast.nn.mlp import Mlp, gelu_approximate
+from vit_fast.nn.patch_embed import PatchEmbed
+
+logger = logging.getLogger(__name__)
+
+VIT_FAST_MODULES = (Attention, Block, LayerNorm, Mlp, PatchEmbed)
+UNREMARKABLE = (nn.Identity, nn.Sequential, nn.ModuleList, nn.ModuleDict)  # not worth listing as left alone
+
+
+def _is_identity(module):
+    return module is None or isinstance(module, nn.Identity)
+
+
+def _dropout_p(module, name):
+    """p of the nn.Dropout ``module.<name>``; None when there is none."""
+    dropout = getattr(module, name, None)
+    return dropout.p if isinstance(dropout, nn.Dropout) else None
+
+
+def _twin(old, build):
+    """``build()``'s module (constructed on the meta device) taking over ``old``'s parameters and
+    buffers, the same objects; None when their state_dicts' names or shapes differ."""
+    with torch.device("meta"):
+        new = build()
+    old_state = old.state_dict(keep_vars=True)
+    new_state = new.state_dict()
+    if {k: v.shape for k, v in old_state.items()} != {k: v.shape for k, v in new_state.items()}:
+        return None
+    new.load_state_dict(old_state, strict=True, assign=True)
+    left_on_meta = [name for name, t in [*new.named_parameters(), *new.named_buffers()] if t.is_meta]
+    if left_on_meta:  # a vit_fast module with state timm's lacks: a bug here, not in the user's model
+        raise RuntimeError(f"convert: {type(new).__name__} has tensors with no counterpart in "
+                           f"{type(old).__name__}: {left_on_meta}")
+    return new.train(old.training)
+
+
+def _layer_norm(old):
+    return _twin(old, lambda: LayerNorm(old.normalized_shape, eps=old.eps, elementwise_affine=old.elementwise_affine,
+                                        bias=getattr(old, "bias", None) is not None))
+
+
+def _attention(old):
+    qkv, proj = getattr(old, "qkv", None), getattr(old, "proj", None)
+    if not (isinstance(qkv, nn.Linear) and isinstance(proj, nn.Linear) and hasattr(old, "num_heads")):
+        return None
+    dim = qkv.in_features
+    if qkv.out_features != 3 * dim or proj.in_features != dim or proj.out_features != dim:
+        return None
+    if getattr(old, "gate", None) is not None or not _is_identity(getattr(old, "norm", None)):
+        return None  # timm's gated or scale-normed attention
+    attn_drop, proj_drop = _dropout_p(old, "attn_drop"), _dropout_p(old, "proj_drop")
+    if attn_drop is None or proj_drop is None:
+        return None
+    q_norm, k_norm = getattr(old, "q_norm", None), getattr(old, "k_norm", None)
+    qk_norm = not (_is_identity(q_norm) and _is_identity(k_norm))
+    if qk_norm and not (isinstance(q_norm, nn.LayerNorm) and isinstance(k_norm, nn.LayerNorm)):
+        return None
+    new = _twin(old, lambda: Attention(dim, old.num_heads, qkv_bias=qkv.bias is not None, qk_norm=qk_norm,
+                                       attn_drop=attn_drop, proj_drop=proj_drop))
+    if new is not None and qk_norm:
+        new.q_norm, new.k_norm = q_norm, k_norm  # the modules themselves: their eps too, not just their tensors
+    return new
+
+
+def _mlp(old):
+    fc1, fc2, act = getattr(old, "fc1", None), getattr(old, "fc2", None), getattr(old, "act", None)
+    if not (isinstance(fc1, nn.Linear) and isinstance(fc2, nn.Linear)) or not _is_identity(getattr(old, "norm", None)):
+        return None
+    drop = _dropout_p(old, "drop1"), _dropout_p(old, "drop2")
+    if None in drop:
+        return None
+    try:
+        gelu_approximate(act)  # the GELU flavour the new Mlp keeps; the fused kernels do GELU only
+    except ValueError:
+        return None
+    return _twin(old, lambda: Mlp(fc1.in_features, fc1.out_features, fc2.out_features, act_layer=act,
+                                  bias=(fc1.bias is not None, fc2.bias is not None), drop=drop))
+
+
+def _patch_embed(old):
+    conv = getattr(old, "proj", None)
+    if not isinstance(conv, nn.Conv2d) or not _is_identity(getattr(old, "norm", None)):
+        return None
+    p = conv.kernel_size[0]
+    if conv.kernel_size != (p, p) or conv.stride != (p, p) or conv.padding != (0, 0) or conv.dilation != (1, 1):
+        return None
+    flatten = getattr(old, "flatten", True)
+    output_fmt = None if flatten else getattr(old.output_fmt, "value", old.output_fmt)  # timm's Format enum
+    return _twin(old, lambda: PatchEmbed(
+        getattr(old, "img_size", None), p, conv.in_channels, conv.out_channels, flatten=flatten,
+        output_fmt=output_fmt, bias=conv.bias is not None, strict_img_size=getattr(old, "strict_img_size", True),
+        dynamic_img_pad=getattr(old, "dynamic_img_pad", False)))
+
+
+def _block(old):
+    """A Block around ``old``'s norms, attention and MLP, once they are vit_fast's."""
+    parts = {name: getattr(old, name, None) for name in ("norm1", "attn", "norm2", "mlp")}
+    if not (isinstance(parts["norm1"], LayerNorm) and isinstance(parts["norm2"], LayerNorm)
+            and isinstance(parts["attn"], Attention) and isinstance(parts["mlp"], Mlp)):
+        return None
+    block = Block.from_parts(**parts, ls1=getattr(old, "ls1", None), ls2=getattr(old, "ls2", None),
+                             drop_path1=getattr(old, "drop_path1", None), drop_path2=getattr(old, "drop_path2", None))
+    return block.train(old.training)
+
+
+def _replacement(module):
+    """The vit_fast module that takes ``module``'s place, or None to leave it."""
+    if isinstance(module, VIT_FAST_MODULES):
+        return None
+    if isinstance(module, nn.LayerNorm):
+        return _layer_norm(module)
+    kind = type(module).__name__
+    if kind == "Attention":
+        return _attention(module)
+    if kind == "Mlp":
+        return _mlp(module)
+    if kind == "PatchEmbed":
+        return _patch_embed(module)
+    if kind == "Block":
+        return _block(module)
+    return None
+
+
+def _convert(module, path, left_alone):
+    for name, child in list(module.named_children()):
+        new_child = _convert(child, f"{path}.{name}" if path else name, left_alone)
+        if new_child is not child:
+            setattr(module, name, new_child)
+    new = _replacement(module)
+    if new is None:
+        if not isinstance(module, VIT_FAST_MODULES + UNREMARKABLE):
+            left_alone.append(f"{path or '<root>'} ({type(module).__name__})")
+        return module
+    # its parts now belong to the new module: no longer worth listing
+    parts = f"{path}." if path else ""
+    left_alone[:] = [entry for entry in left_alone if not entry.startswith(parts)]
+    return new
+
+
+def convert(model):
+    """Replace ``model``'s Attention, Mlp, LayerNorm, PatchEmbed and Block modules in place with
+    vit_fast's, sharing their parameter tensors; returns the model (a new module only when
+    ``model`` itself is one of those kinds)."""
+    left_alone = []
+    model = _convert(model, "", left_alone)
+    if left_alone:
+        logger.debug("convert: left alone: %s", ", ".join(left_alone))
+    return model

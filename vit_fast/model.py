@@ -1,0 +1,193 @@
+"""The Vision Transformer (Dosovitskiy et al., arXiv 2010.11929) on vit_fast's fused ops.
+
+Same constructor arguments, module names, state_dict and outputs as timm's ``VisionTransformer``
+(and ``vit_fast.reference.VisionTransformer``), so timm weights load strict. The forward, with B
+images, E = embed_dim, L patches and N = prefix tokens + L:
+
+    images [B, C, H, W], uint8 (normalized inside with pixel_mean / pixel_std) or float (already normalized)
+    -> patch embedding + class token + position embedding, one fused op       [B, N, E]
+    -> blocks: the residual stream passed as (x, delta), each residual add fused
+       into the next LayerNorm or into fc2's epilogue (see vit_fast/nn/block.py)
+    -> final LayerNorm, fused with the last residual add                      [B, N, E]
+    -> pool (class token, or mean of the patch tokens) -> fc_norm -> pre_logits -> head   [B, classes]
+
+Factories: one per name in ``vit_fast.reference.CONFIGS`` (``vit_base_patch16_224(num_classes=1000,
+**kwargs)`` ...), gathered in ``MODELS`` (name -> factory).
+"""
+import collections
+import functools
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+
+from vit_fast import functional as VF
+from vit_fast import reference
+from vit_fast.checkpoint import resample_pos_embed
+from vit_fast.nn.block import Block, norm_stream
+from vit_fast.nn.layernorm import LayerNorm
+from vit_fast.nn.patch_embed import PatchEmbed
+
+GLOBAL_POOLS = ("token", "avg")
+
+
+class VisionTransformer(nn.Module):
+    """timm's VisionTransformer, fused. Beyond timm's arguments:
+
+    representation_size: a pre-logits layer (Linear + tanh, ``pre_logits.fc``) of this width before
+        the head, as in the original ImageNet-21k checkpoints.
+    dynamic_img_size: accept other image sizes at run time, the position embedding resampled
+        (bicubic, class token kept apart) to each input's patch grid.
+    fc_norm: None (timm's rule): the final LayerNorm goes after the pool when global_pool='avg'.
+    pixel_mean, pixel_std: per-channel statistics that normalize uint8 images
+        ((x / 255 - mean) / std); default 0.5 each, as timm's augreg ViTs.
+    """
+
+    def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
+                 embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True,
+                 drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, init_values=None, act_layer="gelu",
+                 representation_size=None, dynamic_img_size=False, fc_norm=None, pixel_mean=None, pixel_std=None):
+        super().__init__()
+        if global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool: expected one of {GLOBAL_POOLS}, got {global_pool!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool: 'token' needs class_token=True (use global_pool='avg')")
+        pixel_mean = (0.5,) * in_chans if pixel_mean is None else tuple(pixel_mean)
+        pixel_std = (0.5,) * in_chans if pixel_std is None else tuple(pixel_std)
+        if len(pixel_mean) != in_chans or len(pixel_std) != in_chans:
+            raise ValueError(f"pixel_mean, pixel_std: expected {in_chans} values each (in_chans), "
+                             f"got {len(pixel_mean)} and {len(pixel_std)}")
+        use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
+        norm_layer = functools.partial(LayerNorm, eps=1e-6)
+
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.embed_dim = embed_dim
+        self.num_features = representation_size or embed_dim
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.dynamic_img_size = dynamic_img_size
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        num_tokens = self.num_prefix_tokens + self.patch_embed.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
+        self.pos_drop = nn.Dropout(drop_rate)
+        self.blocks = nn.Sequential(*[
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, proj_drop=drop_rate, attn_drop=attn_drop_rate,
+                  init_values=init_values, drop_path=drop_path_rate * i / max(depth - 1, 1), act_layer=act_layer,
+                  norm_layer=norm_layer)  # drop path rising linearly with depth, as timm
+            for i in range(depth)
+        ])
+        self.norm = nn.Identity() if use_fc_norm else norm_layer(embed_dim)
+        self.fc_norm = norm_layer(embed_dim) if use_fc_norm else nn.Identity()
+        self.pre_logits = nn.Identity()
+        if representation_size:
+            self.pre_logits = nn.Sequential(collections.OrderedDict(
+                fc=nn.Linear(embed_dim, representation_size), act=nn.Tanh()))
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        # not in the state_dict, so timm checkpoints load strict
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean), persistent=False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std), persistent=False)
+        self._init_weights()
+
+    def _init_weights(self):
+        # timm's default ('' mode): truncated normal (std .02) Linear weights and position
+        # embedding, zero biases, class token near zero
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+
+    def no_weight_decay(self):
+        """Parameter names that optimizers usually exempt from weight decay (timm's convention)."""
+        return {"pos_embed", "cls_token"}
+
+    def reset_classifier(self, num_classes, global_pool=None):
+        """A fresh head for ``num_classes`` (0: none, forward returns the pooled features)."""
+        if global_pool is not None:
+            if global_pool not in GLOBAL_POOLS:
+                raise ValueError(f"global_pool: expected one of {GLOBAL_POOLS}, got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        like = self.pos_embed
+        self.head = (nn.Linear(self.num_features, num_classes, device=like.device, dtype=like.dtype)
+                     if num_classes > 0 else nn.Identity())
+
+    def _pos_embed_for(self, height, width):
+        """The position embedding for images of height x width pixels: [1, N, E]."""
+        p = self.patch_embed.patch_size[0]
+        if height % p or width % p:
+            raise ValueError(f"x: image size {height}x{width} is not a multiple of the patch size {p}")
+        grid = (height // p, width // p)
+        if grid == tuple(self.patch_embed.grid_size):
+            return self.pos_embed
+        if not self.dynamic_img_size:
+            size = self.patch_embed.img_size
+            raise ValueError(f"x: expected {size[0]}x{size[1]} images, got {height}x{width} "
+                             "(build the model with dynamic_img_size=True to take other sizes)")
+        return resample_pos_embed(self.pos_embed, grid, self.num_prefix_tokens, mode="bicubic",
+                                  old_grid=self.patch_embed.grid_size)
+
+    def forward_features(self, x):
+        """Images [B, C, H, W] -> normed tokens [B, N, E] (not normed when fc_norm is used)."""
+        if x.dim() != 4:
+            raise ValueError(f"x: expected images [B, C, H, W], got shape {tuple(x.shape)}")
+        proj = self.patch_embed.proj
+        x = VF.patch_embed(x, proj.weight, proj.bias, cls_token=self.cls_token,
+                           pos_embed=self._pos_embed_for(*x.shape[-2:]), mean=self.pixel_mean, std=self.pixel_std)
+        x = self.pos_drop(x)  # [B, N, E]
+        delta = None
+        for block in self.blocks:
+            x, delta = block.forward_fused(x, delta)
+        if isinstance(self.norm, nn.Identity):  # fc_norm: the final norm comes after the pool
+            return x if delta is None else x + delta
+        return norm_stream(self.norm, x, delta)[0]
+
+    def forward_head(self, x, pre_logits=False):
+        """Tokens [B, N, E] -> logits [B, num_classes] (pre_logits: the features the head would take)."""
+        x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]  # [B, E]
+        x = self.head_drop(self.pre_logits(self.fc_norm(x)))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # weights made for another image size: resample their position embedding to this grid
+        key = prefix + "pos_embed"
+        pos_embed = state_dict.get(key)
+        if pos_embed is not None and pos_embed.dim() == 3 and pos_embed.shape[1:] != self.pos_embed.shape[1:]:
+            side = math.isqrt(max(pos_embed.shape[1] - self.num_prefix_tokens, 0))
+            if side * side == pos_embed.shape[1] - self.num_prefix_tokens and pos_embed.shape[2] == self.embed_dim:
+                grid = tuple(self.patch_embed.grid_size)
+                state_dict[key] = resample_pos_embed(pos_embed, grid, self.num_prefix_tokens, mode="bicubic")
+                warnings.warn(f"{key}: resampled from a {side}x{side} patch grid to {grid[0]}x{grid[1]} "
+                              "(bicubic, class token kept apart)", stacklevel=2)
+            # anything else is left to the size-mismatch error below, which names the key
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+
+def _factory(name):
+    config = reference.CONFIGS[name]
+
+    def build(num_classes=1000, **kwargs):
+        return VisionTransformer(**{**config, "num_classes": num_classes, **kwargs})
+
+    build.__name__ = build.__qualname__ = name
+    arguments = ", ".join(f"{k}={v}" for k, v in config.items())
+    build.__doc__ = f"VisionTransformer({arguments}, num_classes=num_classes, **kwargs), as timm's {name}."
+    return build
+
+
+MODELS = {name: _factory(name) for name in reference.CONFIGS}  # name -> factory(num_classes=1000, **kwargs)
+globals().update(MODELS)
+
+__all__ = ["VisionTransformer", "MODELS", *MODELS]
