@@ -32,7 +32,7 @@ def patch_embed_extension():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         return CUDAExtension(
             "vit_fast._C",
-            cpu_sources + ["csrc/patch_embed.cu"],
+            cpu_sources + ["csrc/patch_embed_cuda.cu"],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
         )
     return CppExtension("vit_fast._C", cpu_sources, extra_compile_args=["-O3"])
