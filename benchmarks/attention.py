@@ -7,7 +7,8 @@
 Peers in the same run, forward / backward / forward+backward: SDPA with each backend forced
 (flash, efficient, cuDNN, math; a backend that refuses a shape shows n/a), eager softmax(QK^T)V,
 flash-attn where installed. TFLOP/s count 4*B*H*N^2*D for the forward (2.5x that for the backward),
-% of the device's measured bf16 matmul peak; peak memory above the inputs. Then the whole module:
+% of the device's measured bf16 matmul peak; peak memory above the inputs; host_ms, the CPU time to
+enqueue one call (where it reaches ms, the row is launch-bound, not kernel-bound). Then the whole module:
 a timm-style Attention (qkv Linear, reshape/permute, SDPA, transpose, proj; eager and torch.compile)
 against vit_fast.nn.Attention at [256,197,768], 12 heads.
 Without a GPU: says so, checks the kernels under Triton's interpreter on a small ViT shape, times
@@ -16,6 +17,7 @@ the CPU paths against SDPA on the CPU (no files written), exits 0.
 import argparse
 import os
 import sys
+import time
 
 import torch
 
@@ -93,15 +95,29 @@ def attention_impls():
     return impls
 
 
+def _host_ms(fn, calls=20):
+    """Host milliseconds per call to enqueue `fn` (no sync inside the loop; 20 calls stay far below the
+    launch-queue depth). do_bench times each call between events with no sync, so a row whose host_ms
+    reaches its ms is launch-bound: it measures Python + launch overhead, not the kernels."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls * 1e3
+    torch.cuda.synchronize()
+    return host
+
+
 def _time_modes(fn, inputs, quick):
-    """{mode: (ms, peak MiB)} for forward, backward (graph kept), forward+backward."""
+    """{mode: (ms, peak MiB, host ms)} for forward, backward (graph kept), forward+backward."""
     reps = dict(warmup=10, rep=40) if quick else dict(warmup=25, rep=100)
     out = fn(*inputs)
     do = torch.randn_like(out)
     fwd = lambda: fn(*inputs)  # noqa: E731
     bwd = lambda: torch.autograd.grad(out, inputs, do, retain_graph=True)  # noqa: E731
     fwd_bwd = lambda: torch.autograd.grad(fn(*inputs), inputs, do)  # noqa: E731
-    return {mode: (harness.bench_ms(f, **reps), harness.peak_memory_mib(f))
+    return {mode: (harness.bench_ms(f, **reps), harness.peak_memory_mib(f), _host_ms(f))
             for mode, f in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd))}
 
 
@@ -123,12 +139,12 @@ def bench_attention(shapes, quick, peak):
             for mode in flops:
                 row = dict(shape=f"{name} [{B},{H},{N},{D}]", impl=impl, mode=mode)
                 if times is None:
-                    row.update(ms="n/a", tflops="n/a", pct_peak="n/a", peak_mib="n/a")
+                    row.update(ms="n/a", tflops="n/a", pct_peak="n/a", peak_mib="n/a", host_ms="n/a")
                 else:
-                    ms, mib = times[mode]
+                    ms, mib, host = times[mode]
                     tflops = flops[mode] / ms / 1e9
                     row.update(ms=round(ms, 4), tflops=round(tflops, 1), pct_peak=round(100 * tflops / peak, 1),
-                               peak_mib=round(mib, 1))
+                               peak_mib=round(mib, 1), host_ms=round(host, 3))
                 shape_rows.append(row)
         for mode in flops:  # vit_fast against the fastest SDPA backend at this shape and mode
             timed = [r for r in shape_rows if r["mode"] == mode and r["ms"] != "n/a"]
@@ -240,8 +256,10 @@ def run_gpu(quick):
     print(f"{harness.device_name()}: measured bf16 matmul peak {peak:.0f} TFLOP/s")
     shapes = [s for s in SHAPES if s[0] in QUICK] if quick else SHAPES
     rows = bench_attention(shapes, quick, peak)
-    harness.print_table(rows, ["shape", "impl", "mode", "ms", "tflops", "pct_peak", "peak_mib", "vs_best_sdpa"],
-                        title="attention, bf16 (vs_best_sdpa > 1: faster than every SDPA backend)")
+    harness.print_table(rows, ["shape", "impl", "mode", "ms", "tflops", "pct_peak", "peak_mib", "host_ms",
+                               "vs_best_sdpa"],
+                        title="attention, bf16 (vs_best_sdpa > 1: faster than every SDPA backend; "
+                              "host_ms ~ ms: launch-bound)")
     module_rows = bench_module(quick, peak)
     harness.print_table(module_rows, ["shape", "impl", "mode", "ms", "tflops", "pct_peak", "peak_mib", "vs_best_timm"],
                         title="Attention module, bf16 (vs_best_timm > 1: faster than timm-style eager and compiled)")

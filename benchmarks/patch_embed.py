@@ -60,14 +60,16 @@ def bytes_moved(x, params, batch, tokens, dim):
     return x.numel() * x.element_size() + weights + batch * tokens * dim * params["weight"].element_size()
 
 
-def run_gpu(configs):
+def run_gpu(configs, device="cuda"):
+    """Times every implementation; each row is printed as soon as it is measured, and one that
+    fails is reported and skipped, so the rows before it still reach the table and the files."""
     ceil = harness.ceilings()
     print(f"{harness.device_name()}: bf16 matmul {ceil['matmul_tflops']:.0f} TFLOP/s, copy {ceil['copy_gbps']:.0f} GB/s")
     eager_compiled = torch.compile(eager_fn)
-    rows = []
+    rows, failures = [], []
     for name, batch, img, patch, dim in configs:
         tokens = (img // patch) ** 2 + 1
-        x, params, norm = make_inputs(batch, img, patch, dim, torch.bfloat16, "cuda")
+        x, params, norm = make_inputs(batch, img, patch, dim, torch.bfloat16, device)
         x_float = ((x / 255 - norm["mean"].view(1, 3, 1, 1)) / norm["std"].view(1, 3, 1, 1)).to(torch.bfloat16)
         limit_bytes = bytes_moved(x, params, batch, tokens, dim)
         shape = f"{name} [{batch},3,{img},{img}] -> [{batch},{tokens},{dim}]"
@@ -79,32 +81,50 @@ def run_gpu(configs):
             "torch.compile": lambda: eager_compiled(x, params, norm),
             "cuDNN conv2d alone": lambda: F.conv2d(x_float, params["weight"], params["bias"], stride=patch),
         }
-        timings = {impl: harness.bench_ms(fn) for impl, fn in forward.items()}
+        timings = _measure(shape, "fwd", forward, batch, failures)
         timings["bytes-moved limit"] = limit_bytes / ceil["copy_gbps"] / 1e6
         rows += _rows(shape, "fwd", timings, batch, limit_bytes, ceil)
 
-        for p in params.values():
-            p.requires_grad_(True)
-        grad_out = torch.randn(batch, tokens, dim, dtype=torch.bfloat16, device="cuda")
-        leaves = list(params.values())
+        # New leaf tensors in a new dict, not requires_grad_() on the forward's: torch.compile takes a
+        # tensor in an unchanged dict as unchanged and would rerun its no-grad forward graph.
+        train_params = {key: p.detach().clone().requires_grad_(True) for key, p in params.items()}
+        grad_out = torch.randn(batch, tokens, dim, dtype=torch.bfloat16, device=device)
+        leaves = list(train_params.values())
 
         def train_step(fn):
-            return lambda: torch.autograd.grad(fn(x, params, norm), leaves, grad_out)
+            return lambda: torch.autograd.grad(fn(x, train_params, norm), leaves, grad_out)
 
-        timings = {impl: harness.bench_ms(train_step(fn)) for impl, fn in
-                   (("vit_fast", vit_fast_fn), ("eager", eager_fn), ("torch.compile", eager_compiled))}
-        rows += _rows(shape, "fwd+bwd", timings, batch, None, ceil)
-        del x, x_float, params, grad_out, leaves
+        train = {impl: train_step(fn) for impl, fn in
+                 (("vit_fast", vit_fast_fn), ("eager", eager_fn), ("torch.compile", eager_compiled))}
+        rows += _rows(shape, "fwd+bwd", _measure(shape, "fwd+bwd", train, batch, failures), batch, None, ceil)
+        del x, x_float, params, train_params, grad_out, leaves
         torch.cuda.empty_cache()
     harness.print_table(rows, title="patch embedding, uint8 channels_last images -> bf16 tokens with cls and pos")
     print(f"results in {harness.write_results('patch_embed', rows, plot_key='img_per_s', label_keys=('shape', 'mode', 'impl'))}")
+    if failures:
+        raise SystemExit("failed: " + "; ".join(failures))
+
+
+def _measure(shape, mode, fns, batch, failures):
+    """{impl: ms} of the implementations that ran; prints each as it is measured."""
+    timings = {}
+    for impl, fn in fns.items():
+        try:
+            timings[impl] = harness.bench_ms(fn)
+        except Exception as error:  # noqa: BLE001  (reported, and the other rows still run)
+            failures.append(f"{shape} {mode} {impl}: {type(error).__name__}: {error}")
+            print(f"{shape} {mode} {impl}: FAILED {type(error).__name__}: {error}", flush=True)
+            continue
+        print(f"{shape} {mode} {impl}: {timings[impl]:.3f} ms, {batch / timings[impl] * 1e3:,.0f} img/s", flush=True)
+    return timings
 
 
 def _rows(shape, mode, timings, batch, limit_bytes, ceil):
     rows = []
     for impl, ms in timings.items():
         row = dict(shape=shape, mode=mode, impl=impl, ms=ms, img_per_s=batch / ms * 1e3,
-                   x_vs_eager=timings["eager"] / ms, x_vs_compile=timings["torch.compile"] / ms)
+                   x_vs_eager=timings["eager"] / ms if "eager" in timings else None,
+                   x_vs_compile=timings["torch.compile"] / ms if "torch.compile" in timings else None)
         if limit_bytes is not None:
             row["GB_per_s"] = limit_bytes / ms / 1e6
             row["pct_of_copy"] = 100 * row["GB_per_s"] / ceil["copy_gbps"]

@@ -3,7 +3,7 @@
 // cat the class token, add the position embedding).
 //
 // This file: the op schemas (TORCH_LIBRARY), the input checks, the device-independent forward and
-// backward (GEMMs and reductions through ATen) and the CPU gather and epilogue. patch_embed.cu
+// backward (GEMMs and reductions through ATen) and the CPU gather and epilogue. patch_embed_cuda.cu
 // supplies the CUDA gather and epilogue kernels and registers the CUDA implementations; fake
 // implementations and autograd are registered in Python (vit_fast/ops/patch_embed.py).
 //
@@ -28,7 +28,7 @@
 
 namespace vit_fast {
 
-// The device kernels the shared forward/backward call (declared identically in patch_embed.cu).
+// The device kernels the shared forward/backward call (declared identically in patch_embed_cuda.cu).
 // gather: fills patches [B*T, C*p*p] from x; mean/std ([C], opmath dtype) are defined for uint8 x.
 using GatherPatches = void (*)(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std,
                                const at::Tensor& patches, int64_t patch, int64_t cls_rows);

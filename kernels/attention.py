@@ -22,8 +22,9 @@ Backward (recomputes P from LSE; no N x N buffer, no atomics, so it is determini
 Grids are 1-D with batch*head outermost (axis 0 allows 2^31-1 programs; B*H = 98,304 is fine), so
 the query blocks of one head run next to each other and share its K/V in L2. Head dims up to 128
 are padded to BLOCK_D = next power of two with masks on D; token masks are applied only to the
-ragged last block of the loop. fp32 inputs: `tl.dot` uses its default input precision, tf32 on a
-GPU (~1e-3 relative error), exact fp32 products under the CPU interpreter.
+ragged last block of the loop. fp32 inputs: every `tl.dot` takes input_precision="ieee" (exact fp32
+products, CUDA-core FMA on a GPU, not tf32: fp32 results are fp32-accurate, ~1e-7, like torch's fp32
+matmuls, at a fraction of the 16-bit speed); fp16/bf16 inputs use the tensor cores as before.
 """
 from typing import NamedTuple
 
@@ -49,22 +50,26 @@ class Config(NamedTuple):
 # (fwd 128 queries x 32 keys; bwd 32 queries x 128 keys for dK/dV, 128 x 32 for dQ; 4 warps,
 # 3 stages): at N = 197 narrow key tiles waste less on the ragged block while 128-row query tiles keep
 # the tensor cores busy. D=128 (also ViT-H's D=80) doubles the per-row registers: 8 warps. D <= 32
-# halves them: forward key tiles widen to 64. fp32 (tf32) tiles take twice the registers: half the
-# accumulator rows, and 2 stages at D=128. Every entry compiles for sm_90 without register spills
-# (Triton 3.9 + ptxas, offline). Re-tune on the target GPU with `python benchmarks/attention.py --sweep`.
+# halves them: forward key tiles widen to 64. fp32 (exact "ieee" dots, CUDA-core FMA) tiles take twice
+# the bytes: half the rows, and at D=128 4 warps and 2 stages (the earlier 8-warp D=128 dQ tile needed
+# 176 KB); offline compiles for sm_90 (Triton 3.9 + ptxas) put every fp32 entry at <= 106 KB of the
+# H100's 227 KB shared memory (74 KB at D=64), margin for Triton 3.6's different allocation.
+# The 16-bit D=128 forward (128 queries x 64 keys, 8 warps, 48 KB: the usual Hopper tile for D=128) is
+# UNMEASURED: the ViT-H/14 run had 128 x 32 at 0.436 ms vs SDPA flash 0.357 ms; keep it only if
+# `python benchmarks/attention.py --sweep` agrees. Re-tune on the target GPU with that sweep.
 CONFIGS = {
     ("fwd", 16): (Config(128, 64, 4, 3), Config(64, 64, 4, 3)),
     ("fwd", 32): (Config(128, 64, 4, 3), Config(64, 64, 4, 3)),
     ("fwd", 64): (Config(128, 32, 4, 3), Config(64, 32, 4, 3)),
-    ("fwd", 128): (Config(128, 32, 8, 3), Config(128, 32, 8, 2)),
+    ("fwd", 128): (Config(128, 64, 8, 3), Config(64, 32, 4, 2)),
     ("dkdv", 16): (Config(32, 128, 4, 3), Config(32, 64, 4, 3)),
     ("dkdv", 32): (Config(32, 128, 4, 3), Config(32, 64, 4, 3)),
     ("dkdv", 64): (Config(32, 128, 4, 3), Config(32, 64, 4, 3)),
-    ("dkdv", 128): (Config(32, 128, 8, 3), Config(16, 128, 8, 2)),
+    ("dkdv", 128): (Config(32, 128, 8, 3), Config(16, 64, 4, 2)),
     ("dq", 16): (Config(128, 32, 4, 3), Config(64, 32, 4, 3)),
     ("dq", 32): (Config(128, 32, 4, 3), Config(64, 32, 4, 3)),
     ("dq", 64): (Config(128, 32, 4, 3), Config(64, 32, 4, 3)),
-    ("dq", 128): (Config(128, 32, 8, 3), Config(128, 32, 8, 2)),
+    ("dq", 128): (Config(128, 32, 8, 3), Config(64, 32, 4, 2)),
 }
 # Single-pass backward (the dK/dV kernel writes dQ too), used when N_KV <= block_n; 16-bit inputs.
 # Empty until measured: at D=64, Config(32, 256, 8, 3) compiles for sm_90 without spills (255 regs)
@@ -74,6 +79,11 @@ SINGLE_PASS_CONFIGS = {}
 
 def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
+
+
+def dot_precision(dtype) -> str:
+    """tl.dot input precision: exact fp32 products for fp32 inputs (no tf32); tensor-core default otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def config(kernel: str, head_dim: int, dtype) -> Config:
@@ -135,10 +145,10 @@ def _store_rows(ptrs, tile, rows, n_rows, cols, n_cols, PAD_D: tl.constexpr):
 
 @triton.jit
 def _fwd_key_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, keys, n_kv, offs_d, head_dim, qk_scale,
-                   MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr):
+                   MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # acc [BLOCK_M, BLOCK_D] fp32, m_i / l_i [BLOCK_M] running max (log2 units) and sum
     k = _load_tile(k_ptrs, keys, n_kv, offs_d, head_dim, MASK_KEYS, PAD_D)  # [BLOCK_N, BLOCK_D]
-    s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N] scores in log2 units
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N] log2 units
     if MASK_KEYS:
         s = tl.where((keys < n_kv)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -146,7 +156,7 @@ def _fwd_key_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, keys, n_kv, offs_d, head_di
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_tile(v_ptrs, keys, n_kv, offs_d, head_dim, MASK_KEYS, PAD_D)  # [BLOCK_N, BLOCK_D]
-    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
     return acc, m_new, l_i
 
 
@@ -162,6 +172,7 @@ def attention_fwd_kernel(
     stride_ob, stride_oh, stride_on,
     H, N_Q, N_KV, head_dim,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     b, h, bh, offs_m = _program_rows(N_Q, H, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -178,12 +189,12 @@ def attention_fwd_kernel(
     n_full = N_KV - N_KV % BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, m_i, l_i = _fwd_key_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n + offs_n, N_KV, offs_d,
-                                       head_dim, qk_scale, False, PAD_D)
+                                       head_dim, qk_scale, False, PAD_D, DOT_PRECISION)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
     if n_full < N_KV:  # the ragged last key block
         acc, m_i, l_i = _fwd_key_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_full + offs_n, N_KV, offs_d,
-                                       head_dim, qk_scale, True, PAD_D)
+                                       head_dim, qk_scale, True, PAD_D, DOT_PRECISION)
 
     acc = acc / l_i[:, None]
     o_ptrs = _tile_ptrs(O, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on)
@@ -217,7 +228,8 @@ def attention_bwd_delta_kernel(
 @triton.jit
 def _dkdv_query_block(dk, dv, k, v, keys, n_kv, q_ptrs, do_ptrs, dq_ptrs, lse_ptrs, delta_ptrs, queries, n_q,
                       offs_d, head_dim, qk_scale, scale,
-                      MASK_QUERIES: tl.constexpr, PAD_D: tl.constexpr, WRITE_DQ: tl.constexpr):
+                      MASK_QUERIES: tl.constexpr, PAD_D: tl.constexpr, WRITE_DQ: tl.constexpr,
+                      DOT_PRECISION: tl.constexpr):
     # dk, dv [BLOCK_N, BLOCK_D] fp32 accumulators for the keys k, v [BLOCK_N, BLOCK_D]
     q = _load_tile(q_ptrs, queries, n_q, offs_d, head_dim, MASK_QUERIES, PAD_D)  # [BLOCK_M, BLOCK_D]
     do = _load_tile(do_ptrs, queries, n_q, offs_d, head_dim, MASK_QUERIES, PAD_D)
@@ -227,16 +239,16 @@ def _dkdv_query_block(dk, dv, k, v, keys, n_kv, q_ptrs, do_ptrs, dq_ptrs, lse_pt
     else:
         lse = tl.load(lse_ptrs)
         delta = tl.load(delta_ptrs)
-    s_t = tl.dot(k, tl.trans(q)) * qk_scale  # [BLOCK_N, BLOCK_M] scores^T in log2 units
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M] log2 units
     p_t = tl.math.exp2(s_t - (lse * LOG2E_IN_KERNEL)[None, :])
     if WRITE_DQ:  # padding keys must not reach dQ (with k = 0 their P is exp(-lse), not 0)
         p_t = tl.where((keys < n_kv)[:, None], p_t, 0.0)
-    dv = tl.dot(p_t.to(do.dtype), do, dv)
-    dp_t = tl.dot(v, tl.trans(do))  # [BLOCK_N, BLOCK_M]
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
     ds_t = p_t * (dp_t - delta[None, :])
-    dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     if WRITE_DQ:  # this program holds every key of the head: dQ of these queries is complete
-        dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k) * scale  # [BLOCK_M, BLOCK_D]
+        dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * scale  # [BLOCK_M, BLOCK_D]
         _store_rows(dq_ptrs, dq.to(dq_ptrs.dtype.element_ty), queries, n_q, offs_d, head_dim, PAD_D)
     return dk, dv
 
@@ -257,7 +269,7 @@ def attention_bwd_dkdv_kernel(
     stride_dqb, stride_dqh, stride_dqn,
     H, N_Q, N_KV, head_dim,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
-    WRITE_DQ: tl.constexpr,
+    WRITE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     b, h, bh, offs_n = _program_rows(N_KV, H, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -278,7 +290,8 @@ def attention_bwd_dkdv_kernel(
     m_full = N_Q - N_Q % BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
         dk, dv = _dkdv_query_block(dk, dv, k, v, offs_n, N_KV, q_ptrs, do_ptrs, dq_ptrs, lse_ptrs, delta_ptrs,
-                                   start_m + offs_m, N_Q, offs_d, head_dim, qk_scale, scale, False, PAD_D, WRITE_DQ)
+                                   start_m + offs_m, N_Q, offs_d, head_dim, qk_scale, scale, False, PAD_D, WRITE_DQ,
+                                   DOT_PRECISION)
         q_ptrs += BLOCK_M * stride_qn
         do_ptrs += BLOCK_M * stride_don
         dq_ptrs += BLOCK_M * stride_dqn
@@ -286,7 +299,8 @@ def attention_bwd_dkdv_kernel(
         delta_ptrs += BLOCK_M
     if m_full < N_Q:  # the ragged last query block
         dk, dv = _dkdv_query_block(dk, dv, k, v, offs_n, N_KV, q_ptrs, do_ptrs, dq_ptrs, lse_ptrs, delta_ptrs,
-                                   m_full + offs_m, N_Q, offs_d, head_dim, qk_scale, scale, True, PAD_D, WRITE_DQ)
+                                   m_full + offs_m, N_Q, offs_d, head_dim, qk_scale, scale, True, PAD_D, WRITE_DQ,
+                                   DOT_PRECISION)
 
     dk_ptrs = _tile_ptrs(DK, b, h, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkn)
     _store_rows(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), offs_n, N_KV, offs_d, head_dim, PAD_D)
@@ -296,17 +310,17 @@ def attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _dq_key_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, keys, n_kv, offs_d, head_dim, qk_scale,
-                  MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr):
+                  MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
     # dq [BLOCK_M, BLOCK_D] fp32 accumulator for the queries q [BLOCK_M, BLOCK_D]
     k = _load_tile(k_ptrs, keys, n_kv, offs_d, head_dim, MASK_KEYS, PAD_D)  # [BLOCK_N, BLOCK_D]
     v = _load_tile(v_ptrs, keys, n_kv, offs_d, head_dim, MASK_KEYS, PAD_D)
-    s = tl.dot(q, tl.trans(k)) * qk_scale  # [BLOCK_M, BLOCK_N] in log2 units
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N] in log2 units
     p = tl.math.exp2(s - (lse * LOG2E_IN_KERNEL)[:, None])
     if MASK_KEYS:
         p = tl.where((keys < n_kv)[None, :], p, 0.0)
-    dp = tl.dot(do, tl.trans(v))
+    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(k.dtype), k, dq)
+    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -322,6 +336,7 @@ def attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqn,
     H, N_Q, N_KV, head_dim,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     b, h, bh, offs_m = _program_rows(N_Q, H, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -341,12 +356,12 @@ def attention_bwd_dq_kernel(
     n_full = N_KV - N_KV % BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq = _dq_key_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n + offs_n, N_KV, offs_d, head_dim,
-                           qk_scale, False, PAD_D)
+                           qk_scale, False, PAD_D, DOT_PRECISION)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
     if n_full < N_KV:  # the ragged last key block
         dq = _dq_key_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, n_full + offs_n, N_KV, offs_d, head_dim,
-                           qk_scale, True, PAD_D)
+                           qk_scale, True, PAD_D, DOT_PRECISION)
 
     dq_ptrs = _tile_ptrs(DQ, b, h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn)
     _store_rows(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), offs_m, N_Q, offs_d, head_dim, PAD_D)
@@ -377,7 +392,7 @@ def attention_fwd(q, k, v, o, lse, scale: float, fwd_cfg: Config = None):
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(o),
         H, n_q, n_kv, head_dim,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, PAD_D=bd != head_dim,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
 
@@ -398,6 +413,7 @@ def attention_bwd(do, q, k, v, o, lse, dq, dk, dv, scale: float, bwd_cfgs=None):
     bd = block_d(head_dim)
     pad_d = bd != head_dim
     qk_scale = scale * LOG2E
+    precision = dot_precision(q.dtype)
 
     delta = torch.empty_like(lse)
     delta_block_m = 64
@@ -412,7 +428,7 @@ def attention_bwd(do, q, k, v, o, lse, dq, dk, dv, scale: float, bwd_cfgs=None):
         *_bhn_strides(dk), *_bhn_strides(dv), *_bhn_strides(dq),
         H, n_q, n_kv, head_dim,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, PAD_D=pad_d, WRITE_DQ=write_dq,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     if write_dq:
         return
@@ -421,6 +437,6 @@ def attention_bwd(do, q, k, v, o, lse, dq, dk, dv, scale: float, bwd_cfgs=None):
         q, k, v, do, dq, lse, delta, qk_scale, scale,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do), *_bhn_strides(dq),
         H, n_q, n_kv, head_dim,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, PAD_D=pad_d,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, PAD_D=pad_d, DOT_PRECISION=precision,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

@@ -5,10 +5,12 @@ next power of two >= C, masked), statistics in fp32, and saves mean and rstd (fp
 for the backward. With a residual it also writes s = x + residual (the next residual stream) and
 normalizes s as stored, so y is exactly LN(s) and the backward can rebuild it from s.
 
-Backward: dx in one pass per row from the saved statistics; dweight / dbias as per-program fp32
-partial sums over a fixed set of programs (each loops over its rows), written to a
-[num_programs, C] buffer and summed over programs by torch: no atomics, so the weight gradients
-are bit-identical run after run.
+Backward: a fixed set of programs (a few per SM, all resident at once) each loops over the row
+blocks pid, pid + num_programs, ...; it loads the next block's x and dy (and ds) before it works on
+the current one, so the loads of one block are in flight while the previous one is reduced, and
+it keeps its dweight / dbias partial sums in fp32 registers. Each program writes one partial row
+to a [num_programs, C] buffer that a second small kernel sums in a fixed order straight into the
+gradients' dtype: no atomics, so the weight gradients are bit-identical run after run.
 
 Rows are any leading dims: an input whose last dim has unit stride and whose leading dims collapse
 into one (a slice, a contiguous tensor) is read in place through its row stride; anything else
@@ -23,43 +25,60 @@ import triton.language as tl
 
 MAX_C = 16384
 
-# Hopper (H100) launch configurations by width, (max C, rows per program, num_warps). Memory-bound:
-# what matters is enough bytes in flight per SM without spilling the row out of registers, i.e.
-# elements per thread (rows * BLOCK_C / (32 * warps)) around 16-64 and many small programs per SM.
-# Measured (H200, textbook kernel, TARGETS.md): C=768 -> 2 rows / 1 warp (83% of copy), C=1280 ->
-# 1 row / 2 warps (78%), C=384 -> 2 rows / 1 warp, C=1024 -> 8 rows / 8 warps (70%). The other rows
-# extend the same rule, checked for no register spills in sm_90 builds; `python
-# benchmarks/layernorm.py --sweep` re-measures them on the card.
+# Hopper (H100) launch configurations by width. Memory-bound kernels: what matters is enough bytes
+# in flight per SM without spilling the row out of registers and without block-wide barriers.
+# MEASURED on an H100 (bf16, torch 2.11, Triton 3.6): only the forward at C = 768, 2 rows / 1 warp,
+# 87% of copy bandwidth. EVERY OTHER ENTRY IS REASONED FROM THAT ONE, NOT MEASURED: the same
+# 1-warp tile of 2048 elements (64 per thread, ~107 registers on sm_90, no spills; up to ~18
+# programs per SM, so ~50 KB of loads in flight per SM; reductions are warp shuffles, no
+# barriers), i.e. rows = 2048 // BLOCK_C up to C = 1024. Above that a row takes 2 or more warps
+# (the textbook's 1 row / 2 warps at C = 1280 ran at 78% of copy, TARGETS.md). The 8 rows / 8 warps
+# the textbook found at C = 1024 ran at 23% here and is not used. `python benchmarks/layernorm.py
+# --sweep --widths 384,768,1024,1280` re-measures them on the card.
+# Forward, (max C, rows per program, num_warps).
 HOPPER_FWD_CONFIGS = (
-    (128, 8, 2),
-    (256, 4, 2),
-    (512, 2, 1),
-    (768, 2, 1),
-    (1024, 8, 8),
+    (128, 16, 1),
+    (256, 8, 1),
+    (512, 4, 1),
+    (1024, 2, 1),
     (2048, 1, 2),
     (4096, 1, 4),
     (8192, 1, 8),
     (MAX_C, 1, 32),
 )
-# Backward, (max C, rows per program, num_warps, programs per SM). It keeps more of the row live
-# (x, dy, x-hat, w*dy and the two weight-gradient accumulators: ~5 registers per element), so it
-# takes fewer elements per thread than the forward; its programs loop over rows, so programs per SM
-# is set to what fits on an SM at once (sm_90 register counts), which sets the bytes in flight.
-# Above C = 4096 the row no longer fits in registers without a few spills (correct, slower).
+# Forward with a residual (add + LN): two loads and two stores per element, so half the rows of
+# that tile (32 elements per thread, ~70 registers, no spills): as many or more programs per SM,
+# with twice the bytes each. The one such tile measured, C = 1280 at 1 row / 2 warps, ran at 94% of
+# copy; at C = 768 the plain forward's 2 rows / 1 warp (128 registers) ran at 57%.
+# Backward, (max C, rows per block, num_warps, programs per SM for (16-bit, 16-bit with ds, fp32,
+# fp32 with ds)). It keeps more live than the forward (x, dy and the next block's x, dy, ds, x-hat,
+# w * dy, and weight, dweight, dbias per column), so it takes 16 elements per thread and one row
+# per block from C = 512 up. Its grid is one wave of persistent programs: programs per SM is how
+# many fit in an SM's registers (4 sub-partitions of 16K; from `ptxas -v` on Triton 3.6's sm_90
+# build: e.g. C = 768 bf16, 2 warps, 127 registers -> 8 programs, 155 with ds -> 6; no spills up to
+# C = 4096). A program more than fits would run as a second wave and double the time, so these
+# are upper bounds, not tuning knobs. At C = 768 bf16 that is ~24 KB of x and dy in flight per SM
+# at all times (the prefetch). Above C = 4096 a few values spill (correct, slower).
 HOPPER_BWD_CONFIGS = (
-    (128, 8, 8, 4),
-    (256, 4, 8, 5),
-    (512, 2, 8, 5),
-    (1024, 1, 8, 5),
-    (2048, 1, 16, 2),
-    (4096, 1, 16, 1),
-    (MAX_C, 1, 32, 1),
+    (128, 4, 1, (12, 12, 12, 8)),
+    (256, 2, 1, (16, 16, 16, 12)),
+    (512, 1, 1, (16, 12, 12, 12)),
+    (1024, 1, 2, (8, 6, 6, 4)),
+    (2048, 1, 4, (4, 3, 3, 2)),
+    (4096, 1, 8, (1, 1, 1, 1)),
+    (8192, 1, 16, (1, 1, 1, 1)),
+    (MAX_C, 1, 32, (1, 1, 1, 1)),
 )
 # Under Triton's interpreter a program costs a fixed overhead per operation, so big tiles and few
 # programs are fastest; rows per program is capped so the row mask is still exercised.
 INTERPRETER_TILE_ELEMENTS = 8192
 INTERPRETER_MAX_ROWS = 16
 INTERPRETER_BWD_PROGRAMS = 4
+# The sum of the backward's [num_programs, C] partial rows (a few MB, still in L2): narrow column
+# blocks so C = 768 gets 24 programs, PARAMS_BLOCK_P partial rows per step (16 fp32 values per
+# thread and operand at 4 warps).
+PARAMS_BLOCK_C = 32
+PARAMS_BLOCK_P = 64
 
 
 @triton.jit
@@ -115,6 +134,24 @@ def layer_norm_fwd_kernel(
 
 
 @triton.jit
+def load_bwd_row_block(rows, cols, col_mask, n_rows, x_ptr, dy_ptr, ds_ptr, mean_ptr, rstd_ptr,
+                       x_row_stride, dy_row_stride, ds_row_stride, HAS_DS: tl.constexpr):
+    """The backward's inputs for rows [R] x cols [BLOCK_C], in their own dtypes (ds is dy's stand-in
+    without HAS_DS), and the [R, BLOCK_C] mask of the elements that exist."""
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & col_mask[None, :]
+    x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
+    dy = tl.load(dy_ptr + rows[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0)
+    if HAS_DS:
+        ds = tl.load(ds_ptr + rows[:, None] * ds_row_stride + cols[None, :], mask=mask, other=0.0)
+    else:
+        ds = dy
+    mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
+    rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+    return x, dy, ds, mean, rstd, mask
+
+
+@triton.jit
 def layer_norm_bwd_kernel(
     dy_ptr,  # [n_rows, C], row stride dy_row_stride, unit column stride
     x_ptr,  # [n_rows, C], row stride x_row_stride: the forward's input (s for add + LN)
@@ -145,20 +182,26 @@ def layer_norm_bwd_kernel(
         w = tl.load(weight_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     dweight_acc = tl.zeros([ROWS_PER_PROGRAM, BLOCK_C], dtype=tl.float32)
     dbias_acc = tl.zeros([ROWS_PER_PROGRAM, BLOCK_C], dtype=tl.float32)
-    # Row blocks pid, pid + num_programs, ...; the first row is carried in int64 (large tensors).
-    first_row = pid.to(tl.int64) * ROWS_PER_PROGRAM
+    # Row blocks pid, pid + num_programs, ...; rows in int64 (large tensors). The loop body loads
+    # block i + 1 (x, dy, ds, mean, rstd) before it reduces block i: a load only blocks at its first
+    # use, so the next block's bytes are in flight during this block's reductions and stores.
+    rows = pid.to(tl.int64) * ROWS_PER_PROGRAM + tl.arange(0, ROWS_PER_PROGRAM)  # [R]
+    row_step = num_programs.to(tl.int64) * ROWS_PER_PROGRAM
+    x_next, dy_next, ds_next, mean_next, rstd_next, mask = load_bwd_row_block(
+        rows, cols, col_mask, n_rows, x_ptr, dy_ptr, ds_ptr, mean_ptr, rstd_ptr,
+        x_row_stride, dy_row_stride, ds_row_stride, HAS_DS)
     for _ in range(pid, tl.cdiv(n_rows, ROWS_PER_PROGRAM), num_programs):
-        rows = first_row + tl.arange(0, ROWS_PER_PROGRAM)
-        row_mask = rows < n_rows
-        mask = row_mask[:, None] & col_mask[None, :]
-        x = tl.load(x_ptr + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        dy = tl.load(dy_ptr + rows[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + rows, mask=row_mask, other=0.0)
-        rstd = tl.load(rstd_ptr + rows, mask=row_mask, other=0.0)
+        x, dy, ds, mean, rstd = x_next.to(tl.float32), dy_next.to(tl.float32), ds_next, mean_next, rstd_next
+        out_offsets = rows[:, None] * C + cols[None, :]
+        out_mask = mask
+        rows += row_step  # past the last block the mask is all false: nothing is read there
+        x_next, dy_next, ds_next, mean_next, rstd_next, mask = load_bwd_row_block(
+            rows, cols, col_mask, n_rows, x_ptr, dy_ptr, ds_ptr, mean_ptr, rstd_ptr,
+            x_row_stride, dy_row_stride, ds_row_stride, HAS_DS)
         # The saved fp32 mean is off by up to half its ulp; re-centre on the exact differences
         # (as the forward does) so x-hat stays exact for rows far from zero.
-        diff = tl.where(mask, x - mean[:, None], 0.0)
-        xc = tl.where(mask, diff - (tl.sum(diff, axis=1) / C)[:, None], 0.0)
+        diff = tl.where(out_mask, x - mean[:, None], 0.0)
+        xc = tl.where(out_mask, diff - (tl.sum(diff, axis=1) / C)[:, None], 0.0)
         xhat = xc * rstd[:, None]
         if HAS_WEIGHT:
             wdy = dy * w
@@ -169,17 +212,49 @@ def layer_norm_bwd_kernel(
         c2 = tl.sum(wdy, axis=1) / C
         dx = (wdy - (xhat * c1[:, None] + c2[:, None])) * rstd[:, None]
         if HAS_DS:
-            dx += tl.load(ds_ptr + rows[:, None] * ds_row_stride + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        tl.store(dx_ptr + rows[:, None] * C + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            dx += ds.to(tl.float32)
+        tl.store(dx_ptr + out_offsets, dx.to(dx_ptr.dtype.element_ty), mask=out_mask)
         if COMPUTE_DWEIGHT:
             dweight_acc += dy * xhat
         if COMPUTE_DBIAS:
             dbias_acc += dy
-        first_row += num_programs * ROWS_PER_PROGRAM
     if COMPUTE_DWEIGHT:
         tl.store(dweight_partial_ptr + pid * C + cols, tl.sum(dweight_acc, axis=0), mask=col_mask)
     if COMPUTE_DBIAS:
         tl.store(dbias_partial_ptr + pid * C + cols, tl.sum(dbias_acc, axis=0), mask=col_mask)
+
+
+@triton.jit
+def layer_norm_bwd_params_kernel(
+    dweight_partial_ptr,  # [n_partials, C] fp32 (read when COMPUTE_DWEIGHT)
+    dbias_partial_ptr,  # [n_partials, C] fp32 (read when COMPUTE_DBIAS)
+    dweight_ptr,  # [C] out (written when COMPUTE_DWEIGHT)
+    dbias_ptr,  # [C] out (written when COMPUTE_DBIAS)
+    n_partials,
+    C,
+    COMPUTE_DWEIGHT: tl.constexpr,
+    COMPUTE_DBIAS: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    """dweight and dbias = the column sums of the backward's partial rows, in a fixed order (one
+    launch for both, written in the gradients' dtype)."""
+    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    col_mask = cols < C
+    dweight_acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    dbias_acc = tl.zeros([BLOCK_P, BLOCK_C], dtype=tl.float32)
+    for first in range(0, n_partials, BLOCK_P):
+        parts = first + tl.arange(0, BLOCK_P)
+        mask = (parts < n_partials)[:, None] & col_mask[None, :]
+        offsets = parts[:, None] * C + cols[None, :]
+        if COMPUTE_DWEIGHT:
+            dweight_acc += tl.load(dweight_partial_ptr + offsets, mask=mask, other=0.0)
+        if COMPUTE_DBIAS:
+            dbias_acc += tl.load(dbias_partial_ptr + offsets, mask=mask, other=0.0)
+    if COMPUTE_DWEIGHT:
+        tl.store(dweight_ptr + cols, tl.sum(dweight_acc, axis=0).to(dweight_ptr.dtype.element_ty), mask=col_mask)
+    if COMPUTE_DBIAS:
+        tl.store(dbias_ptr + cols, tl.sum(dbias_acc, axis=0).to(dbias_ptr.dtype.element_ty), mask=col_mask)
 
 
 def rows_view(t: torch.Tensor) -> torch.Tensor:
@@ -208,18 +283,20 @@ def _interpreter_rows(block_c: int) -> int:
     return max(1, min(INTERPRETER_MAX_ROWS, INTERPRETER_TILE_ELEMENTS // block_c))
 
 
-def fwd_config(C: int, device: torch.device):
-    """(rows per program, num_warps) for the forward at width C."""
+def fwd_config(C: int, device: torch.device, has_residual: bool = False):
+    """(rows per program, num_warps) for the forward at width C (with a residual: add + LN)."""
     if device.type != "cuda":
         return _interpreter_rows(triton.next_power_of_2(C)), 1
-    return next((rows, warps) for max_c, rows, warps in HOPPER_FWD_CONFIGS if C <= max_c)
+    rows, warps = next((rows, warps) for max_c, rows, warps in HOPPER_FWD_CONFIGS if C <= max_c)
+    return (max(1, rows // 2) if has_residual else rows), warps
 
 
-def bwd_config(C: int, device: torch.device):
+def bwd_config(C: int, device: torch.device, dtype: torch.dtype = torch.bfloat16, has_ds: bool = False):
     """(rows per program, num_warps, number of programs) for the backward at width C."""
     if device.type != "cuda":
         return _interpreter_rows(triton.next_power_of_2(C)), 1, INTERPRETER_BWD_PROGRAMS
     rows, warps, per_sm = next(cfg[1:] for cfg in HOPPER_BWD_CONFIGS if C <= cfg[0])
+    per_sm = per_sm[2 * (dtype == torch.float32) + has_ds]
     return rows, warps, per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
@@ -240,7 +317,7 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, y=None, s=None, rows_per
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     if n_rows == 0:
         return y, s, mean, rstd
-    default_rows, default_warps = fwd_config(C, x.device)
+    default_rows, default_warps = fwd_config(C, x.device, residual is not None)
     rows_per_program = rows_per_program or default_rows
     x2 = rows_view(x)
     r2 = rows_view(residual) if residual is not None else x2
@@ -270,24 +347,36 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, ds=None, compute_dweight=True, com
     dx = torch.empty(x.shape, dtype=x.dtype, device=x.device) if dx is None else dx
     compute_dweight = compute_dweight and weight is not None
     n_rows = x.numel() // C
-    default_rows, default_warps, default_programs = bwd_config(C, x.device)
+    default_rows, default_warps, default_programs = bwd_config(C, x.device, x.dtype, ds is not None)
     rows_per_program = rows_per_program or default_rows
+    dweight = torch.empty(C, dtype=x.dtype, device=x.device) if compute_dweight else None
+    dbias = torch.empty(C, dtype=x.dtype, device=x.device) if compute_dbias else None
+    if n_rows == 0:
+        for grad in (dweight, dbias):
+            if grad is not None:
+                grad.zero_()
+        return dx, dweight, dbias
     num_programs = min(num_programs or default_programs, triton.cdiv(n_rows, rows_per_program))
-    partial_shape = (num_programs, C)
-    dweight_partial = torch.empty(partial_shape, dtype=torch.float32, device=x.device) if compute_dweight else None
-    dbias_partial = torch.empty(partial_shape, dtype=torch.float32, device=x.device) if compute_dbias else None
-    if n_rows > 0:
-        x2, dy2 = rows_view(x), rows_view(dy)
-        ds2 = rows_view(ds) if ds is not None else x2
-        layer_norm_bwd_kernel[(num_programs,)](
-            dy2, x2, ds2, weight if weight is not None else x2, mean, rstd,
-            dx, dweight_partial if compute_dweight else dx, dbias_partial if compute_dbias else dx,
-            n_rows, C, dy2.stride(0), x2.stride(0), ds2.stride(0),
-            HAS_DS=ds is not None, HAS_WEIGHT=weight is not None,
-            COMPUTE_DWEIGHT=compute_dweight, COMPUTE_DBIAS=compute_dbias,
-            ROWS_PER_PROGRAM=rows_per_program, BLOCK_C=triton.next_power_of_2(C),
-            num_warps=num_warps or default_warps,
+    dweight_partial = torch.empty((num_programs, C), dtype=torch.float32, device=x.device) if compute_dweight else None
+    dbias_partial = torch.empty((num_programs, C), dtype=torch.float32, device=x.device) if compute_dbias else None
+    x2, dy2 = rows_view(x), rows_view(dy)
+    ds2 = rows_view(ds) if ds is not None else x2
+    layer_norm_bwd_kernel[(num_programs,)](
+        dy2, x2, ds2, weight if weight is not None else x2, mean, rstd,
+        dx, dweight_partial if compute_dweight else dx, dbias_partial if compute_dbias else dx,
+        n_rows, C, dy2.stride(0), x2.stride(0), ds2.stride(0),
+        HAS_DS=ds is not None, HAS_WEIGHT=weight is not None,
+        COMPUTE_DWEIGHT=compute_dweight, COMPUTE_DBIAS=compute_dbias,
+        ROWS_PER_PROGRAM=rows_per_program, BLOCK_C=triton.next_power_of_2(C),
+        num_warps=num_warps or default_warps,
+    )
+    if compute_dweight or compute_dbias:
+        block_c = min(PARAMS_BLOCK_C, triton.next_power_of_2(C))
+        partial = dweight_partial if compute_dweight else dbias_partial
+        layer_norm_bwd_params_kernel[(triton.cdiv(C, block_c),)](
+            partial, dbias_partial if compute_dbias else partial,
+            dweight if compute_dweight else dbias, dbias if compute_dbias else dweight,
+            num_programs, C, COMPUTE_DWEIGHT=compute_dweight, COMPUTE_DBIAS=compute_dbias,
+            BLOCK_P=PARAMS_BLOCK_P, BLOCK_C=block_c, num_warps=4,
         )
-    dweight = dweight_partial.sum(0).to(x.dtype) if compute_dweight else None
-    dbias = dbias_partial.sum(0).to(x.dtype) if compute_dbias else None
     return dx, dweight, dbias

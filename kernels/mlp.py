@@ -8,8 +8,9 @@ applies the activation on the fp32 accumulator before the only store. W is read 
 - ``linear_act_tma_kernel``: Hopper (sm_90+): TMA tensor descriptors for X, W and the stores, one
   persistent program per SM walking the tiles in the same grouped order. Needs 16-byte aligned
   bases and row strides; ``select_kernel`` falls back to the pointer kernel otherwise.
-fp32 inputs run ``tl.dot`` in tf32 on a GPU (Triton's default input precision), like
-``torch.backends.cuda.matmul.allow_tf32 = True``: the kernel's fp32 results carry tf32 error.
+fp32 inputs run exact fp32 dots (``input_precision="ieee"``, CUDA cores, not tf32 tensor cores), like
+PyTorch's default ``torch.backends.cuda.matmul.allow_tf32 = False``: fp32 results carry fp32 error.
+fp16 / bf16 run on tensor cores (Triton's default "tf32" setting, which only affects fp32 operands).
 
 Backward helper: ``activation_backward`` writes dpre = dy * act'(pre) and, per program, the
 column sums of dpre (fp32) for the bias gradient, reduced afterwards by the caller in a fixed
@@ -117,6 +118,7 @@ def linear_act_kernel(
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_rn, stride_ym, stride_yn,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SAVE_PRE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (exact fp32 dots), "tf32" (the default) otherwise
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask in the main loop
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -139,7 +141,7 @@ def linear_act_kernel(
             k_left = K - k * BLOCK_K
             a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
             b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-        acc = tl.dot(a, b, acc)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
@@ -176,6 +178,7 @@ def linear_act_tma_kernel(
     M, N, K, stride_rm, stride_rn,
     num_programs,  # the launch grid: min(SMs, tiles)
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SAVE_PRE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # as in linear_act_kernel
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EPILOGUE_SPLIT: tl.constexpr,  # 1, or 2: store the tile as two [BLOCK_M, BLOCK_N / 2] halves (less smem)
     FLATTEN: tl.constexpr, WARP_SPECIALIZE: tl.constexpr,  # tl.range options for the tile loop
@@ -193,7 +196,7 @@ def linear_act_tma_kernel(
         for ki in range(k_tiles):
             a = x_desc.load([pid_m * BLOCK_M, ki * BLOCK_K])  # [BLOCK_M, BLOCK_K], zero past the edges
             b = w_desc.load([pid_n * BLOCK_N, ki * BLOCK_K])  # [BLOCK_N, BLOCK_K]
-            acc = tl.dot(a, b.T, acc)
+            acc = tl.dot(a, b.T, acc, input_precision=DOT_PRECISION)
 
         tile_id_epilogue += num_programs
         pid_m, pid_n = _grouped_tile(tile_id_epilogue, num_pid_m, num_pid_n, GROUP_M)
@@ -228,7 +231,9 @@ def activation_backward_kernel(
     pid_n = tl.program_id(0) % num_pid_n
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
-    db = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    # elementwise fp32 sums, reduced over rows once after the loop: a cross-warp reduction (shared
+    # memory + barrier) inside the loop would serialize the row blocks' loads
+    db = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for start in tl.static_range(0, ROWS_PER_PROGRAM, BLOCK_M):
         offs_m = (pid_m * ROWS_PER_PROGRAM + start + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask = (offs_m[:, None] < M) & mask_n[None, :]
@@ -238,9 +243,9 @@ def activation_backward_kernel(
         tl.store(dpre_ptr + offs_m[:, None] * stride_dprem + offs_n[None, :],
                  dpre.to(dpre_ptr.dtype.element_ty), mask=mask)
         if HAS_BIAS:
-            db += tl.sum(dpre, axis=0)
+            db += dpre
     if HAS_BIAS:
-        tl.store(db_partial_ptr + pid_m * N + offs_n, db, mask=mask_n)
+        tl.store(db_partial_ptr + pid_m * N + offs_n, tl.sum(db, axis=0), mask=mask_n)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -259,24 +264,36 @@ class MatmulConfig:
     WARP_SPECIALIZE: bool = False  # TMA kernel only
 
 
-# (kernel, input element bytes) -> tile config on a GPU. Not yet timed on an H100: set these from
-# `python benchmarks/mlp.py --sweep` (M=50432, K=768, N=3072). Each compiles for sm_90 with Triton
-# 3.6 and 3.9 within an H100's shared memory (tests/test_mlp.py checks that without a GPU); 4-byte
-# inputs (tf32) take BLOCK_K 32 for that. WARP_SPECIALIZE on sm_90 with Triton 3.6 compiled to the
-# same binary as without it here; FLATTEN lets the next tile's loads overlap this tile's epilogue.
+# (kernel, input element bytes) -> tile config on a GPU. Set these from `python benchmarks/mlp.py
+# --sweep` (M=50432, K=768, N=3072). Each compiles for sm_90 with Triton 3.6 and 3.9 within an
+# H100's shared memory (tests/test_mlp.py checks that without a GPU); 4-byte inputs (exact fp32
+# dots on CUDA cores, no tensor cores) take BLOCK_K 32 for that. WARP_SPECIALIZE on sm_90 with
+# Triton 3.6 compiled to the same binary as without it; FLATTEN lets the next tile's loads overlap
+# this tile's epilogue. ("tma", 2) is UNMEASURED: 128x128x64 / 4 stages ran ViT-B fc1 at 0.651 ms
+# (cuBLAS 0.386); 128x256x64 / 8 warps / 3 stages is the Hopper persistent tile of Triton's
+# tutorial (half the W re-reads per FLOP), its epilogue stored in two 128-column halves to fit
+# shared memory next to the 3 stages (pre and y). Confirm it with --sweep.
 CONFIGS = {
     ("pointer", 2): MatmulConfig(128, 128, 64, GROUP_M=8, num_warps=8, num_stages=4),
     ("pointer", 4): MatmulConfig(128, 128, 32, GROUP_M=8, num_warps=8, num_stages=3),
-    ("tma", 2): MatmulConfig(128, 128, 64, GROUP_M=8, num_warps=8, num_stages=4),
+    ("tma", 2): MatmulConfig(128, 256, 64, GROUP_M=8, num_warps=8, num_stages=3, EPILOGUE_SPLIT=2),
     ("tma", 4): MatmulConfig(128, 128, 32, GROUP_M=8, num_warps=8, num_stages=3),
 }
 # Under the interpreter small tiles are as fast and put tile edges, several K steps and a partial
 # tile group inside small test shapes.
 INTERPRETER_CONFIG = MatmulConfig(32, 64, 32, GROUP_M=4, num_warps=4, num_stages=1)
 
+# activation_backward: a 256 x 128 slab per program (ViT-B b256: 197 x 24 = 4,728 programs), read as
+# 64 x 128 blocks by 8 warps (32 fp32 values per thread per tensor); db partials [cdiv(M, 256), N] fp32
 BWD_ROWS_PER_PROGRAM = 256
-BWD_BLOCK_M = 32
+BWD_BLOCK_M = 64
 BWD_BLOCK_N = 128
+BWD_NUM_WARPS = 8
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: exact fp32 dots for fp32 inputs (tf32 would carry ~1e-3 error)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def default_config(kernel: str, x: torch.Tensor) -> MatmulConfig:
@@ -320,7 +337,7 @@ def linear_act(x, weight, bias, residual, out, pre_out, activation, kernel=None,
     kernel = kernel or select_kernel(x, weight, out, pre_out)
     cfg = config or default_config(kernel, x)
     flags = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
-                 SAVE_PRE=pre_out is not None)
+                 SAVE_PRE=pre_out is not None, DOT_PRECISION=dot_precision(x.dtype))
     b = bias if bias is not None else out  # placeholders for pointers the kernel does not read
     r = residual if residual is not None else out
     r_strides = residual.stride() if residual is not None else (0, 0)
@@ -377,5 +394,5 @@ def activation_backward(dy, pre, dpre, activation, db_partial=None):
         dy, pre, dpre, db_partial if db_partial is not None else dpre, M, N,
         dy.stride(0), dy.stride(1), pre.stride(0), dpre.stride(0),
         ACTIVATION=activation, HAS_BIAS=db_partial is not None,
-        ROWS_PER_PROGRAM=BWD_ROWS_PER_PROGRAM, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=4)
+        ROWS_PER_PROGRAM=BWD_ROWS_PER_PROGRAM, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=BWD_NUM_WARPS)
     return dpre

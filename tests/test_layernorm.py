@@ -183,9 +183,12 @@ def _width_in(max_c):
     return max_c - 3
 
 
-@pytest.mark.parametrize("max_c,rows_per_program,num_warps", kernels.HOPPER_FWD_CONFIGS)
+@pytest.mark.parametrize("max_c,rows_per_program,num_warps",
+                         [(max_c, max(1, rows // k), warps) for max_c, rows, warps in kernels.HOPPER_FWD_CONFIGS
+                          for k in ((1, 2) if rows > 1 else (1,))])
 def test_fwd_launch_configs_write_every_element(device, max_c, rows_per_program, num_warps):
-    """Every tuned forward configuration, into NaN-poisoned outputs, against float64."""
+    """Every tabled forward configuration (LN's, and add + LN's half the rows), into NaN-poisoned
+    outputs, against float64."""
     C, n_rows = _width_in(max_c), 37
     x, residual = torch.randn(n_rows, C, device=device), torch.randn(n_rows, C, device=device)
     weight, bias = make_affine(C, "both", FP32, device)
@@ -199,10 +202,11 @@ def test_fwd_launch_configs_write_every_element(device, max_c, rows_per_program,
         assert_close_to_ref(name, out, out, ref, DTYPE_BOUND[FP32], floor=1e-6)
 
 
-@pytest.mark.parametrize("max_c,rows_per_program,num_warps,programs_per_sm", kernels.HOPPER_BWD_CONFIGS)
-def test_bwd_launch_configs_write_every_element(device, max_c, rows_per_program, num_warps, programs_per_sm):
-    """Every tuned backward configuration (3 programs looping over the rows), into a NaN-poisoned
-    dx, against float64: dx (with ds), dweight, dbias."""
+@pytest.mark.parametrize("max_c,rows_per_program,num_warps", [cfg[:3] for cfg in kernels.HOPPER_BWD_CONFIGS])
+def test_bwd_launch_configs_write_every_element(device, max_c, rows_per_program, num_warps):
+    """Every tabled backward configuration (3 programs looping over the rows, each prefetching
+    the next block, the last prefetch past the end), into a NaN-poisoned dx, against float64: dx
+    (with ds), dweight, dbias."""
     C, n_rows = _width_in(max_c), 37
     s, dy, ds = (torch.randn(n_rows, C, device=device) for _ in range(3))
     weight, bias = make_affine(C, "both", FP32, device)
@@ -214,6 +218,24 @@ def test_bwd_launch_configs_write_every_element(device, max_c, rows_per_program,
     sd, wd, bd = (t.double().requires_grad_() for t in (s, weight, bias))
     reference.layer_norm(sd, wd, bd).backward(dy.double())
     for name, out, ref in (("dx", dx, sd.grad + ds.double()), ("dweight", dweight, wd.grad), ("dbias", dbias, bd.grad)):
+        assert_close_to_ref(name, out, out, ref, DTYPE_BOUND[FP32], floor=1e-6)
+
+
+def test_bwd_sums_more_partial_rows_than_one_block(device):
+    """150 programs' partial rows (more than PARAMS_BLOCK_P, with a ragged last block) summed into
+    dweight and dbias, and only dbias when no weight is given."""
+    C, n_rows = 100, 300
+    x, dy = torch.randn(n_rows, C, device=device), torch.randn(n_rows, C, device=device)
+    weight, bias = make_affine(C, "both", FP32, device)
+    _, _, mean, rstd = kernels.layer_norm_fwd(x, weight, bias, 1e-6)
+    assert 150 > kernels.PARAMS_BLOCK_P and 150 % kernels.PARAMS_BLOCK_P
+    _, dweight, dbias = kernels.layer_norm_bwd(dy, x, weight, mean, rstd, rows_per_program=1, num_programs=150)
+    _, no_dweight, dbias_alone = kernels.layer_norm_bwd(dy, x, None, mean, rstd, rows_per_program=1,
+                                                        num_programs=150)
+    xd, wd, bd = (t.double().requires_grad_() for t in (x, weight, bias))
+    reference.layer_norm(xd, wd, bd).backward(dy.double())
+    assert no_dweight is None
+    for name, out, ref in (("dweight", dweight, wd.grad), ("dbias", dbias, bd.grad), ("dbias", dbias_alone, bd.grad)):
         assert_close_to_ref(name, out, out, ref, DTYPE_BOUND[FP32], floor=1e-6)
 
 

@@ -21,8 +21,16 @@ from vit_fast.nn.mlp import gelu_approximate
 CPU_DTYPES = [torch.float32, torch.float16]  # tl.dot on bf16 is not trustworthy under the interpreter
 
 
+@pytest.fixture(autouse=True)
+def _exact_fp32_matmul(monkeypatch):
+    """fp32 kernels run exact fp32 dots on a GPU: PyTorch's fp32 matmuls (the same-dtype comparison)
+    must not use tf32 either, whatever an earlier test set."""
+    if torch.cuda.is_available():
+        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+
+
 def _bound(dtype, device):
-    return DTYPE_BOUND["tf32" if dtype == torch.float32 and device == "cuda" else dtype]
+    return DTYPE_BOUND[dtype]
 
 
 def _leaves(*tensors):
@@ -171,12 +179,14 @@ TMA_CONFIGS = [
 
 @pytest.mark.parametrize("config", TMA_CONFIGS, ids=["plain", "split_epilogue", "flatten_ws"])
 @pytest.mark.parametrize("activation", kernels.ACTIVATIONS)
-def test_tma_kernel_writes_every_element(activation, config):
-    """The persistent TMA kernel, run by the interpreter on CPU (3 programs walking 20 ragged
-    tiles): NaN-poisoned outputs, bias and residual, against float64."""
-    x, w, b = _linear_inputs((130,), 96, 200, torch.float32, "cpu")
-    r = torch.randn(130, 200)
-    out, pre = torch.full((130, 200), float("nan")), torch.full((130, 200), float("nan"))
+def test_tma_kernel_writes_every_element(device, activation, config):
+    """The persistent TMA kernel (on CPU by the interpreter; on a GPU it needs sm_90), 3 programs
+    walking 20 ragged tiles: NaN-poisoned outputs, bias and residual, against float64."""
+    if device == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA kernel needs sm_90+")
+    x, w, b = _linear_inputs((130,), 96, 200, torch.float32, device)
+    r = torch.randn(130, 200, device=device)
+    out, pre = (torch.full((130, 200), float("nan"), device=device) for _ in range(2))
     kernels.linear_act(x, w, b, r, out, pre, activation, kernel="tma", config=config, num_programs=3)
     exact = reference.linear(x.double(), w.double(), b.double(), r.double())
     act = {"none": lambda t: t, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}[activation]
@@ -185,9 +195,10 @@ def test_tma_kernel_writes_every_element(activation, config):
 
 
 @pytest.mark.parametrize("activation", kernels.ACTIVATIONS)
-def test_pointer_kernel_writes_every_element(activation):
-    x, w, b = _linear_inputs((130,), 96, 200, torch.float16, "cpu")
-    out, pre = torch.full((130, 200), float("nan"), dtype=torch.float16), torch.full((130, 200), float("nan"))
+def test_pointer_kernel_writes_every_element(device, activation):
+    x, w, b = _linear_inputs((130,), 96, 200, torch.float16, device)
+    out = torch.full((130, 200), float("nan"), dtype=torch.float16, device=device)
+    pre = torch.full((130, 200), float("nan"), device=device)
     kernels.linear_act(x, w, b, None, out, pre, activation, kernel="pointer")
     exact = reference.linear(x.double(), w.double(), b.double())
     act = {"none": lambda t: t, "gelu": F.gelu, "gelu_tanh": functools.partial(F.gelu, approximate="tanh")}[activation]
@@ -196,12 +207,12 @@ def test_pointer_kernel_writes_every_element(activation):
 
 
 @pytest.mark.parametrize("activation", ["gelu", "gelu_tanh"])
-def test_activation_backward_writes_every_element(activation):
+def test_activation_backward_writes_every_element(device, activation):
     """dpre and the bias-gradient partials, NaN-poisoned, over 2 row programs with a ragged tail."""
     M, N = 300, 200
-    dy, pre = torch.randn(M, N), torch.randn(M, N) * 4
-    dpre = torch.full((M, N), float("nan"))
-    partial = torch.full((kernels.db_partial_rows(M), N), float("nan"))
+    dy, pre = torch.randn(M, N, device=device), torch.randn(M, N, device=device) * 4
+    dpre = torch.full((M, N), float("nan"), device=device)
+    partial = torch.full((kernels.db_partial_rows(M), N), float("nan"), device=device)
     kernels.activation_backward(dy, pre, dpre, activation, partial)
     p = pre.double().requires_grad_()
     F.gelu(p, approximate="tanh" if activation == "gelu_tanh" else "none").backward(dy.double())
@@ -227,6 +238,7 @@ from vit_fast.kernels import mlp as kernels
 
 SMEM_LIMIT = 232448  # bytes of shared memory one H100 block may use
 DT = {2: "bf16", 4: "fp32"}
+PRECISION = {2: "tf32", 4: "ieee"}  # as kernels.dot_precision picks them
 
 
 def compile_sm90(fn, types, constexprs, num_warps, num_stages):
@@ -246,7 +258,8 @@ for (kernel, size), c in kernels.CONFIGS.items():
     if kernel == "pointer":
         types = {n: "*" + dt for n in ("x_ptr", "w_ptr", "b_ptr", "r_ptr", "y_ptr", "pre_ptr")}
         types.update({n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_wn", "stride_rm", "stride_ym")})
-        constexprs = dict(stride_xk=1, stride_wk=1, stride_rn=1, stride_yn=1, ACTIVATION="gelu", EVEN_K=True)
+        constexprs = dict(stride_xk=1, stride_wk=1, stride_rn=1, stride_yn=1, ACTIVATION="gelu", EVEN_K=True,
+                          DOT_PRECISION=PRECISION[size])
         compile_sm90(kernels.linear_act_kernel, types, {**constexprs, **flags, **blocks}, c.num_warps, c.num_stages)
     else:
         out_block = f"[{c.BLOCK_M}, {c.BLOCK_N // c.EPILOGUE_SPLIT}]"
@@ -255,14 +268,15 @@ for (kernel, size), c in kernels.CONFIGS.items():
                      pre_desc=f"tensordesc<{dt}{out_block}>", b_ptr="*" + dt, r_ptr="*" + dt)
         types.update({n: "i32" for n in ("M", "N", "K", "stride_rm", "num_programs")})
         constexprs = dict(stride_rn=1, ACTIVATION="gelu_tanh", EPILOGUE_SPLIT=c.EPILOGUE_SPLIT, FLATTEN=c.FLATTEN,
-                          WARP_SPECIALIZE=c.WARP_SPECIALIZE)
+                          WARP_SPECIALIZE=c.WARP_SPECIALIZE, DOT_PRECISION=PRECISION[size])
         compile_sm90(kernels.linear_act_tma_kernel, types, {**constexprs, **flags, **blocks}, c.num_warps,
                      c.num_stages)
 types = dict(dy_ptr="*bf16", pre_ptr="*bf16", dpre_ptr="*bf16", db_partial_ptr="*fp32")
 types.update({n: "i32" for n in ("M", "N", "stride_dym", "stride_dyn", "stride_prem", "stride_dprem")})
 compile_sm90(kernels.activation_backward_kernel, types,
              dict(ACTIVATION="gelu", HAS_BIAS=True, ROWS_PER_PROGRAM=kernels.BWD_ROWS_PER_PROGRAM,
-                  BLOCK_M=kernels.BWD_BLOCK_M, BLOCK_N=kernels.BWD_BLOCK_N), num_warps=4, num_stages=3)
+                  BLOCK_M=kernels.BWD_BLOCK_M, BLOCK_N=kernels.BWD_BLOCK_N), num_warps=kernels.BWD_NUM_WARPS,
+             num_stages=3)
 """
 
 
@@ -339,8 +353,8 @@ def test_bad_inputs(fn, kwargs, error, match):
         getattr(VF, fn)(**kwargs)
 
 
-def test_backward_without_saved_pre():
-    x, w, b = (t.requires_grad_() for t in _linear_inputs((4,), 8, 6, torch.float32, "cpu"))
+def test_backward_without_saved_pre(device):
+    x, w, b = (t.requires_grad_() for t in _linear_inputs((4,), 8, 6, torch.float32, device))
     y, _ = torch.ops.vit_fast.linear_act_fwd(x, w, b, None, "gelu", False)
     with pytest.raises(RuntimeError, match="save_pre=True"):
         y.sum().backward()
@@ -431,18 +445,14 @@ def test_mlp_constructor_options(device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_gpu_vit_shapes(dtype, approximate):
     """ViT-B's fc1 (768 -> 3072, 4096 tokens) with GELU and fc2 (3072 -> 768) with the residual.
-    fp32 runs tf32 dots: PyTorch's same-dtype run allows tf32 too, to compare like with like."""
-    torch.backends.cuda.matmul.allow_tf32 = dtype == torch.float32
-    try:
-        x, w, b = _linear_inputs((16, 256), 768, 3072, dtype, "cuda")
-        _check_fwd_bwd(f"fc1 gelu {approximate} {dtype}", lambda x, w, b: VF.linear_gelu(x, w, b, approximate),
-                       lambda x, w, b: F.gelu(F.linear(x, w, b), approximate=approximate),
-                       lambda x, w, b: reference.linear_gelu(x, w, b, approximate), (x, w, b), "cuda", dtype)
-        h, w2, b2 = _linear_inputs((16, 256), 3072, 768, dtype, "cuda")
-        _check_fwd_bwd(f"fc2 residual {dtype}", VF.linear, lambda x, w, b, r: F.linear(x, w, b) + r,
-                       reference.linear, (h, w2, b2, torch.randn_like(x)), "cuda", dtype)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = False
+    fp32 runs exact fp32 dots, against PyTorch's fp32 without tf32 (the autouse fixture)."""
+    x, w, b = _linear_inputs((16, 256), 768, 3072, dtype, "cuda")
+    _check_fwd_bwd(f"fc1 gelu {approximate} {dtype}", lambda x, w, b: VF.linear_gelu(x, w, b, approximate),
+                   lambda x, w, b: F.gelu(F.linear(x, w, b), approximate=approximate),
+                   lambda x, w, b: reference.linear_gelu(x, w, b, approximate), (x, w, b), "cuda", dtype)
+    h, w2, b2 = _linear_inputs((16, 256), 3072, 768, dtype, "cuda")
+    _check_fwd_bwd(f"fc2 residual {dtype}", VF.linear, lambda x, w, b, r: F.linear(x, w, b) + r,
+                   reference.linear, (h, w2, b2, torch.randn_like(x)), "cuda", dtype)
 
 
 GPU_CONFIGS = [("pointer", None), ("tma", None),

@@ -144,6 +144,21 @@ def test_float_x_ignores_mean_and_std():
     torch.testing.assert_close(direct, plain, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("uint8", [False, True], ids=["float", "uint8"])
+def test_autocast_runs_in_the_autocast_dtype(uint8):
+    """As F.conv2d: float32 weights (and float x) cast to the autocast dtype, gradients back in float32."""
+    case = make_case(2, 3, 32, 48, 16, 64, torch.float32, uint8=uint8, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = VF.patch_embed(**case)
+    assert out.dtype == torch.bfloat16
+    cast = {k: v.detach().bfloat16() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+            for k, v in case.items()}
+    torch.testing.assert_close(out, VF.patch_embed(**cast), rtol=0, atol=0)
+    out.sum().backward()
+    for k in ("weight", "bias", "cls_token", "pos_embed") + (() if uint8 else ("x",)):
+        assert case[k].grad.dtype == torch.float32 and case[k].grad.abs().sum() > 0, k
+
+
 def test_only_some_gradients():
     """Frozen weight, x without grad: just the gradients asked for come back."""
     case = make_case(2, 3, 32, 48, 16, 64, torch.float32, requires_grad=True)

@@ -186,6 +186,19 @@ def test_training_mode_dropout_and_drop_path(device):
         torch.testing.assert_close(model(x), model(x), rtol=0, atol=0)
 
 
+def test_attn_drop_rate_raises_in_training_only(device):
+    """No attention-dropout kernel: training with attn_drop_rate > 0 fails clearly; eval ignores it."""
+    model = vit_fast.VisionTransformer(**SMALL, attn_drop_rate=0.1).to(device)
+    plain = vit_fast.VisionTransformer(**SMALL).to(device)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 64, 64, device=device)
+    with pytest.raises(NotImplementedError, match=r"attn_drop=0.1: the fused attention kernels have no attention "
+                                                  r"dropout; use attn_drop=0 for training"):
+        model.train()(x)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), plain.eval()(x), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("drop", [dict(drop_path=1.0), dict(proj_drop=1.0)])
 def test_block_drops_its_branches_in_training(drop, device):
     """Dropping everything leaves the residual stream: proves drop path and dropout are applied."""

@@ -141,7 +141,10 @@ class VisionTransformer(nn.Module):
         proj = self.patch_embed.proj
         x = VF.patch_embed(x, proj.weight, proj.bias, cls_token=self.cls_token,
                            pos_embed=self._pos_embed_for(*x.shape[-2:]), mean=self.pixel_mean, std=self.pixel_std)
-        x = self.pos_drop(x)  # [B, N, E]
+        # Under autocast the op runs (and returns) the autocast dtype; the stream goes on in the
+        # parameters' dtype, as timm's conv output + float32 pos_embed promotes (one cast here
+        # instead of one in each of the first LayerNorm and the first add + LayerNorm)
+        x = self.pos_drop(x.to(self.pos_embed.dtype))  # [B, N, E]
         delta = None
         for block in self.blocks:
             x, delta = block.forward_fused(x, delta)

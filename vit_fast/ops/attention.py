@@ -75,6 +75,7 @@ def _setup_attention(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, o, lse)
     ctx.scale = scale
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # no zeros kernel for lse's unused gradient; dO always arrives
 
 
 def _backward_attention(ctx, do, _dlse):
@@ -129,6 +130,7 @@ def _setup_attention_packed(ctx, inputs, output):
     ctx.save_for_backward(qkv, o, lse)
     ctx.num_heads, ctx.scale = num_heads, scale
     ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)  # as in _setup_attention
 
 
 def _backward_attention_packed(ctx, do, _dlse):

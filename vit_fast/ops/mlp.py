@@ -79,6 +79,10 @@ def _linear_act_bwd_fake(dy, pre, x, weight, activation, has_bias):
 
 def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, activation, save_pre = inputs
+    # pre is a saved intermediate, not a result: without these two, autograd would hand the backward
+    # a zero-filled [M, N] gradient for it (a 310 MB memset at ViT-B b256)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
     ctx.activation = activation
     ctx.has_bias = bias is not None
     ctx.has_residual = residual is not None
@@ -86,6 +90,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, _dpre):
+    if dy is None:  # y unused by the loss (grads are not materialized)
+        return None, None, None, None, None, None
     x, weight, pre = ctx.saved_tensors
     dresidual = dy if ctx.has_residual else None
     if ctx.activation == "none":

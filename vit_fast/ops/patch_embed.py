@@ -40,9 +40,16 @@ def patch_embed(x, weight, bias=None, *, cls_token=None, pos_embed=None, mean=No
     weight: [E, C, p, p] (a Conv2d weight); bias: [E]; cls_token: [1, 1, E];
     pos_embed: [1, T, E] with T = L (+ 1 with cls_token), L = (H / p) * (W / p).
     Returns [B, T, E] in the weight's dtype, patches in row-major grid order.
+    Under autocast, weight, bias, cls_token, pos_embed and floating x run in the autocast dtype (the
+    output too), as F.conv2d would: the op registers no autocast kernel, so it is done here.
     """
     checks.check_tensor("x", x)
     checks.check_tensor("weight", weight)
+    if torch.is_autocast_enabled(x.device.type) and weight.is_floating_point():
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x = x.to(dtype) if x.is_floating_point() else x
+        weight, bias, cls_token, pos_embed = (t.to(dtype) if isinstance(t, torch.Tensor) else t
+                                              for t in (weight, bias, cls_token, pos_embed))
     if dispatch.force_torch() or x.device.type not in ("cpu", "cuda"):
         return reference.patch_embed(x, weight, bias, cls_token, pos_embed, mean, std)
     if not HAS_EXTENSION:
