@@ -271,6 +271,32 @@ def test_opcheck(device):
                           (torch.randn_like(o), qkv.detach(), o.detach(), lse, 2, 0.3))
 
 
+def test_eager_function_path_matches_custom_op_path(device, monkeypatch):
+    """Eager calls take the autograd.Function fast path; under torch.compile (is_compiling) the custom ops.
+    Both run the same bodies: outputs and grads are bit-identical, and each path launches the kernels."""
+    q, k, v = make_qkv(1, 2, 17, 23, 32, torch.float32, device)
+    qkv = torch.randn(2, 17, 3 * 2 * 32, device=device)
+    calls = [("attention", lambda t: VF.attention(*t, 0.3), [q, k, v]),
+             ("attention_packed", lambda t: VF.attention_packed(*t, 2, 0.3), [qkv])]
+    for op, fn, inputs in calls:
+        results = {}
+        for compiling in (False, True):
+            monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
+            copies = [t.detach().clone().requires_grad_() for t in inputs]
+            before = launches(f"{op}_fwd"), launches(f"{op}_bwd")
+            out = fn(copies)
+            if dispatch.use_kernels(inputs[0]):
+                via_custom_op = f"vit_fast_{op}_fwd" in type(out.grad_fn).__name__
+                assert via_custom_op == compiling, type(out.grad_fn).__name__
+            grads = torch.autograd.grad(out, copies, torch.ones_like(out) * 0.5)
+            if dispatch.use_kernels(inputs[0]):
+                assert (launches(f"{op}_fwd"), launches(f"{op}_bwd")) == (before[0] + 1, before[1] + 1)
+            results[compiling] = (out.detach(), grads)
+        (eager_out, eager_grads), (op_out, op_grads) = results[False], results[True]
+        assert torch.equal(eager_out, op_out), op
+        assert all(torch.equal(a, b) for a, b in zip(eager_grads, op_grads)), op
+
+
 def test_torch_path_matches_reference(monkeypatch):
     """VIT_FAST_FORCE_TORCH=1 runs the PyTorch path (SDPA): same math, no kernel launch."""
     monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")

@@ -283,6 +283,43 @@ def test_opcheck(device, index):
     torch.library.opcheck(op, args)
 
 
+def test_eager_function_path_matches_the_custom_ops_bit_for_bit(device):
+    """Eager calls take the autograd.Function fast path, torch.compile the custom ops: both run the
+    same launch code, so outputs and every gradient are bit-identical (and each launches once)."""
+    x, r = torch.randn(3, 5, 100, device=device), torch.randn(3, 5, 100, device=device)
+    w, b = torch.randn(100, device=device), torch.randn(100, device=device)
+    dy, ds = torch.randn(3, 5, 100, device=device), torch.randn(3, 5, 100, device=device)
+    before = dispatch.kernel_launches.copy()
+    fast = run(lambda x, w, b: ops.layer_norm(x, w, b, 1e-5), [x, w, b], [dy])
+    assert_kernel_ran(before, device, "layer_norm_fwd", "layer_norm_bwd")
+    slow = run(lambda x, w, b: ops.layer_norm_fwd(x, w, b, 1e-5)[0], [x, w, b], [dy])
+    before = dispatch.kernel_launches.copy()
+    fast_add = run(lambda x, r, w: ops.add_layer_norm(x, r, w, None), [x, r, w], [dy, ds])
+    assert_kernel_ran(before, device, "add_layer_norm_fwd", "add_layer_norm_bwd")
+    slow_add = run(lambda x, r, w: ops.add_layer_norm_fwd(x, r, w, None, 1e-6)[:2], [x, r, w], [dy, ds])
+    for (outs, grads), (want_outs, want_grads) in ((fast, slow), (fast_add, slow_add)):
+        for got, want in zip([*outs, *grads], [*want_outs, *want_grads]):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+def test_eager_function_path_skips_gradients_not_asked_for(device):
+    """Only x needs a gradient: dweight / dbias are not computed, weight and bias get none."""
+    if not dispatch.use_kernels(torch.zeros(1, device=device)):
+        pytest.skip("kernel path off")
+    x = torch.randn(4, 64, device=device, requires_grad=True)
+    w, b = torch.randn(64, device=device), torch.randn(64, device=device)
+    calls = []
+    real = kernels.layer_norm_bwd
+    try:
+        kernels.layer_norm_bwd = lambda *a, **k: calls.append(a[6:8]) or real(*a, **k)
+        ops.layer_norm(x, w, b).sum().backward()
+        ops.add_layer_norm(x, x.detach(), w, b)[0].sum().backward()
+    finally:
+        kernels.layer_norm_bwd = real
+    assert calls == [(False, False), (False, False)]
+    assert w.grad is None and b.grad is None and x.grad is not None
+
+
 def _compiled_matches_eager(device, dtype, shape, mode="default"):
     """A block-like step (add + LN, then LN of y + s) under torch.compile(fullgraph=True) against the
     same ops run eagerly: outputs and every input gradient."""

@@ -17,6 +17,7 @@ from vit_fast import functional as VF
 from vit_fast.kernels import mlp as kernels
 from vit_fast.nn import Mlp
 from vit_fast.nn.mlp import gelu_approximate
+from vit_fast.ops import mlp as ops_mlp
 
 CPU_DTYPES = [torch.float32, torch.float16]  # tl.dot on bf16 is not trustworthy under the interpreter
 
@@ -302,6 +303,24 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.vit_fast.linear_act_fwd, (x, w, None, r, "none", False))
     dy, pre = torch.randn(20, 48, device=device), torch.randn(20, 48, device=device)
     torch.library.opcheck(torch.ops.vit_fast.linear_act_bwd, (dy, pre, x.detach(), w.detach(), "gelu", True))
+
+
+@pytest.mark.parametrize("activation,residual", [("gelu", False), ("none", True)])
+def test_eager_function_matches_custom_op(device, activation, residual):
+    """Eager calls take LinearActFunction (the custom op's dispatch costs host time); torch.compile
+    takes the custom op. Both run the same code: bit-identical outputs and gradients."""
+    x, w, b = _linear_inputs((20,), 32, 48, torch.float32, device)
+    r = torch.randn(20, 48, device=device) if residual else None
+    dy = torch.randn(20, 48, device=device)
+    results = []
+    for fn in (torch.ops.vit_fast.linear_act_fwd, ops_mlp.LinearActFunction.apply):
+        inputs = _leaves(x, w, b, r)
+        launches = sum(dispatch.kernel_launches.values())
+        y, pre = fn(*inputs, activation, activation != "none")
+        assert sum(dispatch.kernel_launches.values()) > launches and not pre.requires_grad
+        results.append([y.detach()] + _grads(y, inputs, dy))
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
 
 
 def test_torch_compile_fullgraph(device):

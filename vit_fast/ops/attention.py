@@ -11,6 +11,7 @@ dq, dk, dv straight into one dqkv buffer.
 """
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from vit_fast import dispatch
 from vit_fast.kernels import attention as kernels
@@ -33,12 +34,12 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- [B, H, N, D] ops
-# custom_op, not triton_op: wrap_triton cannot run under Triton's interpreter on fake/functional
-# tensors, so CI could not opcheck a triton_op.
+# Each op's body is a plain function (_*_impl) called both by the custom op (what torch.compile
+# traces and opcheck tests) and by the eager torch.autograd.Function fast path (see the public
+# functions below).
 
 
-@torch.library.custom_op("vit_fast::attention_fwd", mutates_args=())
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_fwd_impl(q, k, v, scale):
     dispatch.record_launch("attention_fwd")
     B, H, N, _ = q.shape
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -46,6 +47,23 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     with dispatch.device_of(q):
         kernels.attention_fwd(q, k, v, o, lse, scale)
     return o, lse
+
+
+def _attention_bwd_impl(do, q, k, v, o, lse, scale):
+    dispatch.record_launch("attention_bwd")
+    dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+    with dispatch.device_of(q):
+        kernels.attention_bwd(do, q, k, v, o, lse, dq, dk, dv, scale)
+    return dq, dk, dv
+
+
+# custom_op, not triton_op: wrap_triton cannot run under Triton's interpreter on fake/functional
+# tensors, so CI could not opcheck a triton_op.
+
+
+@torch.library.custom_op("vit_fast::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention_fwd_impl(q, k, v, scale)
 
 
 @attention_fwd.register_fake
@@ -57,11 +75,7 @@ def _(q, k, v, scale):
 @torch.library.custom_op("vit_fast::attention_bwd", mutates_args=())
 def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
                   lse: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dispatch.record_launch("attention_bwd")
-    dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-    with dispatch.device_of(q):
-        kernels.attention_bwd(do, q, k, v, o, lse, dq, dk, dv, scale)
-    return dq, dk, dv
+    return _attention_bwd_impl(do, q, k, v, o, lse, scale)
 
 
 @attention_bwd.register_fake
@@ -78,20 +92,39 @@ def _setup_attention(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # no zeros kernel for lse's unused gradient; dO always arrives
 
 
-def _backward_attention(ctx, do, _dlse):
+def _attention_grads(bwd, ctx, do):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(_unit_last_stride(do), q, k, v, o, lse, ctx.scale)
+    dq, dk, dv = bwd(_unit_last_stride(do), q, k, v, o, lse, ctx.scale)
     return dq, dk, dv, None
+
+
+def _backward_attention(ctx, do, _dlse):
+    return _attention_grads(attention_bwd, ctx, do)
 
 
 attention_fwd.register_autograd(_backward_attention, setup_context=_setup_attention)
 
 
+class _AttentionFn(torch.autograd.Function):
+    """Eager twin of vit_fast::attention_fwd + its registered autograd: same bodies, no custom-op dispatch."""
+
+    # forward(ctx, ...) rather than a separate setup_context: apply() would inspect.signature-bind the args
+    @staticmethod
+    def forward(ctx, q, k, v, scale):
+        output = _attention_fwd_impl(q, k, v, scale)
+        _setup_attention(ctx, (q, k, v, scale), output)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, _dlse):
+        return _attention_grads(_attention_bwd_impl, ctx, do)
+
+
 # ----------------------------------------------------------------------------- packed [B, N, 3*H*D] ops
 
 
-@torch.library.custom_op("vit_fast::attention_packed_fwd", mutates_args=())
-def attention_packed_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _attention_packed_fwd_impl(qkv, num_heads, scale):
     dispatch.record_launch("attention_packed_fwd")
     B, N, C3 = qkv.shape
     q, k, v = _split_packed(qkv, num_heads)
@@ -100,6 +133,20 @@ def attention_packed_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tup
     with dispatch.device_of(qkv):
         kernels.attention_fwd(q, k, v, _heads_view(o, num_heads), lse, scale)
     return o, lse
+
+
+def _attention_packed_bwd_impl(do, qkv, o, lse, num_heads, scale):
+    dispatch.record_launch("attention_packed_bwd")
+    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)  # every element is written
+    with dispatch.device_of(qkv):
+        kernels.attention_bwd(_heads_view(do, num_heads), *_split_packed(qkv, num_heads), _heads_view(o, num_heads),
+                              lse, *_split_packed(dqkv, num_heads), scale)
+    return dqkv
+
+
+@torch.library.custom_op("vit_fast::attention_packed_fwd", mutates_args=())
+def attention_packed_fwd(qkv: torch.Tensor, num_heads: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention_packed_fwd_impl(qkv, num_heads, scale)
 
 
 @attention_packed_fwd.register_fake
@@ -111,12 +158,7 @@ def _(qkv, num_heads, scale):
 @torch.library.custom_op("vit_fast::attention_packed_bwd", mutates_args=())
 def attention_packed_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
                          scale: float) -> torch.Tensor:
-    dispatch.record_launch("attention_packed_bwd")
-    dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)  # every element is written
-    with dispatch.device_of(qkv):
-        kernels.attention_bwd(_heads_view(do, num_heads), *_split_packed(qkv, num_heads), _heads_view(o, num_heads),
-                              lse, *_split_packed(dqkv, num_heads), scale)
-    return dqkv
+    return _attention_packed_bwd_impl(do, qkv, o, lse, num_heads, scale)
 
 
 @attention_packed_bwd.register_fake
@@ -133,12 +175,31 @@ def _setup_attention_packed(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # as in _setup_attention
 
 
-def _backward_attention_packed(ctx, do, _dlse):
+def _attention_packed_grads(bwd, ctx, do):
     qkv, o, lse = ctx.saved_tensors
-    return attention_packed_bwd(_unit_last_stride(do), qkv, o, lse, ctx.num_heads, ctx.scale), None, None
+    return bwd(_unit_last_stride(do), qkv, o, lse, ctx.num_heads, ctx.scale), None, None
+
+
+def _backward_attention_packed(ctx, do, _dlse):
+    return _attention_packed_grads(attention_packed_bwd, ctx, do)
 
 
 attention_packed_fwd.register_autograd(_backward_attention_packed, setup_context=_setup_attention_packed)
+
+
+class _AttentionPackedFn(torch.autograd.Function):
+    """Eager twin of vit_fast::attention_packed_fwd + its registered autograd (as _AttentionFn)."""
+
+    @staticmethod
+    def forward(ctx, qkv, num_heads, scale):
+        output = _attention_packed_fwd_impl(qkv, num_heads, scale)
+        _setup_attention_packed(ctx, (qkv, num_heads, scale), output)
+        return output
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, _dlse):
+        return _attention_packed_grads(_attention_packed_bwd_impl, ctx, do)
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -155,6 +216,12 @@ def _check_scale(scale, head_dim: int) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale: expected a Python float or None, got {type(scale).__name__}")
     return float(scale)
+
+
+# Kernel path: torch.compile traces the custom ops; eager calls take the autograd.Function twin. The
+# custom-op plumbing (custom_op __call__, torch._library autograd_impl, the dynamo-disable wrapper,
+# redispatch) made eager calls launch-bound: on the H100 host_ms 0.254 ms per call vs SDPA's 0.03,
+# and attention_packed fwd+bwd ~400 us host cost with launches stubbed (benchmarks/host_overhead.py).
 
 
 def attention(q, k, v, scale=None):
@@ -180,7 +247,9 @@ def attention(q, k, v, scale=None):
         check_last_dim_contiguous(name, t)
     if not dispatch.use_kernels(q):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
-    return attention_fwd(q, k, v, scale)[0]
+    if torch.compiler.is_compiling():
+        return attention_fwd(q, k, v, scale)[0]
+    return _AttentionFn.apply(q, k, v, scale)[0]
 
 
 def attention_packed(qkv, num_heads, scale=None):
@@ -200,4 +269,6 @@ def attention_packed(qkv, num_heads, scale=None):
     if not dispatch.use_kernels(qkv):
         q, k, v = _split_packed(qkv, num_heads)
         return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, -1)
-    return attention_packed_fwd(qkv, num_heads, scale)[0]
+    if torch.compiler.is_compiling():
+        return attention_packed_fwd(qkv, num_heads, scale)[0]
+    return _AttentionPackedFn.apply(qkv, num_heads, scale)[0]

@@ -1,0 +1,78 @@
+"""Host (Python) cost per call of the Triton-backed ops, with every kernel launch stubbed out.
+
+    python benchmarks/host_overhead.py
+
+Several GPU rows are launch-bound (their `host_ms` reaches `ms`, see benchmarks/NOTES.md): this
+isolates what the op wrappers, the custom-op dispatch and autograd cost on the host, on any
+machine, without a GPU. Kernels run nowhere: the numbers are the floor of a call's host time.
+"""
+import os
+import time
+
+os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors take the kernel path (stubbed below)
+
+import torch  # noqa: E402
+
+import vit_fast.functional as VF  # noqa: E402
+from vit_fast.kernels import attention as attention_kernels  # noqa: E402
+from vit_fast.kernels import layernorm as layernorm_kernels  # noqa: E402
+from vit_fast.kernels import mlp as mlp_kernels  # noqa: E402
+
+
+class _NoLaunch:
+    """Stands in for a @triton.jit kernel: `kernel[grid](...)` does nothing."""
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: None
+
+
+def _stub_kernels():
+    for module in (attention_kernels, layernorm_kernels, mlp_kernels):
+        for name in dir(module):
+            if name.endswith("_kernel") and not name.startswith("select"):
+                setattr(module, name, _NoLaunch())
+
+
+def _us_per_call(fn, calls=200):
+    for _ in range(10):
+        fn()
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
+def main():
+    _stub_kernels()
+    torch.set_num_threads(1)  # host cost, not CPU arithmetic: one thread keeps the rows steady
+    B, H, N, D, C = 1, 2, 8, 32, 64  # tiny: the host path, not CPU arithmetic, dominates
+    qkv = torch.randn(B, N, 3 * H * D, requires_grad=True)
+    x = torch.randn(B * N, C, requires_grad=True)
+    residual = torch.randn(B * N, C, requires_grad=True)
+    w, b = torch.ones(C, requires_grad=True), torch.zeros(C, requires_grad=True)
+    w1, b1 = torch.randn(4 * C, C, requires_grad=True), torch.randn(4 * C, requires_grad=True)
+    grad_attn, grad_x, grad_h = torch.ones(B, N, H * D), torch.ones(B * N, C), torch.ones(B * N, 4 * C)
+
+    def fwd_bwd(fn, grad):
+        return lambda: torch.autograd.backward(fn(), grad)
+
+    rows = []
+    with torch.no_grad():
+        rows += [("attention_packed", "fwd, no grad", _us_per_call(lambda: VF.attention_packed(qkv, H))),
+                 ("layer_norm", "fwd, no grad", _us_per_call(lambda: VF.layer_norm(x, w, b))),
+                 ("linear_gelu", "fwd, no grad", _us_per_call(lambda: VF.linear_gelu(x, w1, b1)))]
+    rows += [
+        ("attention_packed", "fwd+bwd", _us_per_call(fwd_bwd(lambda: VF.attention_packed(qkv, H), grad_attn))),
+        ("layer_norm", "fwd+bwd", _us_per_call(fwd_bwd(lambda: VF.layer_norm(x, w, b), grad_x))),
+        ("add_layer_norm", "fwd+bwd", _us_per_call(fwd_bwd(lambda: VF.add_layer_norm(x, residual, w, b)[0], grad_x))),
+        ("linear_gelu", "fwd+bwd", _us_per_call(fwd_bwd(lambda: VF.linear_gelu(x, w1, b1), grad_h))),
+        ("F.layer_norm (torch, for scale)", "fwd+bwd",
+         _us_per_call(fwd_bwd(lambda: torch.nn.functional.layer_norm(x, (C,), w, b), grad_x))),
+    ]
+    print(f"host cost per call, kernel launches stubbed ({torch.get_num_threads()} CPU threads)")
+    for op, mode, us in rows:
+        print(f"{op:34s} {mode:14s} {us:8.1f} us")
+
+
+if __name__ == "__main__":
+    main()
