@@ -264,8 +264,16 @@ def test_load_npz_on_the_kernel_path(tmp_path, monkeypatch, device):
     """The loaded model on its kernels (Triton's interpreter on CPU): within the fp32 tolerance, against
     torch fp32 on the same device with tf32 off (the kernels' fp32 dots are exact fp32, not tf32)."""
     monkeypatch.delenv("VIT_FAST_FORCE_TORCH")
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    # save and restore by hand: cuda.matmul's allow_tf32 is no plain attribute, monkeypatch's undo fails on it
+    saved_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        _check_npz_on_the_kernel_path(tmp_path, device)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
+
+
+def _check_npz_on_the_kernel_path(tmp_path, device):
     cfg = {**CFG, "img_size": 16}  # 2x2 patches: the interpreter is slow
     ref = source_model(**cfg)
     model = vit_fast.load_npz(MODEL(**cfg, act_layer="gelu_tanh"), to_npz(ref, tmp_path / "vit.npz")).to(device)

@@ -23,11 +23,14 @@ CPU_DTYPES = [torch.float32, torch.float16]  # tl.dot on bf16 is not trustworthy
 
 
 @pytest.fixture(autouse=True)
-def _exact_fp32_matmul(monkeypatch):
+def _exact_fp32_matmul():
     """fp32 kernels run exact fp32 dots on a GPU: PyTorch's fp32 matmuls (the same-dtype comparison)
-    must not use tf32 either, whatever an earlier test set."""
-    if torch.cuda.is_available():
-        monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    must not use tf32 either, whatever an earlier test set. Restored by hand: cuda.matmul's
+    allow_tf32 is no plain attribute, and monkeypatch's undo fails on it."""
+    saved = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = saved
 
 
 def _bound(dtype, device):
