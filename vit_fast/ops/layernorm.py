@@ -139,11 +139,16 @@ def _layer_norm_setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(mean, rstd)
 
 
-def _layer_norm_backward(ctx, dy, _dmean, _drstd):
+def _layer_norm_grads(ctx, dy, backward):
+    """Gradients of (x, weight, bias, eps); `backward` is the bwd custom op or its plain launch."""
     x, weight, mean, rstd = ctx.saved_tensors
     compute_dweight, compute_dbias = _wanted(ctx, 1)
-    dx, dweight, dbias = layer_norm_bwd(dy, x, weight, mean, rstd, compute_dweight, compute_dbias)
+    dx, dweight, dbias = backward(dy, x, weight, mean, rstd, compute_dweight, compute_dbias)
     return dx, dweight if compute_dweight else None, dbias if compute_dbias else None, None
+
+
+def _layer_norm_backward(ctx, dy, _dmean, _drstd):
+    return _layer_norm_grads(ctx, dy, layer_norm_bwd)
 
 
 def _add_layer_norm_setup_context(ctx, inputs, output):
@@ -154,13 +159,18 @@ def _add_layer_norm_setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # an unused s gives ds = None: no zeros to read
 
 
-def _add_layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
+def _add_layer_norm_grads(ctx, dy, ds, backward):
+    """Gradients of (x, residual, weight, bias, eps); `backward` is the bwd custom op or its plain launch."""
     s, weight, mean, rstd = ctx.saved_tensors
     compute_dweight, compute_dbias = _wanted(ctx, 2)
     if dy is None:  # only s was used: y contributes nothing
         dy = torch.zeros_like(s)
-    dx, dweight, dbias = add_layer_norm_bwd(dy, ds, s, weight, mean, rstd, compute_dweight, compute_dbias)
+    dx, dweight, dbias = backward(dy, ds, s, weight, mean, rstd, compute_dweight, compute_dbias)
     return dx, dx, dweight if compute_dweight else None, dbias if compute_dbias else None, None
+
+
+def _add_layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
+    return _add_layer_norm_grads(ctx, dy, ds, add_layer_norm_bwd)
 
 
 layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
@@ -184,10 +194,7 @@ class _LayerNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean, rstd = ctx.saved_tensors
-        compute_dweight, compute_dbias = _wanted(ctx, 1)
-        dx, dweight, dbias = _layer_norm_bwd_launch(dy, x, weight, mean, rstd, compute_dweight, compute_dbias)
-        return dx, dweight, dbias, None
+        return _layer_norm_grads(ctx, dy, _layer_norm_bwd_launch)
 
 
 class _AddLayerNorm(torch.autograd.Function):
@@ -200,12 +207,7 @@ class _AddLayerNorm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, ds):
-        s, weight, mean, rstd = ctx.saved_tensors
-        compute_dweight, compute_dbias = _wanted(ctx, 2)
-        if dy is None:  # only s was used: y contributes nothing
-            dy = torch.zeros_like(s)
-        dx, dweight, dbias = _add_layer_norm_bwd_launch(dy, ds, s, weight, mean, rstd, compute_dweight, compute_dbias)
-        return dx, dx, dweight, dbias, None
+        return _add_layer_norm_grads(ctx, dy, ds, _add_layer_norm_bwd_launch)
 
 
 # ----------------------------------------------------------------------------- public functions
