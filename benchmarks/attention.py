@@ -8,7 +8,8 @@ Peers in the same run, forward / backward / forward+backward: SDPA with each bac
 (flash, efficient, cuDNN, math; a backend that refuses a shape shows n/a), eager softmax(QK^T)V,
 flash-attn where installed. TFLOP/s count 4*B*H*N^2*D for the forward (2.5x that for the backward),
 % of the device's measured bf16 matmul peak; peak memory above the inputs; host_ms, the CPU time to
-enqueue one call (where it reaches ms, the row is launch-bound, not kernel-bound). Then the whole module:
+enqueue one call (where it reaches ms, the row is launch-bound, not kernel-bound); graph_ms, the same
+call replayed from a CUDA graph (the kernels alone, launch gaps gone). Then the whole module:
 a timm-style Attention (qkv Linear, reshape/permute, SDPA, transpose, proj; eager and torch.compile)
 against vit_fast.nn.Attention at [256,197,768], 12 heads.
 Without a GPU: says so, checks the kernels under Triton's interpreter on a small ViT shape, times
@@ -109,15 +110,17 @@ def _host_ms(fn, calls=20):
     return host
 
 
-def _time_modes(fn, inputs, quick):
-    """{mode: (ms, peak MiB, host ms)} for forward, backward (graph kept), forward+backward."""
+def _time_modes(label, fn, inputs, quick):
+    """{mode: (ms, peak MiB, host ms, CUDA-graph ms or None)} for forward, backward (autograd graph
+    kept), forward+backward."""
     reps = dict(warmup=10, rep=40) if quick else dict(warmup=25, rep=100)
     out = fn(*inputs)
     do = torch.randn_like(out)
     fwd = lambda: fn(*inputs)  # noqa: E731
     bwd = lambda: torch.autograd.grad(out, inputs, do, retain_graph=True)  # noqa: E731
     fwd_bwd = lambda: torch.autograd.grad(fn(*inputs), inputs, do)  # noqa: E731
-    return {mode: (harness.bench_ms(f, **reps), harness.peak_memory_mib(f), _host_ms(f))
+    return {mode: (harness.bench_ms(f, **reps), harness.peak_memory_mib(f), _host_ms(f),
+                   harness.graph_ms_or_none(f"  {label} {mode}", f, **reps))
             for mode, f in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd))}
 
 
@@ -131,7 +134,7 @@ def bench_attention(shapes, quick, peak):
         for impl, (context, fn) in attention_impls().items():
             try:
                 with context() if context else torch.enable_grad():
-                    times = _time_modes(fn, (q, k, v), quick)
+                    times = _time_modes(f"{name} {impl}", fn, (q, k, v), quick)
             except (RuntimeError, torch.OutOfMemoryError) as e:  # a backend that refuses the shape
                 print(f"  {name} {impl}: n/a ({str(e).splitlines()[0][:90]})")
                 times = None
@@ -139,18 +142,20 @@ def bench_attention(shapes, quick, peak):
             for mode in flops:
                 row = dict(shape=f"{name} [{B},{H},{N},{D}]", impl=impl, mode=mode)
                 if times is None:
-                    row.update(ms="n/a", tflops="n/a", pct_peak="n/a", peak_mib="n/a", host_ms="n/a")
+                    row.update(ms="n/a", tflops="n/a", pct_peak="n/a", peak_mib="n/a", host_ms="n/a", graph_ms="n/a")
                 else:
-                    ms, mib, host = times[mode]
+                    ms, mib, host, graph_ms = times[mode]
                     tflops = flops[mode] / ms / 1e9
                     row.update(ms=round(ms, 4), tflops=round(tflops, 1), pct_peak=round(100 * tflops / peak, 1),
-                               peak_mib=round(mib, 1), host_ms=round(host, 3))
+                               peak_mib=round(mib, 1), host_ms=round(host, 3),
+                               graph_ms=round(graph_ms, 4) if graph_ms else "n/a")
                 shape_rows.append(row)
-        for mode in flops:  # vit_fast against the fastest SDPA backend at this shape and mode
-            timed = [r for r in shape_rows if r["mode"] == mode and r["ms"] != "n/a"]
-            sdpa = [r["ms"] for r in timed if r["impl"].startswith("sdpa")]
-            for r in timed:
-                r["vs_best_sdpa"] = round(min(sdpa) / r["ms"], 3) if sdpa else "n/a"
+        for mode in flops:  # each impl against the fastest SDPA backend at this shape and mode, both timings
+            for key in ("ms", "graph_ms"):
+                timed = [r for r in shape_rows if r["mode"] == mode and r[key] != "n/a"]
+                sdpa = [r[key] for r in timed if r["impl"].startswith("sdpa")]
+                for r in timed:
+                    r[key.replace("ms", "vs_best_sdpa")] = round(min(sdpa) / r[key], 3) if sdpa else "n/a"
         rows += shape_rows
         del q, k, v
         torch.cuda.empty_cache()
@@ -178,15 +183,18 @@ def bench_module(quick, peak):
         for mode, fn in fns.items():
             fn()  # compile / warm up
             ms = harness.bench_ms(fn, **reps)
+            graph_ms = harness.graph_ms_or_none(f"  module {impl} {mode}", fn, **reps)
             tflops = flops[mode] / ms / 1e9
             rows.append(dict(shape=f"module [{B},{N},{dim}] h{heads}", impl=impl, mode=mode, ms=round(ms, 4),
                              tflops=round(tflops, 1), pct_peak=round(100 * tflops / peak, 1),
-                             peak_mib=round(harness.peak_memory_mib(fn), 1)))
+                             peak_mib=round(harness.peak_memory_mib(fn), 1),
+                             graph_ms=round(graph_ms, 4) if graph_ms else "n/a"))
     for mode in ("fwd", "fwd+bwd"):
-        best_timm = min(r["ms"] for r in rows if r["mode"] == mode and r["impl"].startswith("timm"))
-        for r in rows:
-            if r["mode"] == mode:
-                r["vs_best_timm"] = round(best_timm / r["ms"], 3)
+        for key in ("ms", "graph_ms"):
+            timed = [r for r in rows if r["mode"] == mode and r[key] != "n/a"]
+            timm = [r[key] for r in timed if r["impl"].startswith("timm")]
+            for r in timed:
+                r[key.replace("ms", "vs_best_timm")] = round(min(timm) / r[key], 3) if timm else "n/a"
     return rows
 
 
@@ -214,9 +222,9 @@ def sweep():
         scale = D**-0.5
         flops = 4 * B * H * N * N * D
 
-        def timed(label, fn):
+        def timed(label, fn):  # kernels alone (CUDA-graph replay): launch cost is not the config's
             try:
-                ms = harness.bench_ms(fn)
+                ms = harness.bench_graph_ms(fn)
             except Exception as e:  # out of shared memory / registers: not a candidate
                 print(f"  {label}: failed ({type(e).__name__})")
                 return float("inf")
@@ -257,11 +265,12 @@ def run_gpu(quick):
     shapes = [s for s in SHAPES if s[0] in QUICK] if quick else SHAPES
     rows = bench_attention(shapes, quick, peak)
     harness.print_table(rows, ["shape", "impl", "mode", "ms", "tflops", "pct_peak", "peak_mib", "host_ms",
-                               "vs_best_sdpa"],
-                        title="attention, bf16 (vs_best_sdpa > 1: faster than every SDPA backend; "
-                              "host_ms ~ ms: launch-bound)")
+                               "vs_best_sdpa", "graph_ms", "graph_vs_best_sdpa"],
+                        title="attention, bf16 (vs_best_sdpa > 1: faster than every SDPA backend; host_ms ~ ms: "
+                              "launch-bound; graph_*: kernels alone, replayed from a CUDA graph)")
     module_rows = bench_module(quick, peak)
-    harness.print_table(module_rows, ["shape", "impl", "mode", "ms", "tflops", "pct_peak", "peak_mib", "vs_best_timm"],
+    harness.print_table(module_rows, ["shape", "impl", "mode", "ms", "tflops", "pct_peak", "peak_mib", "vs_best_timm",
+                                      "graph_ms", "graph_vs_best_timm"],
                         title="Attention module, bf16 (vs_best_timm > 1: faster than timm-style eager and compiled)")
     out_dir = harness.write_results("attention", rows + module_rows, plot_key="tflops",
                                     label_keys=("shape", "impl", "mode"))

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU pass (issue 8) in one script: build, GPU test suite, every benchmark.
-#   bash benchmarks/gpu_pass.sh [build|tests|bench|all] [extra pytest args...]
+#   bash benchmarks/gpu_pass.sh [build|tests|bench|tune|all] [extra pytest args...]
+#   tune: the tile sweeps, the MLP's torch.compile max-autotune peer, the training workflow.
 # Logs and results go to $OUT (default ./gpu_out): build.log, tests.log, bench_<op>.log,
-# results.tar.gz (benchmarks/results/<device>/).
+# results.tar.gz (benchmarks/results/<device>/). The device tool brings back at most 8 files:
+# keep the logs few, or tar them.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-all}; shift || true
@@ -23,9 +25,23 @@ if [ "$MODE" = tests ] || [ "$MODE" = all ]; then
 fi
 
 if [ "$MODE" = bench ] || [ "$MODE" = all ]; then
+  $PY benchmarks/host_overhead.py 2>&1 | tee "$OUT/bench_host_overhead.log"
   for op in attention layernorm mlp patch_embed vit; do
     echo "== benchmarks/$op.py --quick =="
     timeout 240 $PY benchmarks/$op.py --quick 2>&1 | tee "$OUT/bench_$op.log" | tail -40
   done
+fi
+
+if [ "$MODE" = tune ]; then
+  {
+    timeout 240 $PY benchmarks/attention.py --sweep
+    timeout 180 $PY benchmarks/layernorm.py --sweep --widths 384,768,1024,1280
+    timeout 180 $PY benchmarks/mlp.py --sweep
+    timeout 400 $PY benchmarks/mlp.py --quick --max-autotune
+    timeout 200 $PY benchmarks/workflow.py --quick --workers 16
+  } 2>&1 | tee "$OUT/tune.log" | grep -E "best|target|met|MISSED|img/s|failed|Error" | tail -60
+fi
+
+if [ "$MODE" != build ] && [ "$MODE" != tests ]; then
   tar czf "$OUT/results.tar.gz" benchmarks/results
 fi

@@ -44,6 +44,41 @@ def bench_ms(fn, warmup=25, rep=100) -> float:
     return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
 
 
+def bench_graph_ms(fn, warmup=25, rep=100) -> float:
+    """Median milliseconds of `fn`'s kernels replayed from a captured CUDA graph.
+
+    `bench_ms` times what a caller sees, host launch path included: where that path is longer than
+    the kernels (small ops, autograd), the GPU idles between launches and the row times Python.
+    Replaying a graph leaves one launch per call, so this is the device time of the kernels (L2
+    still flushed between calls). `fn` must be capturable: no host syncs, no CPU-side results.
+    Raises whatever the capture raises; callers report it and go on.
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture stream (lazy inits, autotuning, compiles)
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    try:
+        with torch.cuda.graph(graph):
+            fn()
+        return bench_ms(graph.replay, warmup=warmup, rep=rep)
+    finally:
+        del graph
+        torch.cuda.empty_cache()
+
+
+def graph_ms_or_none(label, fn, warmup=25, rep=100):
+    """`bench_graph_ms`, or None (said once, with the reason) when `fn` cannot be captured."""
+    try:
+        return bench_graph_ms(fn, warmup=warmup, rep=rep)
+    except Exception as e:  # e.g. a peer with a host sync: its eager time still stands
+        print(f"{label}: no CUDA-graph time ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"[:200])
+        torch.cuda.synchronize()
+        return None
+
+
 def bench_cpu_ms(fn, reps=5) -> float:
     """Median wall-clock milliseconds on the CPU, after one warm-up call."""
     import time

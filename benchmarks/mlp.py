@@ -2,6 +2,7 @@
 
     python benchmarks/mlp.py            # every shape, torch.compile default and max-autotune
     python benchmarks/mlp.py --quick    # ViT-B only, no max-autotune (fits a short GPU lease)
+    python benchmarks/mlp.py --quick --max-autotune   # ViT-B only, with the max-autotune peer
     python benchmarks/mlp.py --sweep    # tile configs of both matmul kernels at M=50432, 768 -> 3072
 
 Peers in the same run: eager (cuBLAS F.linear + a separate F.gelu), cuBLAS F.linear alone (the
@@ -52,7 +53,7 @@ def _grad_fn(fn, inputs):
     return lambda: torch.autograd.grad(fn(*inputs), inputs, dy)
 
 
-def bench_shape(name, M, K, N, quick, peak):
+def bench_shape(name, M, K, N, quick, peak, max_autotune):
     dt, dev = torch.bfloat16, "cuda"
     x = torch.randn(M, K, device=dev, dtype=dt)
     w1, b1 = torch.randn(N, K, device=dev, dtype=dt) * K**-0.5, torch.randn(N, device=dev, dtype=dt)
@@ -70,7 +71,7 @@ def bench_shape(name, M, K, N, quick, peak):
     fwd["cuBLAS linear alone"] = lambda: F.linear(x, w1, b1)
     eager_fc1 = lambda x, w, b: F.gelu(F.linear(x, w, b))  # noqa: E731
     compiled = {"torch.compile gelu(none)": torch.compile(eager_fc1)}
-    if not quick and K == 768:  # max-autotune compiles for minutes: the ViT-B shape only
+    if max_autotune and K == 768:  # max-autotune compiles for minutes: the ViT-B shape only
         compiled["torch.compile max-autotune gelu(none)"] = torch.compile(eager_fc1, mode="max-autotune-no-cudagraphs")
     for impl, fn in compiled.items():
         fwd[impl] = lambda fn=fn: fn(x, w1, b1)
@@ -194,6 +195,8 @@ def cpu_check():
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="ViT-B shape only, no max-autotune")
+    parser.add_argument("--max-autotune", action="store_true",
+                        help="with --quick: keep the torch.compile max-autotune peer (always on without --quick)")
     parser.add_argument("--sweep", action="store_true", help="tile sweep of both kernels at M=50432, 768 -> 3072")
     args = parser.parse_args()
     if not harness.has_gpu():
@@ -208,7 +211,7 @@ def main():
         return
     rows = []
     for name, M, K, N in QUICK_SHAPES if args.quick else SHAPES:
-        rows += bench_shape(name, M, K, N, args.quick, peak)
+        rows += bench_shape(name, M, K, N, args.quick, peak, args.max_autotune or not args.quick)
         torch.cuda.empty_cache()
     harness.print_table(rows, ["shape", "impl", "ms", "tflops", "pct_peak", "vs_eager", "peak_mib"],
                         title="Linear + GELU / Mlp, bf16 (vs_eager > 1: faster than eager)")

@@ -8,16 +8,19 @@ Forward: one program per (batch*head, block of BLOCK_M queries); it loops over k
 online softmax in exp2 (scale folded into log2(e)), accumulates in fp32, and writes O (input dtype)
 and the row log-sum-exp LSE (fp32, natural log of sum_j exp(scale * q.k_j)).
 
-Backward (recomputes P from LSE; no N x N buffer, no atomics, so it is deterministic):
-  1. attention_bwd_delta_kernel: delta = rowsum(dO * O), fp32.
-  2. attention_bwd_dkdv_kernel: one program per (batch*head, block of BLOCK_N keys), looping over
-     query blocks; dV = P^T dO, dK = scale * dS^T Q with dS = P * (dO V^T - delta).
-  3. attention_bwd_dq_kernel: one program per (batch*head, block of BLOCK_M queries), looping over
-     key blocks; dQ = scale * dS K.
+Backward (recomputes P from LSE; no N x N buffer, no atomics, so it is deterministic), two kernels:
+  1. attention_bwd_dq_kernel: one program per (batch*head, block of BLOCK_M queries), looping over
+     key blocks; dQ = scale * dS K with dS = P * (dO V^T - delta). It owns its query rows, so it
+     also computes delta = rowsum(dO * O) (fp32) from the dO tile it loads anyway and stores it.
+  2. attention_bwd_dkdv_kernel, after it on the stream: one program per (batch*head, block of
+     BLOCK_N keys), looping over query blocks and reading the stored delta; dV = P^T dO,
+     dK = scale * dS^T Q.
+  No separate delta pre-pass: one launch fewer per backward and one read of dO saved.
   Single pass: when one key block covers all keys (N_KV <= BLOCK_N of the dK/dV config, e.g.
-  ViT's N = 197 or 257 with BLOCK_N = 256), the dK/dV program holds every key of its head, so each
-  query block's dQ is complete inside it and is written there: the scores are computed once instead
-  of twice and step 3 is skipped, still without atomics.
+  ViT's N = 197 or 257 with BLOCK_N = 256), the dK/dV program holds every key of its head and
+  visits each query block once, so it computes delta itself and writes each query block's
+  complete dQ: the scores are computed once instead of twice and kernel 1 is skipped, still
+  without atomics.
 
 Grids are 1-D with batch*head outermost (axis 0 allows 2^31-1 programs; B*H = 98,304 is fine), so
 the query blocks of one head run next to each other and share its K/V in L2. Head dims up to 128
@@ -31,6 +34,8 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from .host import cdiv, next_power_of_2
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 LOG2E_IN_KERNEL = tl.constexpr(LOG2E)  # kernels read only constexpr globals
@@ -78,7 +83,7 @@ SINGLE_PASS_CONFIGS = {}
 
 
 def block_d(head_dim: int) -> int:
-    return max(16, triton.next_power_of_2(head_dim))  # tl.dot needs K >= 16
+    return max(16, next_power_of_2(head_dim))  # tl.dot needs K >= 16
 
 
 def dot_precision(dtype) -> str:
@@ -207,27 +212,14 @@ def attention_fwd_kernel(
 
 
 @triton.jit
-def attention_bwd_delta_kernel(
-    O, DO,  # [B, H, N_Q, D] through strides
-    DELTA,  # [B*H, N_Q] fp32: rowsum(dO * O)
-    stride_ob, stride_oh, stride_on,
-    stride_dob, stride_doh, stride_don,
-    H, N_Q, head_dim,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
-):
-    b, h, bh, offs_m = _program_rows(N_Q, H, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    o = _load_tile(_tile_ptrs(O, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on),
-                   offs_m, N_Q, offs_d, head_dim, True, PAD_D)
-    do = _load_tile(_tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don),
-                    offs_m, N_Q, offs_d, head_dim, True, PAD_D)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + bh * N_Q + offs_m, delta, mask=offs_m < N_Q)
+def _row_delta(o, do):
+    # delta = rowsum(dO * O) in fp32: the softmax backward's per-query correction term
+    return tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
 
 
 @triton.jit
-def _dkdv_query_block(dk, dv, k, v, keys, n_kv, q_ptrs, do_ptrs, dq_ptrs, lse_ptrs, delta_ptrs, queries, n_q,
-                      offs_d, head_dim, qk_scale, scale,
+def _dkdv_query_block(dk, dv, k, v, keys, n_kv, q_ptrs, do_ptrs, o_ptrs, dq_ptrs, lse_ptrs, delta_ptrs, queries,
+                      n_q, offs_d, head_dim, qk_scale, scale,
                       MASK_QUERIES: tl.constexpr, PAD_D: tl.constexpr, WRITE_DQ: tl.constexpr,
                       DOT_PRECISION: tl.constexpr):
     # dk, dv [BLOCK_N, BLOCK_D] fp32 accumulators for the keys k, v [BLOCK_N, BLOCK_D]
@@ -235,9 +227,13 @@ def _dkdv_query_block(dk, dv, k, v, keys, n_kv, q_ptrs, do_ptrs, dq_ptrs, lse_pt
     do = _load_tile(do_ptrs, queries, n_q, offs_d, head_dim, MASK_QUERIES, PAD_D)
     if MASK_QUERIES:  # masked queries: q = dO = delta = 0 and P = 0, so they add nothing
         lse = tl.load(lse_ptrs, mask=queries < n_q, other=float("inf"))
-        delta = tl.load(delta_ptrs, mask=queries < n_q, other=0.0)
     else:
         lse = tl.load(lse_ptrs)
+    if WRITE_DQ:  # single pass: this program is the only one to visit these queries
+        delta = _row_delta(_load_tile(o_ptrs, queries, n_q, offs_d, head_dim, MASK_QUERIES, PAD_D), do)
+    elif MASK_QUERIES:
+        delta = tl.load(delta_ptrs, mask=queries < n_q, other=0.0)
+    else:
         delta = tl.load(delta_ptrs)
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M] log2 units
     p_t = tl.math.exp2(s_t - (lse * LOG2E_IN_KERNEL)[None, :])
@@ -256,14 +252,16 @@ def _dkdv_query_block(dk, dv, k, v, keys, n_kv, q_ptrs, do_ptrs, dq_ptrs, lse_pt
 @triton.jit
 def attention_bwd_dkdv_kernel(
     Q, K, V, DO,  # [B, H, N_Q | N_KV, D] through strides
+    O,  # [B, H, N_Q, D] through strides; read only when WRITE_DQ (delta computed here)
     DK, DV,  # [B, H, N_KV, D] through strides
     DQ,  # [B, H, N_Q, D] through strides; written only when WRITE_DQ
-    LSE, DELTA,  # [B*H, N_Q] fp32
+    LSE, DELTA,  # [B*H, N_Q] fp32; DELTA (from attention_bwd_dq_kernel) read only when not WRITE_DQ
     qk_scale, scale,  # scale * log2(e), scale
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
+    stride_ob, stride_oh, stride_on,
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_dqb, stride_dqh, stride_dqn,
@@ -281,6 +279,7 @@ def attention_bwd_dkdv_kernel(
                    offs_n, N_KV, offs_d, head_dim, True, PAD_D)
     q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn)
     do_ptrs = _tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don)
+    o_ptrs = _tile_ptrs(O, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on)
     dq_ptrs = _tile_ptrs(DQ, b, h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn)
     lse_ptrs = LSE + bh * N_Q + offs_m
     delta_ptrs = DELTA + bh * N_Q + offs_m
@@ -289,18 +288,19 @@ def attention_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     m_full = N_Q - N_Q % BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_query_block(dk, dv, k, v, offs_n, N_KV, q_ptrs, do_ptrs, dq_ptrs, lse_ptrs, delta_ptrs,
-                                   start_m + offs_m, N_Q, offs_d, head_dim, qk_scale, scale, False, PAD_D, WRITE_DQ,
-                                   DOT_PRECISION)
+        dk, dv = _dkdv_query_block(dk, dv, k, v, offs_n, N_KV, q_ptrs, do_ptrs, o_ptrs, dq_ptrs, lse_ptrs,
+                                   delta_ptrs, start_m + offs_m, N_Q, offs_d, head_dim, qk_scale, scale, False, PAD_D,
+                                   WRITE_DQ, DOT_PRECISION)
         q_ptrs += BLOCK_M * stride_qn
         do_ptrs += BLOCK_M * stride_don
+        o_ptrs += BLOCK_M * stride_on
         dq_ptrs += BLOCK_M * stride_dqn
         lse_ptrs += BLOCK_M
         delta_ptrs += BLOCK_M
     if m_full < N_Q:  # the ragged last query block
-        dk, dv = _dkdv_query_block(dk, dv, k, v, offs_n, N_KV, q_ptrs, do_ptrs, dq_ptrs, lse_ptrs, delta_ptrs,
-                                   m_full + offs_m, N_Q, offs_d, head_dim, qk_scale, scale, True, PAD_D, WRITE_DQ,
-                                   DOT_PRECISION)
+        dk, dv = _dkdv_query_block(dk, dv, k, v, offs_n, N_KV, q_ptrs, do_ptrs, o_ptrs, dq_ptrs, lse_ptrs,
+                                   delta_ptrs, m_full + offs_m, N_Q, offs_d, head_dim, qk_scale, scale, True, PAD_D,
+                                   WRITE_DQ, DOT_PRECISION)
 
     dk_ptrs = _tile_ptrs(DK, b, h, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkn)
     _store_rows(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), offs_n, N_KV, offs_d, head_dim, PAD_D)
@@ -326,13 +326,16 @@ def _dq_key_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, keys, n_kv, offs_d, hea
 @triton.jit
 def attention_bwd_dq_kernel(
     Q, K, V, DO,  # [B, H, N_Q | N_KV, D] through strides
+    O,  # [B, H, N_Q, D] through strides: the forward's output, for delta
     DQ,  # [B, H, N_Q, D] through strides
-    LSE, DELTA,  # [B*H, N_Q] fp32
+    LSE,  # [B*H, N_Q] fp32, read
+    DELTA,  # [B*H, N_Q] fp32, written here for attention_bwd_dkdv_kernel
     qk_scale, scale,  # scale * log2(e), scale
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_don,
+    stride_ob, stride_oh, stride_on,
     stride_dqb, stride_dqh, stride_dqn,
     H, N_Q, N_KV, head_dim,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
@@ -342,13 +345,15 @@ def attention_bwd_dq_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
-    # padding query rows load q = dO = 0, lse = delta = 0: finite, and never stored
+    # padding query rows load q = dO = O = 0, lse = 0 (so delta = 0): finite, and never stored
     q = _load_tile(_tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn),
                    offs_m, N_Q, offs_d, head_dim, True, PAD_D)  # [BLOCK_M, BLOCK_D]
     do = _load_tile(_tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don),
                     offs_m, N_Q, offs_d, head_dim, True, PAD_D)
     lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
-    delta = tl.load(DELTA + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
+    delta = _row_delta(_load_tile(_tile_ptrs(O, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on),
+                                  offs_m, N_Q, offs_d, head_dim, True, PAD_D), do)
+    tl.store(DELTA + bh * N_Q + offs_m, delta, mask=offs_m < N_Q)
     k_ptrs = _tile_ptrs(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn)
     v_ptrs = _tile_ptrs(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn)
 
@@ -371,7 +376,7 @@ def attention_bwd_dq_kernel(
 
 
 def _bhn_strides(t: torch.Tensor):
-    return t.stride(0), t.stride(1), t.stride(2)
+    return t.stride()[:3]  # one call: the launch path is host-bound at ViT sizes
 
 
 def attention_fwd(q, k, v, o, lse, scale: float, fwd_cfg: Config = None):
@@ -386,7 +391,7 @@ def attention_fwd(q, k, v, o, lse, scale: float, fwd_cfg: Config = None):
         return
     cfg = config("fwd", head_dim, q.dtype) if fwd_cfg is None else fwd_cfg
     bd = block_d(head_dim)
-    grid = (B * H * triton.cdiv(n_q, cfg.block_m),)
+    grid = (B * H * cdiv(n_q, cfg.block_m),)
     attention_fwd_kernel[grid](
         q, k, v, o, lse, scale * LOG2E,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(o),
@@ -415,28 +420,25 @@ def attention_bwd(do, q, k, v, o, lse, dq, dk, dv, scale: float, bwd_cfgs=None):
     qk_scale = scale * LOG2E
     precision = dot_precision(q.dtype)
 
-    delta = torch.empty_like(lse)
-    delta_block_m = 64
-    attention_bwd_delta_kernel[(B * H * triton.cdiv(n_q, delta_block_m),)](
-        o, do, delta, *_bhn_strides(o), *_bhn_strides(do), H, n_q, head_dim,
-        BLOCK_M=delta_block_m, BLOCK_D=bd, PAD_D=pad_d,
-    )
+    if write_dq:
+        delta = lse  # placeholder: the single-pass kernel computes delta itself and reads no DELTA
+    else:
+        delta = torch.empty_like(lse)
+        cfg = dq_cfg  # dQ first: it stores delta, which the dK/dV kernel reads
+        attention_bwd_dq_kernel[(B * H * cdiv(n_q, cfg.block_m),)](
+            q, k, v, do, o, dq, lse, delta, qk_scale, scale,
+            *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do), *_bhn_strides(o),
+            *_bhn_strides(dq),
+            H, n_q, n_kv, head_dim,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, PAD_D=pad_d, DOT_PRECISION=precision,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )
     cfg = dkdv_cfg
-    attention_bwd_dkdv_kernel[(B * H * triton.cdiv(n_kv, cfg.block_n),)](
-        q, k, v, do, dk, dv, dq, lse, delta, qk_scale, scale,
-        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do),
+    attention_bwd_dkdv_kernel[(B * H * cdiv(n_kv, cfg.block_n),)](
+        q, k, v, do, o, dk, dv, dq, lse, delta, qk_scale, scale,
+        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do), *_bhn_strides(o),
         *_bhn_strides(dk), *_bhn_strides(dv), *_bhn_strides(dq),
         H, n_q, n_kv, head_dim,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, PAD_D=pad_d, WRITE_DQ=write_dq,
         DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    if write_dq:
-        return
-    cfg = dq_cfg
-    attention_bwd_dq_kernel[(B * H * triton.cdiv(n_q, cfg.block_m),)](
-        q, k, v, do, dq, lse, delta, qk_scale, scale,
-        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do), *_bhn_strides(dq),
-        H, n_q, n_kv, head_dim,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, PAD_D=pad_d, DOT_PRECISION=precision,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )

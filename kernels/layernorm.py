@@ -23,6 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv, next_power_of_2
+
 MAX_C = 16384
 
 # Hopper (H100) launch configurations by width. Memory-bound kernels: what matters is enough bytes
@@ -286,7 +288,7 @@ def _interpreter_rows(block_c: int) -> int:
 def fwd_config(C: int, device: torch.device, has_residual: bool = False):
     """(rows per program, num_warps) for the forward at width C (with a residual: add + LN)."""
     if device.type != "cuda":
-        return _interpreter_rows(triton.next_power_of_2(C)), 1
+        return _interpreter_rows(next_power_of_2(C)), 1
     rows, warps = next((rows, warps) for max_c, rows, warps in HOPPER_FWD_CONFIGS if C <= max_c)
     return (max(1, rows // 2) if has_residual else rows), warps
 
@@ -294,7 +296,7 @@ def fwd_config(C: int, device: torch.device, has_residual: bool = False):
 def bwd_config(C: int, device: torch.device, dtype: torch.dtype = torch.bfloat16, has_ds: bool = False):
     """(rows per program, num_warps, number of programs) for the backward at width C."""
     if device.type != "cuda":
-        return _interpreter_rows(triton.next_power_of_2(C)), 1, INTERPRETER_BWD_PROGRAMS
+        return _interpreter_rows(next_power_of_2(C)), 1, INTERPRETER_BWD_PROGRAMS
     rows, warps, per_sm = next(cfg[1:] for cfg in HOPPER_BWD_CONFIGS if C <= cfg[0])
     per_sm = per_sm[2 * (dtype == torch.float32) + has_ds]
     return rows, warps, per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
@@ -321,13 +323,13 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, y=None, s=None, rows_per
     rows_per_program = rows_per_program or default_rows
     x2 = rows_view(x)
     r2 = rows_view(residual) if residual is not None else x2
-    layer_norm_fwd_kernel[(triton.cdiv(n_rows, rows_per_program),)](
+    layer_norm_fwd_kernel[(cdiv(n_rows, rows_per_program),)](
         x2, r2, y, s if s is not None else y,
         weight if weight is not None else x2, bias if bias is not None else x2,
         mean, rstd,
         n_rows, C, x2.stride(0), r2.stride(0), eps,
         HAS_RESIDUAL=residual is not None, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-        ROWS_PER_PROGRAM=rows_per_program, BLOCK_C=triton.next_power_of_2(C),
+        ROWS_PER_PROGRAM=rows_per_program, BLOCK_C=next_power_of_2(C),
         num_warps=num_warps or default_warps,
     )
     return y, s, mean, rstd
@@ -356,7 +358,7 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, ds=None, compute_dweight=True, com
             if grad is not None:
                 grad.zero_()
         return dx, dweight, dbias
-    num_programs = min(num_programs or default_programs, triton.cdiv(n_rows, rows_per_program))
+    num_programs = min(num_programs or default_programs, cdiv(n_rows, rows_per_program))
     dweight_partial = torch.empty((num_programs, C), dtype=torch.float32, device=x.device) if compute_dweight else None
     dbias_partial = torch.empty((num_programs, C), dtype=torch.float32, device=x.device) if compute_dbias else None
     x2, dy2 = rows_view(x), rows_view(dy)
@@ -367,13 +369,13 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, ds=None, compute_dweight=True, com
         n_rows, C, dy2.stride(0), x2.stride(0), ds2.stride(0),
         HAS_DS=ds is not None, HAS_WEIGHT=weight is not None,
         COMPUTE_DWEIGHT=compute_dweight, COMPUTE_DBIAS=compute_dbias,
-        ROWS_PER_PROGRAM=rows_per_program, BLOCK_C=triton.next_power_of_2(C),
+        ROWS_PER_PROGRAM=rows_per_program, BLOCK_C=next_power_of_2(C),
         num_warps=num_warps or default_warps,
     )
     if compute_dweight or compute_dbias:
-        block_c = min(PARAMS_BLOCK_C, triton.next_power_of_2(C))
+        block_c = min(PARAMS_BLOCK_C, next_power_of_2(C))
         partial = dweight_partial if compute_dweight else dbias_partial
-        layer_norm_bwd_params_kernel[(triton.cdiv(C, block_c),)](
+        layer_norm_bwd_params_kernel[(cdiv(C, block_c),)](
             partial, dbias_partial if compute_dbias else partial,
             dweight if compute_dweight else dbias, dbias if compute_dbias else dweight,
             num_programs, C, COMPUTE_DWEIGHT=compute_dweight, COMPUTE_DBIAS=compute_dbias,

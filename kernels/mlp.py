@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .host import cdiv
+
 try:  # host-side TMA descriptors (in Triton 3.6 and 3.9 alike)
     from triton.tools.tensor_descriptor import TensorDescriptor
 except ImportError:
@@ -349,7 +351,7 @@ def linear_act(x, weight, bias, residual, out, pre_out, activation, kernel=None,
         w_desc = TensorDescriptor.from_tensor(weight, [cfg.BLOCK_N, cfg.BLOCK_K])
         y_desc = TensorDescriptor.from_tensor(out, [cfg.BLOCK_M, split_n])
         pre_desc = TensorDescriptor.from_tensor(pre_out, [cfg.BLOCK_M, split_n]) if pre_out is not None else y_desc
-        tiles = triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N)
+        tiles = cdiv(M, cfg.BLOCK_M) * cdiv(N, cfg.BLOCK_N)
         if num_programs is None:
             num_programs = _sm_count(x.device.index) if x.is_cuda else tiles
         num_programs = min(num_programs, tiles)
@@ -361,7 +363,7 @@ def linear_act(x, weight, bias, residual, out, pre_out, activation, kernel=None,
         return out
     if out.stride() != (pre_out if pre_out is not None else out).stride():
         raise ValueError("linear_act: out and pre_out must have the same strides")
-    grid = (triton.cdiv(M, cfg.BLOCK_M) * triton.cdiv(N, cfg.BLOCK_N),)
+    grid = (cdiv(M, cfg.BLOCK_M) * cdiv(N, cfg.BLOCK_N),)
     linear_act_kernel[grid](
         x, weight, b, r, out, pre_out if pre_out is not None else out, M, N, K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *r_strides, out.stride(0), out.stride(1),
@@ -373,7 +375,7 @@ def linear_act(x, weight, bias, residual, out, pre_out, activation, kernel=None,
 
 def db_partial_rows(M: int) -> int:
     """Rows of the fp32 bias-gradient partials buffer ``activation_backward`` fills."""
-    return triton.cdiv(M, BWD_ROWS_PER_PROGRAM)
+    return cdiv(M, BWD_ROWS_PER_PROGRAM)
 
 
 def activation_backward(dy, pre, dpre, activation, db_partial=None):
@@ -389,7 +391,7 @@ def activation_backward(dy, pre, dpre, activation, db_partial=None):
         if db_partial is not None:
             db_partial.zero_()
         return dpre
-    grid = (db_partial_rows(M) * triton.cdiv(N, BWD_BLOCK_N),)
+    grid = (db_partial_rows(M) * cdiv(N, BWD_BLOCK_N),)
     activation_backward_kernel[grid](
         dy, pre, dpre, db_partial if db_partial is not None else dpre, M, N,
         dy.stride(0), dy.stride(1), pre.stride(0), dpre.stride(0),
