@@ -23,8 +23,10 @@ Backward (recomputes P from LSE; no N x N buffer, no atomics, so it is determini
   without atomics.
 
 Grids are 1-D with batch*head outermost (axis 0 allows 2^31-1 programs; B*H = 98,304 is fine), so
-the query blocks of one head run next to each other and share its K/V in L2. Head dims up to 128
-are padded to BLOCK_D = next power of two with masks on D; token masks are applied only to the
+the query blocks of one head run next to each other and share its K/V in L2. Head dims up to 128:
+a power of two is one BLOCK_D chunk; 48, 80 and 96 run as two chunks (32 + 16, 64 + 16, 64 + 32:
+every tile [*, D] is a pair of tiles, every product over D two tl.dots), so no MMA work is spent on
+padding; other dims are padded with masks on D (`head_chunks`). Token masks are applied only to the
 ragged last block of the loop. fp32 inputs: every `tl.dot` takes input_precision="ieee" (exact fp32
 products, CUDA-core FMA on a GPU, not tf32: fp32 results are fp32-accurate, ~1e-7, like torch's fp32
 matmuls, at a fraction of the 16-bit speed); fp16/bf16 inputs use the tensor cores as before.
@@ -54,7 +56,9 @@ class Config(NamedTuple):
 # 16-bit D=64 rows: the best of a sweep of the textbook kernels at [256,12,197,64] bf16 on an H100
 # (fwd 128 queries x 32 keys; bwd 32 queries x 128 keys for dK/dV, 128 x 32 for dQ; 4 warps,
 # 3 stages): at N = 197 narrow key tiles waste less on the ragged block while 128-row query tiles keep
-# the tensor cores busy. D=128 (also ViT-H's D=80) doubles the per-row registers: 8 warps. D <= 32
+# the tensor cores busy. D=128 doubles the per-row registers: 8 warps. D=80 and 96 (two chunks, see
+# head_chunks) take the D=128 row: 122-201 registers and no spills there (sm_90 compile test), and
+# the 4-warp D=64 tiles may suit them better, unmeasured. D <= 32
 # halves them: forward key tiles widen to 64. fp32 (exact "ieee" dots, CUDA-core FMA) tiles take twice
 # the bytes: half the rows, and at D=128 4 warps and 2 stages (the earlier 8-warp D=128 dQ tile needed
 # 176 KB); offline compiles for sm_90 (Triton 3.9 + ptxas) put every fp32 entry at <= 106 KB of the
@@ -83,7 +87,24 @@ SINGLE_PASS_CONFIGS = {}
 
 
 def block_d(head_dim: int) -> int:
-    return max(16, next_power_of_2(head_dim))  # tl.dot needs K >= 16
+    """The head dim padded to a power of two (>= 16: tl.dot needs K >= 16): the config tables' key."""
+    return max(16, next_power_of_2(head_dim))
+
+
+def head_chunks(head_dim: int):
+    """(BLOCK_D, BLOCK_D_TAIL, PAD_D, PAD_D_TAIL): the column chunks the kernels split a head into.
+
+    Triton tiles are powers of two, so a head of 80 padded to one 128-wide chunk wastes 37.5% of
+    every QK^T and PV product; as 64 + 16 it wastes none (96 = 64 + 32, 48 = 32 + 16 likewise).
+    A second chunk is used when it is smaller than the first (else one padded chunk is as good);
+    BLOCK_D_TAIL = 0 means one chunk. PAD_D / PAD_D_TAIL: that chunk reaches past head_dim (masked).
+    """
+    first = max(16, 1 << (head_dim.bit_length() - 1))  # the largest power of two <= head_dim, >= 16
+    tail = max(16, next_power_of_2(head_dim - first)) if head_dim > first else 0
+    if tail == 0 or tail >= first:
+        width = block_d(head_dim)
+        return width, 0, width != head_dim, False
+    return first, tail, False, first + tail != head_dim
 
 
 def dot_precision(dtype) -> str:
@@ -149,20 +170,29 @@ def _store_rows(ptrs, tile, rows, n_rows, cols, n_cols, PAD_D: tl.constexpr):
 
 
 @triton.jit
-def _fwd_key_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, keys, n_kv, offs_d, head_dim, qk_scale,
-                   MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # acc [BLOCK_M, BLOCK_D] fp32, m_i / l_i [BLOCK_M] running max (log2 units) and sum
+def _fwd_key_block(acc, acc_t, m_i, l_i, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, keys, n_kv, offs_d, offs_dt,
+                   head_dim, qk_scale, MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr, PAD_D_TAIL: tl.constexpr,
+                   BLOCK_D_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # acc [BLOCK_M, BLOCK_D] (+ acc_t [BLOCK_M, BLOCK_D_TAIL]) fp32, m_i / l_i [BLOCK_M] running max
+    # (log2 units) and sum
     k = _load_tile(k_ptrs, keys, n_kv, offs_d, head_dim, MASK_KEYS, PAD_D)  # [BLOCK_N, BLOCK_D]
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N] log2 units
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    if BLOCK_D_TAIL > 0:
+        k_t = _load_tile(kt_ptrs, keys, n_kv, offs_dt, head_dim, MASK_KEYS, PAD_D_TAIL)
+        s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
+    s = s * qk_scale  # log2 units
     if MASK_KEYS:
         s = tl.where((keys < n_kv)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
     p = tl.math.exp2(s - m_new[:, None])
-    alpha = tl.math.exp2(m_i - m_new)
+    alpha = tl.math.exp2(m_i - m_new)  # the online-softmax rescale of what was summed so far
     l_i = l_i * alpha + tl.sum(p, 1)
     v = _load_tile(v_ptrs, keys, n_kv, offs_d, head_dim, MASK_KEYS, PAD_D)  # [BLOCK_N, BLOCK_D]
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
+    if BLOCK_D_TAIL > 0:
+        v_t = _load_tile(vt_ptrs, keys, n_kv, offs_dt, head_dim, MASK_KEYS, PAD_D_TAIL)
+        acc_t = tl.dot(p.to(v_t.dtype), v_t, acc_t * alpha[:, None], input_precision=DOT_PRECISION)
+    return acc, acc_t, m_new, l_i
 
 
 @triton.jit
@@ -176,8 +206,8 @@ def attention_fwd_kernel(
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
     H, N_Q, N_KV, head_dim,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_TAIL: tl.constexpr,
+    PAD_D: tl.constexpr, PAD_D_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     b, h, bh, offs_m = _program_rows(N_Q, H, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -189,21 +219,38 @@ def attention_fwd_kernel(
     v_ptrs = _tile_ptrs(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if BLOCK_D_TAIL > 0:  # the head dim's second column chunk (D = 80: 64 + 16, not 80 padded to 128)
+        offs_dt = BLOCK_D + tl.arange(0, BLOCK_D_TAIL)
+        q_t = _load_tile(_tile_ptrs(Q, b, h, offs_m, offs_dt, stride_qb, stride_qh, stride_qn),
+                         offs_m, N_Q, offs_dt, head_dim, True, PAD_D_TAIL)  # [BLOCK_M, BLOCK_D_TAIL]
+        kt_ptrs = _tile_ptrs(K, b, h, offs_n, offs_dt, stride_kb, stride_kh, stride_kn)
+        vt_ptrs = _tile_ptrs(V, b, h, offs_n, offs_dt, stride_vb, stride_vh, stride_vn)
+        acc_t = tl.zeros([BLOCK_M, BLOCK_D_TAIL], dtype=tl.float32)
+    else:  # stand-ins that no code reads
+        offs_dt, q_t, kt_ptrs, vt_ptrs, acc_t = offs_d, q, k_ptrs, v_ptrs, acc
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     n_full = N_KV - N_KV % BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _fwd_key_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, start_n + offs_n, N_KV, offs_d,
-                                       head_dim, qk_scale, False, PAD_D, DOT_PRECISION)
+        acc, acc_t, m_i, l_i = _fwd_key_block(acc, acc_t, m_i, l_i, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs,
+                                              start_n + offs_n, N_KV, offs_d, offs_dt, head_dim, qk_scale, False,
+                                              PAD_D, PAD_D_TAIL, BLOCK_D_TAIL, DOT_PRECISION)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
+        if BLOCK_D_TAIL > 0:
+            kt_ptrs += BLOCK_N * stride_kn
+            vt_ptrs += BLOCK_N * stride_vn
     if n_full < N_KV:  # the ragged last key block
-        acc, m_i, l_i = _fwd_key_block(acc, m_i, l_i, q, k_ptrs, v_ptrs, n_full + offs_n, N_KV, offs_d,
-                                       head_dim, qk_scale, True, PAD_D, DOT_PRECISION)
+        acc, acc_t, m_i, l_i = _fwd_key_block(acc, acc_t, m_i, l_i, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs,
+                                              n_full + offs_n, N_KV, offs_d, offs_dt, head_dim, qk_scale, True,
+                                              PAD_D, PAD_D_TAIL, BLOCK_D_TAIL, DOT_PRECISION)
 
     acc = acc / l_i[:, None]
     o_ptrs = _tile_ptrs(O, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on)
     _store_rows(o_ptrs, acc.to(O.dtype.element_ty), offs_m, N_Q, offs_d, head_dim, PAD_D)
+    if BLOCK_D_TAIL > 0:
+        _store_rows(_tile_ptrs(O, b, h, offs_m, offs_dt, stride_ob, stride_oh, stride_on),
+                    (acc_t / l_i[:, None]).to(O.dtype.element_ty), offs_m, N_Q, offs_dt, head_dim, PAD_D_TAIL)
     lse = (m_i + tl.math.log2(l_i)) * LN2_IN_KERNEL  # back to natural-log units
     tl.store(LSE + bh * N_Q + offs_m, lse, mask=offs_m < N_Q)
 
@@ -218,35 +265,53 @@ def _row_delta(o, do):
 
 
 @triton.jit
-def _dkdv_query_block(dk, dv, k, v, keys, n_kv, q_ptrs, do_ptrs, o_ptrs, dq_ptrs, lse_ptrs, delta_ptrs, queries,
-                      n_q, offs_d, head_dim, qk_scale, scale,
-                      MASK_QUERIES: tl.constexpr, PAD_D: tl.constexpr, WRITE_DQ: tl.constexpr,
-                      DOT_PRECISION: tl.constexpr):
-    # dk, dv [BLOCK_N, BLOCK_D] fp32 accumulators for the keys k, v [BLOCK_N, BLOCK_D]
+def _dkdv_query_block(dk, dv, dk_t, dv_t, k, v, k_t, v_t, keys, n_kv,
+                      q_ptrs, do_ptrs, o_ptrs, dq_ptrs, qt_ptrs, dot_ptrs, ot_ptrs, dqt_ptrs, lse_ptrs, delta_ptrs,
+                      queries, n_q, offs_d, offs_dt, head_dim, qk_scale, scale,
+                      MASK_QUERIES: tl.constexpr, PAD_D: tl.constexpr, PAD_D_TAIL: tl.constexpr,
+                      BLOCK_D_TAIL: tl.constexpr, WRITE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # dk, dv [BLOCK_N, BLOCK_D] (+ dk_t, dv_t [BLOCK_N, BLOCK_D_TAIL]) fp32 accumulators for the keys
+    # k, v (+ k_t, v_t)
     q = _load_tile(q_ptrs, queries, n_q, offs_d, head_dim, MASK_QUERIES, PAD_D)  # [BLOCK_M, BLOCK_D]
     do = _load_tile(do_ptrs, queries, n_q, offs_d, head_dim, MASK_QUERIES, PAD_D)
+    if BLOCK_D_TAIL > 0:
+        q_t = _load_tile(qt_ptrs, queries, n_q, offs_dt, head_dim, MASK_QUERIES, PAD_D_TAIL)
+        do_t = _load_tile(dot_ptrs, queries, n_q, offs_dt, head_dim, MASK_QUERIES, PAD_D_TAIL)
     if MASK_QUERIES:  # masked queries: q = dO = delta = 0 and P = 0, so they add nothing
         lse = tl.load(lse_ptrs, mask=queries < n_q, other=float("inf"))
     else:
         lse = tl.load(lse_ptrs)
     if WRITE_DQ:  # single pass: this program is the only one to visit these queries
         delta = _row_delta(_load_tile(o_ptrs, queries, n_q, offs_d, head_dim, MASK_QUERIES, PAD_D), do)
+        if BLOCK_D_TAIL > 0:
+            delta += _row_delta(_load_tile(ot_ptrs, queries, n_q, offs_dt, head_dim, MASK_QUERIES, PAD_D_TAIL), do_t)
     elif MASK_QUERIES:
         delta = tl.load(delta_ptrs, mask=queries < n_q, other=0.0)
     else:
         delta = tl.load(delta_ptrs)
-    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M] log2 units
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+    if BLOCK_D_TAIL > 0:
+        s_t = tl.dot(k_t, tl.trans(q_t), s_t, input_precision=DOT_PRECISION)
+    s_t = s_t * qk_scale  # log2 units
     p_t = tl.math.exp2(s_t - (lse * LOG2E_IN_KERNEL)[None, :])
     if WRITE_DQ:  # padding keys must not reach dQ (with k = 0 their P is exp(-lse), not 0)
         p_t = tl.where((keys < n_kv)[:, None], p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)  # [BLOCK_N, BLOCK_M]
+    if BLOCK_D_TAIL > 0:
+        dv_t = tl.dot(p_t.to(do_t.dtype), do_t, dv_t, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v_t, tl.trans(do_t), dp_t, input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    if BLOCK_D_TAIL > 0:
+        dk_t = tl.dot(ds_t.to(q_t.dtype), q_t, dk_t, input_precision=DOT_PRECISION)
     if WRITE_DQ:  # this program holds every key of the head: dQ of these queries is complete
         dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * scale  # [BLOCK_M, BLOCK_D]
         _store_rows(dq_ptrs, dq.to(dq_ptrs.dtype.element_ty), queries, n_q, offs_d, head_dim, PAD_D)
-    return dk, dv
+        if BLOCK_D_TAIL > 0:
+            dq_t = tl.dot(tl.trans(ds_t.to(k_t.dtype)), k_t, input_precision=DOT_PRECISION) * scale
+            _store_rows(dqt_ptrs, dq_t.to(dqt_ptrs.dtype.element_ty), queries, n_q, offs_dt, head_dim, PAD_D_TAIL)
+    return dk, dv, dk_t, dv_t
 
 
 @triton.jit
@@ -266,8 +331,8 @@ def attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvn,
     stride_dqb, stride_dqh, stride_dqn,
     H, N_Q, N_KV, head_dim,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
-    WRITE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_TAIL: tl.constexpr,
+    PAD_D: tl.constexpr, PAD_D_TAIL: tl.constexpr, WRITE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     b, h, bh, offs_n = _program_rows(N_KV, H, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
@@ -286,41 +351,79 @@ def attention_bwd_dkdv_kernel(
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if BLOCK_D_TAIL > 0:  # the head dim's second column chunk (see attention_fwd_kernel)
+        offs_dt = BLOCK_D + tl.arange(0, BLOCK_D_TAIL)
+        k_t = _load_tile(_tile_ptrs(K, b, h, offs_n, offs_dt, stride_kb, stride_kh, stride_kn),
+                         offs_n, N_KV, offs_dt, head_dim, True, PAD_D_TAIL)  # [BLOCK_N, BLOCK_D_TAIL]
+        v_t = _load_tile(_tile_ptrs(V, b, h, offs_n, offs_dt, stride_vb, stride_vh, stride_vn),
+                         offs_n, N_KV, offs_dt, head_dim, True, PAD_D_TAIL)
+        qt_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_dt, stride_qb, stride_qh, stride_qn)
+        dot_ptrs = _tile_ptrs(DO, b, h, offs_m, offs_dt, stride_dob, stride_doh, stride_don)
+        ot_ptrs = _tile_ptrs(O, b, h, offs_m, offs_dt, stride_ob, stride_oh, stride_on)
+        dqt_ptrs = _tile_ptrs(DQ, b, h, offs_m, offs_dt, stride_dqb, stride_dqh, stride_dqn)
+        dk_t = tl.zeros([BLOCK_N, BLOCK_D_TAIL], dtype=tl.float32)
+        dv_t = tl.zeros([BLOCK_N, BLOCK_D_TAIL], dtype=tl.float32)
+    else:  # stand-ins that no code reads
+        offs_dt, k_t, v_t, dk_t, dv_t = offs_d, k, v, dk, dv
+        qt_ptrs, dot_ptrs, ot_ptrs, dqt_ptrs = q_ptrs, do_ptrs, o_ptrs, dq_ptrs
     m_full = N_Q - N_Q % BLOCK_M
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_query_block(dk, dv, k, v, offs_n, N_KV, q_ptrs, do_ptrs, o_ptrs, dq_ptrs, lse_ptrs,
-                                   delta_ptrs, start_m + offs_m, N_Q, offs_d, head_dim, qk_scale, scale, False, PAD_D,
-                                   WRITE_DQ, DOT_PRECISION)
+        dk, dv, dk_t, dv_t = _dkdv_query_block(
+            dk, dv, dk_t, dv_t, k, v, k_t, v_t, offs_n, N_KV, q_ptrs, do_ptrs, o_ptrs, dq_ptrs,
+            qt_ptrs, dot_ptrs, ot_ptrs, dqt_ptrs, lse_ptrs, delta_ptrs, start_m + offs_m, N_Q, offs_d, offs_dt,
+            head_dim, qk_scale, scale, False, PAD_D, PAD_D_TAIL, BLOCK_D_TAIL, WRITE_DQ, DOT_PRECISION)
         q_ptrs += BLOCK_M * stride_qn
         do_ptrs += BLOCK_M * stride_don
         o_ptrs += BLOCK_M * stride_on
         dq_ptrs += BLOCK_M * stride_dqn
+        if BLOCK_D_TAIL > 0:
+            qt_ptrs += BLOCK_M * stride_qn
+            dot_ptrs += BLOCK_M * stride_don
+            ot_ptrs += BLOCK_M * stride_on
+            dqt_ptrs += BLOCK_M * stride_dqn
         lse_ptrs += BLOCK_M
         delta_ptrs += BLOCK_M
     if m_full < N_Q:  # the ragged last query block
-        dk, dv = _dkdv_query_block(dk, dv, k, v, offs_n, N_KV, q_ptrs, do_ptrs, o_ptrs, dq_ptrs, lse_ptrs,
-                                   delta_ptrs, m_full + offs_m, N_Q, offs_d, head_dim, qk_scale, scale, True, PAD_D,
-                                   WRITE_DQ, DOT_PRECISION)
+        dk, dv, dk_t, dv_t = _dkdv_query_block(
+            dk, dv, dk_t, dv_t, k, v, k_t, v_t, offs_n, N_KV, q_ptrs, do_ptrs, o_ptrs, dq_ptrs,
+            qt_ptrs, dot_ptrs, ot_ptrs, dqt_ptrs, lse_ptrs, delta_ptrs, m_full + offs_m, N_Q, offs_d, offs_dt,
+            head_dim, qk_scale, scale, True, PAD_D, PAD_D_TAIL, BLOCK_D_TAIL, WRITE_DQ, DOT_PRECISION)
 
     dk_ptrs = _tile_ptrs(DK, b, h, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkn)
     _store_rows(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), offs_n, N_KV, offs_d, head_dim, PAD_D)
     dv_ptrs = _tile_ptrs(DV, b, h, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn)
     _store_rows(dv_ptrs, dv.to(DV.dtype.element_ty), offs_n, N_KV, offs_d, head_dim, PAD_D)
+    if BLOCK_D_TAIL > 0:
+        _store_rows(_tile_ptrs(DK, b, h, offs_n, offs_dt, stride_dkb, stride_dkh, stride_dkn),
+                    (dk_t * scale).to(DK.dtype.element_ty), offs_n, N_KV, offs_dt, head_dim, PAD_D_TAIL)
+        _store_rows(_tile_ptrs(DV, b, h, offs_n, offs_dt, stride_dvb, stride_dvh, stride_dvn),
+                    dv_t.to(DV.dtype.element_ty), offs_n, N_KV, offs_dt, head_dim, PAD_D_TAIL)
 
 
 @triton.jit
-def _dq_key_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, keys, n_kv, offs_d, head_dim, qk_scale,
-                  MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    # dq [BLOCK_M, BLOCK_D] fp32 accumulator for the queries q [BLOCK_M, BLOCK_D]
+def _dq_key_block(dq, dq_t, q, q_t, do, do_t, lse, delta, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, keys, n_kv,
+                  offs_d, offs_dt, head_dim, qk_scale, MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr,
+                  PAD_D_TAIL: tl.constexpr, BLOCK_D_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # dq [BLOCK_M, BLOCK_D] (+ dq_t [BLOCK_M, BLOCK_D_TAIL]) fp32 accumulators for the queries q (+ q_t)
     k = _load_tile(k_ptrs, keys, n_kv, offs_d, head_dim, MASK_KEYS, PAD_D)  # [BLOCK_N, BLOCK_D]
     v = _load_tile(v_ptrs, keys, n_kv, offs_d, head_dim, MASK_KEYS, PAD_D)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N] in log2 units
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
+    if BLOCK_D_TAIL > 0:
+        k_t = _load_tile(kt_ptrs, keys, n_kv, offs_dt, head_dim, MASK_KEYS, PAD_D_TAIL)
+        v_t = _load_tile(vt_ptrs, keys, n_kv, offs_dt, head_dim, MASK_KEYS, PAD_D_TAIL)
+        s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
+    s = s * qk_scale  # log2 units
     p = tl.math.exp2(s - (lse * LOG2E_IN_KERNEL)[:, None])
     if MASK_KEYS:
         p = tl.where((keys < n_kv)[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+    if BLOCK_D_TAIL > 0:
+        dp = tl.dot(do_t, tl.trans(v_t), dp, input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    if BLOCK_D_TAIL > 0:
+        dq_t = tl.dot(ds.to(k_t.dtype), k_t, dq_t, input_precision=DOT_PRECISION)
+    return dq, dq_t
 
 
 @triton.jit
@@ -338,8 +441,8 @@ def attention_bwd_dq_kernel(
     stride_ob, stride_oh, stride_on,
     stride_dqb, stride_dqh, stride_dqn,
     H, N_Q, N_KV, head_dim,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PAD_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_TAIL: tl.constexpr,
+    PAD_D: tl.constexpr, PAD_D_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     b, h, bh, offs_m = _program_rows(N_Q, H, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -353,23 +456,44 @@ def attention_bwd_dq_kernel(
     lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
     delta = _row_delta(_load_tile(_tile_ptrs(O, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on),
                                   offs_m, N_Q, offs_d, head_dim, True, PAD_D), do)
+    if BLOCK_D_TAIL > 0:  # the head dim's second column chunk (see attention_fwd_kernel)
+        offs_dt = BLOCK_D + tl.arange(0, BLOCK_D_TAIL)
+        q_t = _load_tile(_tile_ptrs(Q, b, h, offs_m, offs_dt, stride_qb, stride_qh, stride_qn),
+                         offs_m, N_Q, offs_dt, head_dim, True, PAD_D_TAIL)  # [BLOCK_M, BLOCK_D_TAIL]
+        do_t = _load_tile(_tile_ptrs(DO, b, h, offs_m, offs_dt, stride_dob, stride_doh, stride_don),
+                          offs_m, N_Q, offs_dt, head_dim, True, PAD_D_TAIL)
+        delta += _row_delta(_load_tile(_tile_ptrs(O, b, h, offs_m, offs_dt, stride_ob, stride_oh, stride_on),
+                                       offs_m, N_Q, offs_dt, head_dim, True, PAD_D_TAIL), do_t)
+        kt_ptrs = _tile_ptrs(K, b, h, offs_n, offs_dt, stride_kb, stride_kh, stride_kn)
+        vt_ptrs = _tile_ptrs(V, b, h, offs_n, offs_dt, stride_vb, stride_vh, stride_vn)
+        dq_t = tl.zeros([BLOCK_M, BLOCK_D_TAIL], dtype=tl.float32)
     tl.store(DELTA + bh * N_Q + offs_m, delta, mask=offs_m < N_Q)
     k_ptrs = _tile_ptrs(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn)
     v_ptrs = _tile_ptrs(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if BLOCK_D_TAIL == 0:  # stand-ins that no code reads
+        offs_dt, q_t, do_t, kt_ptrs, vt_ptrs, dq_t = offs_d, q, do, k_ptrs, v_ptrs, dq
     n_full = N_KV - N_KV % BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_key_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, start_n + offs_n, N_KV, offs_d, head_dim,
-                           qk_scale, False, PAD_D, DOT_PRECISION)
+        dq, dq_t = _dq_key_block(dq, dq_t, q, q_t, do, do_t, lse, delta, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs,
+                                 start_n + offs_n, N_KV, offs_d, offs_dt, head_dim, qk_scale, False, PAD_D,
+                                 PAD_D_TAIL, BLOCK_D_TAIL, DOT_PRECISION)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
+        if BLOCK_D_TAIL > 0:
+            kt_ptrs += BLOCK_N * stride_kn
+            vt_ptrs += BLOCK_N * stride_vn
     if n_full < N_KV:  # the ragged last key block
-        dq = _dq_key_block(dq, q, do, lse, delta, k_ptrs, v_ptrs, n_full + offs_n, N_KV, offs_d, head_dim,
-                           qk_scale, True, PAD_D, DOT_PRECISION)
+        dq, dq_t = _dq_key_block(dq, dq_t, q, q_t, do, do_t, lse, delta, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs,
+                                 n_full + offs_n, N_KV, offs_d, offs_dt, head_dim, qk_scale, True, PAD_D,
+                                 PAD_D_TAIL, BLOCK_D_TAIL, DOT_PRECISION)
 
     dq_ptrs = _tile_ptrs(DQ, b, h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn)
     _store_rows(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), offs_m, N_Q, offs_d, head_dim, PAD_D)
+    if BLOCK_D_TAIL > 0:
+        _store_rows(_tile_ptrs(DQ, b, h, offs_m, offs_dt, stride_dqb, stride_dqh, stride_dqn),
+                    (dq_t * scale).to(DQ.dtype.element_ty), offs_m, N_Q, offs_dt, head_dim, PAD_D_TAIL)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -390,14 +514,15 @@ def attention_fwd(q, k, v, o, lse, scale: float, fwd_cfg: Config = None):
     if B * H * n_q == 0:
         return
     cfg = config("fwd", head_dim, q.dtype) if fwd_cfg is None else fwd_cfg
-    bd = block_d(head_dim)
+    bd, bd_tail, pad_d, pad_d_tail = head_chunks(head_dim)
     grid = (B * H * cdiv(n_q, cfg.block_m),)
     attention_fwd_kernel[grid](
         q, k, v, o, lse, scale * LOG2E,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(o),
         H, n_q, n_kv, head_dim,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, PAD_D=bd != head_dim,
-        DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_D_TAIL=bd_tail, PAD_D=pad_d,
+        PAD_D_TAIL=pad_d_tail, DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
 
@@ -415,8 +540,7 @@ def attention_bwd(do, q, k, v, o, lse, dq, dk, dv, scale: float, bwd_cfgs=None):
     write_dq = dq_cfg is None
     if write_dq and n_kv > dkdv_cfg.block_n:
         raise ValueError(f"single-pass backward needs block_n >= N_KV, got {dkdv_cfg.block_n} < {n_kv}")
-    bd = block_d(head_dim)
-    pad_d = bd != head_dim
+    bd, bd_tail, pad_d, pad_d_tail = head_chunks(head_dim)
     qk_scale = scale * LOG2E
     precision = dot_precision(q.dtype)
 
@@ -430,8 +554,8 @@ def attention_bwd(do, q, k, v, o, lse, dq, dk, dv, scale: float, bwd_cfgs=None):
             *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do), *_bhn_strides(o),
             *_bhn_strides(dq),
             H, n_q, n_kv, head_dim,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, PAD_D=pad_d, DOT_PRECISION=precision,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_D_TAIL=bd_tail, PAD_D=pad_d,
+            PAD_D_TAIL=pad_d_tail, DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )
     cfg = dkdv_cfg
     attention_bwd_dkdv_kernel[(B * H * cdiv(n_kv, cfg.block_n),)](
@@ -439,6 +563,7 @@ def attention_bwd(do, q, k, v, o, lse, dq, dk, dv, scale: float, bwd_cfgs=None):
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do), *_bhn_strides(o),
         *_bhn_strides(dk), *_bhn_strides(dv), *_bhn_strides(dq),
         H, n_q, n_kv, head_dim,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, PAD_D=pad_d, WRITE_DQ=write_dq,
-        DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_D_TAIL=bd_tail, PAD_D=pad_d,
+        PAD_D_TAIL=pad_d_tail, WRITE_DQ=write_dq, DOT_PRECISION=precision, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )

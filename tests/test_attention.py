@@ -82,7 +82,8 @@ def check_attention(name, out, grads, fn, inputs, do, dtype, device, key_count):
 
 # ----------------------------------------------------------------------------- kernels (launchers)
 
-# B, H, N_Q, N_KV, D: N = 1; ragged 197 / 257; D = 80 and 48 padded to the next power of two; cross
+# B, H, N_Q, N_KV, D: N = 1; ragged 197 / 257; head dims in two column chunks (80 = 64 + 16,
+# 48 = 32 + 16, 72 = 64 + 16 with the tail masked) and in one padded chunk (100 -> 128); cross
 # attention with whole query blocks and a ragged key block
 SHAPES = [
     (1, 1, 1, 1, 32),
@@ -90,6 +91,8 @@ SHAPES = [
     (2, 2, 257, 257, 80),
     (1, 2, 197, 197, 128),
     (1, 1, 128, 70, 48),
+    (1, 2, 65, 40, 72),
+    (1, 1, 33, 17, 100),
 ]
 
 
@@ -148,7 +151,8 @@ def test_single_pass_rejects_too_few_keys_per_block(device):
 
 
 HOPPER_COMPILE = r"""
-import os, subprocess, sys
+import itertools, os, subprocess, sys
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -158,6 +162,7 @@ SMEM_LIMIT = 232448  # bytes of shared memory one H100 block may use
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 KERNELS = {"fwd": kernels.attention_fwd_kernel, "dq": kernels.attention_bwd_dq_kernel,
            "dkdv": kernels.attention_bwd_dkdv_kernel}
+HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)  # every table row, and the two-chunk heads (48, 80, 96)
 
 
 def arg_type(name):
@@ -170,41 +175,44 @@ def arg_type(name):
     return "*bf16"  # Q, K, V, O and their gradients
 
 
-for (kernel, block_d), configs in kernels.CONFIGS.items():
-    cfg, fn = configs[0], KERNELS[kernel]  # the 16-bit entry: the tensor-core path
+for (kernel, fn), head_dim in itertools.product(KERNELS.items(), HEAD_DIMS):
+    cfg = kernels.config(kernel, head_dim, torch.bfloat16)  # the 16-bit entry: the tensor-core path
+    block_d, block_d_tail, pad_d, pad_d_tail = kernels.head_chunks(head_dim)
     args = [p.name for p in fn.params if not p.is_constexpr]
     signature = {name: arg_type(name) for name in args}
     signature.update({p.name: "constexpr" for p in fn.params if p.is_constexpr})
-    constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, PAD_D=False,
-                      DOT_PRECISION="tf32", **({"WRITE_DQ": False} if kernel == "dkdv" else {}))
+    constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_D_TAIL=block_d_tail,
+                      PAD_D=pad_d, PAD_D_TAIL=pad_d_tail, DOT_PRECISION="tf32",
+                      **({"WRITE_DQ": False} if kernel == "dkdv" else {}))
     # as a launch at ViT shapes specializes: pointers, strides and head_dim divisible by 16
     attrs = {(args.index(n),): [["tt.divisibility", 16]] for n in args
              if signature[n].startswith("*") or n.startswith("stride") or n == "head_dim"}
     compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                               options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    cubin = os.path.join(sys.argv[1], f"{kernel}_{block_d}.cubin")
+    cubin = os.path.join(sys.argv[1], f"{kernel}_{head_dim}.cubin")
     with open(cubin, "wb") as f:
         f.write(compiled.asm["cubin"])
     usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
     resources = dict(item.split(":", 1) for item in usage.strip().splitlines()[-1].split() if ":" in item)
-    print(kernel, block_d, tuple(cfg), "registers", resources["REG"], "stack", resources["STACK"],
-          "shared", compiled.metadata.shared)
-    assert compiled.metadata.shared <= SMEM_LIMIT, (kernel, block_d, compiled.metadata.shared)
-    assert resources["STACK"] == "0", (kernel, block_d, "spills to local memory", resources)
+    print(kernel, head_dim, (block_d, block_d_tail), tuple(cfg), "registers", resources["REG"],
+          "stack", resources["STACK"], "shared", compiled.metadata.shared)
+    assert compiled.metadata.shared <= SMEM_LIMIT, (kernel, head_dim, compiled.metadata.shared)
+    assert resources["STACK"] == "0", (kernel, head_dim, "spills to local memory", resources)
 """
 
 
 def test_kernels_compile_for_hopper_without_spills(tmp_path):
-    """Every 16-bit table entry (forward, dQ, dK/dV) compiles for sm_90 with this Triton, no GPU needed,
-    fits an H100's shared memory and keeps its tiles in registers (no local-memory stack). In a
-    subprocess: the interpreter is off there. (The fp32 "ieee" entries do spill: benchmarks/NOTES.md.)"""
+    """Every 16-bit table entry (forward, dQ, dK/dV), at one-chunk and two-chunk head dims, compiles
+    for sm_90 with this Triton, no GPU needed, fits an H100's shared memory and keeps its tiles in
+    registers (no local-memory stack). In a subprocess: the interpreter is off there. (The fp32
+    "ieee" entries do spill: benchmarks/NOTES.md.)"""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, "-c", HOPPER_COMPILE, str(tmp_path)], env=env, capture_output=True,
                           text=True, timeout=300)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("registers") == len(kernels.CONFIGS)
+    assert proc.stdout.count("registers") == 3 * 7  # 3 kernels x HEAD_DIMS
 
 
 # ----------------------------------------------------------------------------- public ops
