@@ -315,6 +315,34 @@ def _dkdv_query_block(dk, dv, dk_t, dv_t, k, v, k_t, v_t, keys, n_kv,
 
 
 @triton.jit
+def _key_tiles(K, V, b, h, keys, n_kv, cols, head_dim, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
+               stride_vn, PAD: tl.constexpr):
+    # K and V of this program's keys, columns `cols`: two [len(keys), len(cols)] tiles
+    k = _load_tile(_tile_ptrs(K, b, h, keys, cols, stride_kb, stride_kh, stride_kn), keys, n_kv, cols, head_dim,
+                   True, PAD)
+    v = _load_tile(_tile_ptrs(V, b, h, keys, cols, stride_vb, stride_vh, stride_vn), keys, n_kv, cols, head_dim,
+                   True, PAD)
+    return k, v
+
+
+@triton.jit
+def _query_side_ptrs(Q, DO, O, DQ, b, h, rows, cols, stride_qb, stride_qh, stride_qn, stride_dob, stride_doh,
+                     stride_don, stride_ob, stride_oh, stride_on, stride_dqb, stride_dqh, stride_dqn):
+    # pointer tiles [len(rows), len(cols)] into Q, dO, O and dQ at these query rows
+    return (_tile_ptrs(Q, b, h, rows, cols, stride_qb, stride_qh, stride_qn),
+            _tile_ptrs(DO, b, h, rows, cols, stride_dob, stride_doh, stride_don),
+            _tile_ptrs(O, b, h, rows, cols, stride_ob, stride_oh, stride_on),
+            _tile_ptrs(DQ, b, h, rows, cols, stride_dqb, stride_dqh, stride_dqn))
+
+
+@triton.jit
+def _next_query_block(q_ptrs, do_ptrs, o_ptrs, dq_ptrs, BLOCK_M: tl.constexpr, stride_qn, stride_don, stride_on,
+                      stride_dqn):
+    return (q_ptrs + BLOCK_M * stride_qn, do_ptrs + BLOCK_M * stride_don, o_ptrs + BLOCK_M * stride_on,
+            dq_ptrs + BLOCK_M * stride_dqn)
+
+
+@triton.jit
 def attention_bwd_dkdv_kernel(
     Q, K, V, DO,  # [B, H, N_Q | N_KV, D] through strides
     O,  # [B, H, N_Q, D] through strides; read only when WRITE_DQ (delta computed here)
@@ -338,14 +366,11 @@ def attention_bwd_dkdv_kernel(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
 
-    k = _load_tile(_tile_ptrs(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn),
-                   offs_n, N_KV, offs_d, head_dim, True, PAD_D)  # [BLOCK_N, BLOCK_D]
-    v = _load_tile(_tile_ptrs(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn),
-                   offs_n, N_KV, offs_d, head_dim, True, PAD_D)
-    q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn)
-    do_ptrs = _tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don)
-    o_ptrs = _tile_ptrs(O, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on)
-    dq_ptrs = _tile_ptrs(DQ, b, h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn)
+    k, v = _key_tiles(K, V, b, h, offs_n, N_KV, offs_d, head_dim, stride_kb, stride_kh, stride_kn, stride_vb,
+                      stride_vh, stride_vn, PAD_D)  # [BLOCK_N, BLOCK_D] each
+    q_ptrs, do_ptrs, o_ptrs, dq_ptrs = _query_side_ptrs(
+        Q, DO, O, DQ, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
+        stride_ob, stride_oh, stride_on, stride_dqb, stride_dqh, stride_dqn)
     lse_ptrs = LSE + bh * N_Q + offs_m
     delta_ptrs = DELTA + bh * N_Q + offs_m
 
@@ -353,14 +378,11 @@ def attention_bwd_dkdv_kernel(
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     if BLOCK_D_TAIL > 0:  # the head dim's second column chunk (see attention_fwd_kernel)
         offs_dt = BLOCK_D + tl.arange(0, BLOCK_D_TAIL)
-        k_t = _load_tile(_tile_ptrs(K, b, h, offs_n, offs_dt, stride_kb, stride_kh, stride_kn),
-                         offs_n, N_KV, offs_dt, head_dim, True, PAD_D_TAIL)  # [BLOCK_N, BLOCK_D_TAIL]
-        v_t = _load_tile(_tile_ptrs(V, b, h, offs_n, offs_dt, stride_vb, stride_vh, stride_vn),
-                         offs_n, N_KV, offs_dt, head_dim, True, PAD_D_TAIL)
-        qt_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_dt, stride_qb, stride_qh, stride_qn)
-        dot_ptrs = _tile_ptrs(DO, b, h, offs_m, offs_dt, stride_dob, stride_doh, stride_don)
-        ot_ptrs = _tile_ptrs(O, b, h, offs_m, offs_dt, stride_ob, stride_oh, stride_on)
-        dqt_ptrs = _tile_ptrs(DQ, b, h, offs_m, offs_dt, stride_dqb, stride_dqh, stride_dqn)
+        k_t, v_t = _key_tiles(K, V, b, h, offs_n, N_KV, offs_dt, head_dim, stride_kb, stride_kh, stride_kn,
+                              stride_vb, stride_vh, stride_vn, PAD_D_TAIL)  # [BLOCK_N, BLOCK_D_TAIL] each
+        qt_ptrs, dot_ptrs, ot_ptrs, dqt_ptrs = _query_side_ptrs(
+            Q, DO, O, DQ, b, h, offs_m, offs_dt, stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
+            stride_ob, stride_oh, stride_on, stride_dqb, stride_dqh, stride_dqn)
         dk_t = tl.zeros([BLOCK_N, BLOCK_D_TAIL], dtype=tl.float32)
         dv_t = tl.zeros([BLOCK_N, BLOCK_D_TAIL], dtype=tl.float32)
     else:  # stand-ins that no code reads
@@ -372,15 +394,11 @@ def attention_bwd_dkdv_kernel(
             dk, dv, dk_t, dv_t, k, v, k_t, v_t, offs_n, N_KV, q_ptrs, do_ptrs, o_ptrs, dq_ptrs,
             qt_ptrs, dot_ptrs, ot_ptrs, dqt_ptrs, lse_ptrs, delta_ptrs, start_m + offs_m, N_Q, offs_d, offs_dt,
             head_dim, qk_scale, scale, False, PAD_D, PAD_D_TAIL, BLOCK_D_TAIL, WRITE_DQ, DOT_PRECISION)
-        q_ptrs += BLOCK_M * stride_qn
-        do_ptrs += BLOCK_M * stride_don
-        o_ptrs += BLOCK_M * stride_on
-        dq_ptrs += BLOCK_M * stride_dqn
+        q_ptrs, do_ptrs, o_ptrs, dq_ptrs = _next_query_block(q_ptrs, do_ptrs, o_ptrs, dq_ptrs, BLOCK_M, stride_qn,
+                                                             stride_don, stride_on, stride_dqn)
         if BLOCK_D_TAIL > 0:
-            qt_ptrs += BLOCK_M * stride_qn
-            dot_ptrs += BLOCK_M * stride_don
-            ot_ptrs += BLOCK_M * stride_on
-            dqt_ptrs += BLOCK_M * stride_dqn
+            qt_ptrs, dot_ptrs, ot_ptrs, dqt_ptrs = _next_query_block(qt_ptrs, dot_ptrs, ot_ptrs, dqt_ptrs, BLOCK_M,
+                                                                     stride_qn, stride_don, stride_on, stride_dqn)
         lse_ptrs += BLOCK_M
         delta_ptrs += BLOCK_M
     if m_full < N_Q:  # the ragged last query block
