@@ -302,18 +302,22 @@ def bwd_config(C: int, device: torch.device, dtype: torch.dtype = torch.bfloat16
     return rows, warps, per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
-def layer_norm_fwd(x, weight, bias, eps, residual=None, y=None, s=None, rows_per_program=None, num_warps=None):
+def layer_norm_fwd(x, weight, bias, eps, residual=None, y=None, s=None, rows_per_program=None, num_warps=None,
+                   y_dtype=None):
     """LN over the last dim of ``x`` (of ``x + residual`` when given) -> (y, s or None, mean, rstd).
 
-    x, residual: [..., C] (same shape and dtype); weight, bias: [C] or None. y and s come out
-    contiguous in x's shape and dtype (pass preallocated ones to reuse them), mean and rstd as
-    [rows] fp32. rows_per_program / num_warps override the tuned configuration (for sweeps).
+    x, residual: [..., C] of the same shape, any float dtypes (each read in its own, math in fp32);
+    weight, bias: [C] or None, any float dtype. s comes out in the promoted dtype of x and residual,
+    y in ``y_dtype`` (default: s's dtype, or x's without a residual), both contiguous in x's shape
+    (pass preallocated ones to reuse them); mean and rstd as [rows] fp32. rows_per_program /
+    num_warps override the tuned configuration (for sweeps).
     """
     C = x.shape[-1]
     check_width(C)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device) if y is None else y
+    stream_dtype = torch.promote_types(x.dtype, residual.dtype) if residual is not None else x.dtype
+    y = torch.empty(x.shape, dtype=y_dtype or stream_dtype, device=x.device) if y is None else y
     if residual is not None and s is None:
-        s = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+        s = torch.empty(x.shape, dtype=stream_dtype, device=x.device)
     n_rows = x.numel() // C
     mean = torch.empty(n_rows, dtype=torch.float32, device=x.device)
     rstd = torch.empty(n_rows, dtype=torch.float32, device=x.device)
@@ -335,14 +339,20 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, y=None, s=None, rows_per
     return y, s, mean, rstd
 
 
+def param_grad_dtype(x, weight):
+    """The dtype of dweight and dbias: weight's (fp32 parameters under autocast), else x's."""
+    return weight.dtype if weight is not None else x.dtype
+
+
 def layer_norm_bwd(dy, x, weight, mean, rstd, ds=None, compute_dweight=True, compute_dbias=True, dx=None,
                    rows_per_program=None, num_warps=None, num_programs=None):
     """Gradients of y = LN(x) -> (dx, dweight or None, dbias or None); with ``ds`` (the gradient
     of s = x + residual, for add + LN) dx = ds + dLN/dx, which is also the residual's gradient.
 
-    dy, x, ds: [..., C]; weight: [C] or None; mean, rstd: [rows] fp32 from the forward. dweight is
-    computed only when compute_dweight and weight is given; dbias when compute_dbias. dweight and
-    dbias come in x's dtype, reduced in fp32 over a fixed number of programs (deterministic).
+    dy, x, ds: [..., C], any float dtypes (dx comes in x's); weight: [C] or None; mean, rstd:
+    [rows] fp32 from the forward. dweight is computed only when compute_dweight and weight is
+    given; dbias when compute_dbias. dweight and dbias come in `param_grad_dtype`, reduced in fp32
+    over a fixed number of programs (deterministic).
     """
     C = x.shape[-1]
     check_width(C)
@@ -351,8 +361,9 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, ds=None, compute_dweight=True, com
     n_rows = x.numel() // C
     default_rows, default_warps, default_programs = bwd_config(C, x.device, x.dtype, ds is not None)
     rows_per_program = rows_per_program or default_rows
-    dweight = torch.empty(C, dtype=x.dtype, device=x.device) if compute_dweight else None
-    dbias = torch.empty(C, dtype=x.dtype, device=x.device) if compute_dbias else None
+    param_dtype = param_grad_dtype(x, weight)
+    dweight = torch.empty(C, dtype=param_dtype, device=x.device) if compute_dweight else None
+    dbias = torch.empty(C, dtype=param_dtype, device=x.device) if compute_dbias else None
     if n_rows == 0:
         for grad in (dweight, dbias):
             if grad is not None:

@@ -175,6 +175,43 @@ def test_only_s_used_gives_ds_as_the_gradient(device):
     torch.testing.assert_close(r.grad, ds, rtol=0, atol=0)
 
 
+def test_mixed_precision_reads_each_dtype_and_rounds_once(device):
+    """fp16 x + fp32 residual with fp32 weights, y asked in fp16 (what a block under autocast feeds
+    its next Linear): the numbers of torch upcasting first, s = x.float() + residual exactly and
+    y = LN(s) in fp32 rounded once; each gradient in its input's dtype, against float64."""
+    shape = (3, 7, 100)
+    x, dy = (torch.randn(shape, device=device).to(FP16) for _ in range(2))
+    r, ds = (torch.randn(shape, device=device) for _ in range(2))
+    w, b = torch.randn(100, device=device), torch.randn(100, device=device)
+    before = dispatch.kernel_launches.copy()
+    (y, s), grads = run(lambda x, r, w, b: VF.add_layer_norm(x, r, w, b, 1e-6, out_dtype=FP16), [x, r, w, b], [dy, ds])
+    assert_kernel_ran(before, device, "add_layer_norm_fwd", "add_layer_norm_bwd")
+    assert (y.dtype, s.dtype) == (FP16, FP32) and [g.dtype for g in grads] == [FP16, FP32, FP32, FP32]
+    torch.testing.assert_close(s, x.float() + r, rtol=0, atol=0)
+
+    def upcast_then_ln(x, r, w, b):
+        s = x.float() + r
+        return F.layer_norm(s, (100,), w, b, 1e-6).to(FP16), s
+
+    (t_y, _), t_grads = run(upcast_then_ln, [x, r, w, b], [dy, ds])
+    (r_y, _), r_grads = run(lambda x, r, w, b: reference.add_layer_norm(x, r, w, b, 1e-6),
+                            [t.double() for t in (x, r, w, b)], [dy.double(), ds.double()])
+    assert_close_to_ref("y fp16", y, t_y, r_y, DTYPE_BOUND[FP16])
+    for name, g, t_g, r_g in zip(["dx fp16", "dresidual", "dweight", "dbias"], grads, t_grads, r_grads):
+        assert_close_to_ref(name, g, t_g, r_g, DTYPE_BOUND[g.dtype], factor=3.0)
+
+
+def test_out_dtype_is_the_fp32_result_rounded_once(device):
+    x, dy = torch.randn(4, 9, 100, device=device), torch.randn(4, 9, 100, device=device).to(FP16)
+    w, b = torch.randn(100, device=device), torch.randn(100, device=device)
+    (y,), (dx, dw, db) = run(lambda x, w, b: VF.layer_norm(x, w, b, out_dtype=FP16), [x, w, b], [dy])
+    (want,), want_grads = run(lambda x, w, b: F.layer_norm(x, (100,), w, b, 1e-6).to(FP16), [x, w, b], [dy])
+    assert y.dtype == FP16 and (dx.dtype, dw.dtype, db.dtype) == (FP32, FP32, FP32)
+    torch.testing.assert_close(y, want, rtol=1e-3, atol=1e-3)  # an fp32 LN a few ulps off rounds to 1 fp16 ulp
+    for got, expected in zip((dx, dw, db), want_grads):
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -263,21 +300,24 @@ def _opcheck_samples(device):
     w = torch.randn(100, device=device, requires_grad=True)
     b = torch.randn(100, device=device, requires_grad=True)
     dy, ds = torch.randn(3, 5, 100, device=device), torch.randn(3, 5, 100, device=device)
-    _, mean, rstd = ops.layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-6)
-    _, s, s_mean, s_rstd = ops.add_layer_norm_fwd(x.detach(), r.detach(), w.detach(), None, 1e-6)
+    x16 = torch.randn(3, 5, 100, device=device, dtype=FP16, requires_grad=True)
+    _, mean, rstd = ops.layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-6, FP32)
+    _, s, s_mean, s_rstd = ops.add_layer_norm_fwd(x.detach(), r.detach(), w.detach(), None, 1e-6, FP32)
     return [
-        (ops.layer_norm_fwd, (x, w, b, 1e-6)),
-        (ops.layer_norm_fwd, (x, None, None, 1e-5)),
+        (ops.layer_norm_fwd, (x, w, b, 1e-6, FP32)),
+        (ops.layer_norm_fwd, (x, None, None, 1e-5, FP32)),
+        (ops.layer_norm_fwd, (x16, w, b, 1e-6, FP16)),  # mixed precision: fp16 x, fp32 weights, fp16 y
         (ops.layer_norm_bwd, (dy, x.detach(), w.detach(), mean, rstd, True, True)),
         (ops.layer_norm_bwd, (dy, x.detach(), None, mean, rstd, False, False)),
-        (ops.add_layer_norm_fwd, (x, r, w, b, 1e-6)),
-        (ops.add_layer_norm_fwd, (x, r, None, None, 1e-5)),
+        (ops.add_layer_norm_fwd, (x, r, w, b, 1e-6, FP32)),
+        (ops.add_layer_norm_fwd, (x, r, None, None, 1e-5, FP32)),
+        (ops.add_layer_norm_fwd, (x16, r, w, b, 1e-6, FP16)),  # fp16 x + fp32 residual: s fp32
         (ops.add_layer_norm_bwd, (dy, ds, s, w.detach(), s_mean, s_rstd, True, False)),
         (ops.add_layer_norm_bwd, (dy, None, s, None, s_mean, s_rstd, False, True)),
     ]
 
 
-@pytest.mark.parametrize("index", range(8))
+@pytest.mark.parametrize("index", range(10))
 def test_opcheck(device, index):
     op, args = _opcheck_samples(device)[index]
     torch.library.opcheck(op, args)
@@ -292,11 +332,11 @@ def test_eager_function_path_matches_the_custom_ops_bit_for_bit(device):
     before = dispatch.kernel_launches.copy()
     fast = run(lambda x, w, b: ops.layer_norm(x, w, b, 1e-5), [x, w, b], [dy])
     assert_kernel_ran(before, device, "layer_norm_fwd", "layer_norm_bwd")
-    slow = run(lambda x, w, b: ops.layer_norm_fwd(x, w, b, 1e-5)[0], [x, w, b], [dy])
+    slow = run(lambda x, w, b: ops.layer_norm_fwd(x, w, b, 1e-5, x.dtype)[0], [x, w, b], [dy])
     before = dispatch.kernel_launches.copy()
     fast_add = run(lambda x, r, w: ops.add_layer_norm(x, r, w, None), [x, r, w], [dy, ds])
     assert_kernel_ran(before, device, "add_layer_norm_fwd", "add_layer_norm_bwd")
-    slow_add = run(lambda x, r, w: ops.add_layer_norm_fwd(x, r, w, None, 1e-6)[:2], [x, r, w], [dy, ds])
+    slow_add = run(lambda x, r, w: ops.add_layer_norm_fwd(x, r, w, None, 1e-6, x.dtype)[:2], [x, r, w], [dy, ds])
     for (outs, grads), (want_outs, want_grads) in ((fast, slow), (fast_add, slow_add)):
         for got, want in zip([*outs, *grads], [*want_outs, *want_grads]):
             torch.testing.assert_close(got, want, rtol=0, atol=0)
@@ -398,7 +438,9 @@ _X = torch.randn(4, 100)
     (lambda: VF.layer_norm(_X, [1.0] * 100), TypeError, "weight: expected a torch.Tensor"),
     (lambda: VF.layer_norm(torch.randn(4, 0)), ValueError, "x: expected a tensor"),
     (lambda: VF.add_layer_norm(_X, _X[:2]), ValueError, r"residual: expected the shape of x \(4, 100\)"),
-    (lambda: VF.add_layer_norm(_X, _X.half()), ValueError, "residual: expected dtype torch.float32"),
+    (lambda: VF.add_layer_norm(_X.half(), _X.half(), torch.ones(100)), ValueError,
+     r"weight: expected dtype torch.float16 \(that of x \+ residual\)"),
+    (lambda: VF.layer_norm(_X, out_dtype=torch.int32), ValueError, "out_dtype: expected one of"),
     (lambda: VF.add_layer_norm(_X, None), TypeError, "residual: expected a torch.Tensor"),
     (lambda: VF.add_layer_norm(_X, _X, torch.ones(100), torch.ones(101)), ValueError, r"bias: expected shape"),
 ])
@@ -480,6 +522,12 @@ def test_gpu_autocast_runs_in_fp32_as_torch_does():
     assert y.dtype == y_torch.dtype == FP32 and s.dtype == s_torch.dtype
     torch.testing.assert_close(y, y_torch)
     torch.testing.assert_close(fused, F.layer_norm(s_torch, (768,), module.weight, module.bias, 1e-6))
+    with torch.autocast("cuda", dtype=BF16):  # out_dtype: what a Linear after it would round y to
+        y16 = VF.layer_norm(x, module.weight, module.bias, module.eps, out_dtype=BF16)
+        fused16, s16 = VF.add_layer_norm(x, r.float(), module.weight, module.bias, out_dtype=BF16)
+    assert (y16.dtype, fused16.dtype, s16.dtype) == (BF16, BF16, FP32)
+    torch.testing.assert_close(y16, y_torch.to(BF16))
+    torch.testing.assert_close(fused16, fused.to(BF16))
 
 
 @pytest.mark.gpu

@@ -47,11 +47,18 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
-def norm_stream(norm, x, delta=None):
-    """(norm(x + delta), x + delta) with the add fused into the LayerNorm; ``delta`` None: no add."""
+def norm_stream(norm, x, delta=None, out_dtype=None):
+    """(norm(x + delta), x + delta) with the add fused into the LayerNorm; ``delta`` None: no add.
+    ``out_dtype``: the normed output's dtype (default: the LayerNorm's own)."""
     if delta is None:
-        return VF.layer_norm(x, norm.weight, norm.bias, norm.eps), x
-    return VF.add_layer_norm(delta, x, norm.weight, norm.bias, norm.eps)
+        return VF.layer_norm(x, norm.weight, norm.bias, norm.eps, out_dtype=out_dtype), x
+    return VF.add_layer_norm(delta, x, norm.weight, norm.bias, norm.eps, out_dtype=out_dtype)
+
+
+def linear_input_dtype(x):
+    """Under CUDA autocast a Linear rounds its input to the autocast dtype: a LayerNorm that only
+    feeds one can write that dtype itself (the same numbers, without the fp32 round trip)."""
+    return torch.get_autocast_dtype("cuda") if x.is_cuda and torch.is_autocast_enabled("cuda") else None
 
 
 class Block(nn.Module):
@@ -100,8 +107,9 @@ class Block(nn.Module):
         The returned ``delta`` is None when fc2 already added the residual, else the MLP branch,
         which the next LayerNorm adds in its fused add + norm.
         """
-        h, x = norm_stream(self.norm1, x, delta)
-        h, x = norm_stream(self.norm2, x, self.drop_path1(self.ls1(self.attn(h))))
+        to_linear = linear_input_dtype(x)  # norm1 feeds attn.qkv, norm2 feeds mlp.fc1
+        h, x = norm_stream(self.norm1, x, delta, to_linear)
+        h, x = norm_stream(self.norm2, x, self.drop_path1(self.ls1(self.attn(h))), to_linear)
         mlp = self.mlp
         hidden = mlp.norm(mlp.drop1(VF.linear_gelu(h, mlp.fc1.weight, mlp.fc1.bias, mlp.approximate)))  # [B, N, hidden]
         if self._fc2_adds_residual():

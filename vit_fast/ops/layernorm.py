@@ -1,12 +1,16 @@
 """LayerNorm and residual-add + LayerNorm over the last dim: registration, autograd, checks, dispatch.
 
 Ops (all in the `vit_fast` namespace; mean and rstd are [rows] fp32, rows = numel // C):
-- layer_norm_fwd(x, weight?, bias?, eps) -> (y, mean, rstd)
+- layer_norm_fwd(x, weight?, bias?, eps, y_dtype) -> (y, mean, rstd)
 - layer_norm_bwd(dy, x, weight?, mean, rstd, compute_dweight, compute_dbias) -> (dx, dweight, dbias)
-- add_layer_norm_fwd(x, residual, weight?, bias?, eps) -> (y, s, mean, rstd), s = x + residual
+- add_layer_norm_fwd(x, residual, weight?, bias?, eps, y_dtype) -> (y, s, mean, rstd), s = x + residual
+  in the promoted dtype of x and residual (as torch's add)
 - add_layer_norm_bwd(dy, ds?, s, weight?, mean, rstd, compute_dweight, compute_dbias)
   -> (dx, dweight, dbias); dx = ds + dLN/ds is the gradient of both x and residual
-A gradient not asked for comes back as an empty [0] tensor (a custom op cannot return None).
+The kernels read every input in its own dtype and compute in fp32, so mixed precision needs no cast
+passes: bf16 x with fp32 weight (and an fp32 residual) under autocast, y written in y_dtype. dweight
+and dbias come in weight's dtype. A gradient not asked for comes back as an empty [0] tensor (a
+custom op cannot return None).
 """
 import math
 from typing import Optional
@@ -16,7 +20,7 @@ import torch.nn.functional as F
 
 from vit_fast import dispatch
 from vit_fast.kernels import layernorm as kernels
-from vit_fast.ops.checks import FLOAT_DTYPES, check_same, check_tensor
+from vit_fast.ops.checks import FLOAT_DTYPES, check_tensor
 
 # Registered with torch.library.custom_op, not triton_op: triton_op + wrap_triton cannot run under
 # Triton's interpreter on fake tensors, so CI (CPU) could not opcheck it.
@@ -28,10 +32,10 @@ from vit_fast.ops.checks import FLOAT_DTYPES, check_same, check_tensor
 # A gradient not asked for comes back as None here.
 
 
-def _layer_norm_fwd_launch(x, weight, bias, eps):
+def _layer_norm_fwd_launch(x, weight, bias, eps, y_dtype):
     dispatch.record_launch("layer_norm_fwd")
     with dispatch.device_of(x):
-        y, _, mean, rstd = kernels.layer_norm_fwd(x, weight, bias, eps)
+        y, _, mean, rstd = kernels.layer_norm_fwd(x, weight, bias, eps, y_dtype=y_dtype)
     return y, mean, rstd
 
 
@@ -41,10 +45,10 @@ def _layer_norm_bwd_launch(dy, x, weight, mean, rstd, compute_dweight, compute_d
         return kernels.layer_norm_bwd(dy, x, weight, mean, rstd, None, compute_dweight, compute_dbias)
 
 
-def _add_layer_norm_fwd_launch(x, residual, weight, bias, eps):
+def _add_layer_norm_fwd_launch(x, residual, weight, bias, eps, y_dtype):
     dispatch.record_launch("add_layer_norm_fwd")
     with dispatch.device_of(x):
-        return kernels.layer_norm_fwd(x, weight, bias, eps, residual=residual)
+        return kernels.layer_norm_fwd(x, weight, bias, eps, residual=residual, y_dtype=y_dtype)
 
 
 def _add_layer_norm_bwd_launch(dy, ds, s, weight, mean, rstd, compute_dweight, compute_dbias):
@@ -58,8 +62,8 @@ def _add_layer_norm_bwd_launch(dy, ds, s, weight, mean, rstd, compute_dweight, c
 
 @torch.library.custom_op("vit_fast::layer_norm_fwd", mutates_args=())
 def layer_norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                   eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _layer_norm_fwd_launch(x, weight, bias, eps)
+                   eps: float, y_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _layer_norm_fwd_launch(x, weight, bias, eps, y_dtype)
 
 
 @torch.library.custom_op("vit_fast::layer_norm_bwd", mutates_args=())
@@ -72,9 +76,9 @@ def layer_norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Ten
 
 @torch.library.custom_op("vit_fast::add_layer_norm_fwd", mutates_args=())
 def add_layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor, weight: Optional[torch.Tensor],
-                       bias: Optional[torch.Tensor], eps: float
+                       bias: Optional[torch.Tensor], eps: float, y_dtype: torch.dtype
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _add_layer_norm_fwd_launch(x, residual, weight, bias, eps)
+    return _add_layer_norm_fwd_launch(x, residual, weight, bias, eps, y_dtype)
 
 
 @torch.library.custom_op("vit_fast::add_layer_norm_bwd", mutates_args=())
@@ -100,13 +104,14 @@ def _fake_stats(x):
 
 def _fake_grads(x, weight, compute_dweight, compute_dbias):
     C = x.shape[-1]
-    dweight = x.new_empty(C if compute_dweight and weight is not None else 0)
-    return x.new_empty(x.shape), dweight, x.new_empty(C if compute_dbias else 0)
+    param_dtype = kernels.param_grad_dtype(x, weight)
+    dweight = x.new_empty(C if compute_dweight and weight is not None else 0, dtype=param_dtype)
+    return x.new_empty(x.shape), dweight, x.new_empty(C if compute_dbias else 0, dtype=param_dtype)
 
 
 @layer_norm_fwd.register_fake
-def _(x, weight, bias, eps):
-    return (x.new_empty(x.shape), *_fake_stats(x))
+def _(x, weight, bias, eps, y_dtype):
+    return (x.new_empty(x.shape, dtype=y_dtype), *_fake_stats(x))
 
 
 @layer_norm_bwd.register_fake
@@ -115,8 +120,9 @@ def _(dy, x, weight, mean, rstd, compute_dweight, compute_dbias):
 
 
 @add_layer_norm_fwd.register_fake
-def _(x, residual, weight, bias, eps):
-    return (x.new_empty(x.shape), x.new_empty(x.shape), *_fake_stats(x))
+def _(x, residual, weight, bias, eps, y_dtype):
+    s_dtype = torch.promote_types(x.dtype, residual.dtype)
+    return (x.new_empty(x.shape, dtype=y_dtype), x.new_empty(x.shape, dtype=s_dtype), *_fake_stats(x))
 
 
 @add_layer_norm_bwd.register_fake
@@ -133,18 +139,18 @@ def _wanted(ctx, weight_index):
 
 
 def _layer_norm_setup_context(ctx, inputs, output):
-    x, weight, _, _ = inputs
+    x, weight, _, _, _ = inputs
     _, mean, rstd = output
     ctx.save_for_backward(x, weight, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
 
 
 def _layer_norm_grads(ctx, dy, backward):
-    """Gradients of (x, weight, bias, eps); `backward` is the bwd custom op or its plain launch."""
+    """Gradients of (x, weight, bias, eps, y_dtype); `backward` is the bwd custom op or its plain launch."""
     x, weight, mean, rstd = ctx.saved_tensors
     compute_dweight, compute_dbias = _wanted(ctx, 1)
     dx, dweight, dbias = backward(dy, x, weight, mean, rstd, compute_dweight, compute_dbias)
-    return dx, dweight if compute_dweight else None, dbias if compute_dbias else None, None
+    return dx, dweight if compute_dweight else None, dbias if compute_dbias else None, None, None
 
 
 def _layer_norm_backward(ctx, dy, _dmean, _drstd):
@@ -152,7 +158,7 @@ def _layer_norm_backward(ctx, dy, _dmean, _drstd):
 
 
 def _add_layer_norm_setup_context(ctx, inputs, output):
-    _, _, weight, _, _ = inputs
+    _, _, weight, _, _, _ = inputs
     _, s, mean, rstd = output
     ctx.save_for_backward(s, weight, mean, rstd)
     ctx.mark_non_differentiable(mean, rstd)
@@ -160,13 +166,14 @@ def _add_layer_norm_setup_context(ctx, inputs, output):
 
 
 def _add_layer_norm_grads(ctx, dy, ds, backward):
-    """Gradients of (x, residual, weight, bias, eps); `backward` is the bwd custom op or its plain launch."""
+    """Gradients of (x, residual, weight, bias, eps, y_dtype); `backward` is the bwd custom op or its
+    plain launch. dx is in s's dtype; autograd casts it for an x or residual of another dtype."""
     s, weight, mean, rstd = ctx.saved_tensors
     compute_dweight, compute_dbias = _wanted(ctx, 2)
     if dy is None:  # only s was used: y contributes nothing
         dy = torch.zeros_like(s)
     dx, dweight, dbias = backward(dy, ds, s, weight, mean, rstd, compute_dweight, compute_dbias)
-    return dx, dx, dweight if compute_dweight else None, dbias if compute_dbias else None, None
+    return dx, dx, dweight if compute_dweight else None, dbias if compute_dbias else None, None, None
 
 
 def _add_layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
@@ -187,8 +194,8 @@ add_layer_norm_fwd.register_autograd(_add_layer_norm_backward, setup_context=_ad
 
 class _LayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        y, mean, rstd = _layer_norm_fwd_launch(x, weight, bias, eps)
+    def forward(ctx, x, weight, bias, eps, y_dtype):
+        y, mean, rstd = _layer_norm_fwd_launch(x, weight, bias, eps, y_dtype)
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
 
@@ -199,8 +206,8 @@ class _LayerNorm(torch.autograd.Function):
 
 class _AddLayerNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, residual, weight, bias, eps):
-        y, s, mean, rstd = _add_layer_norm_fwd_launch(x, residual, weight, bias, eps)
+    def forward(ctx, x, residual, weight, bias, eps, y_dtype):
+        y, s, mean, rstd = _add_layer_norm_fwd_launch(x, residual, weight, bias, eps, y_dtype)
         ctx.save_for_backward(s, weight, mean, rstd)
         ctx.set_materialize_grads(False)  # an unused s gives ds = None: no zeros to read
         return y, s
@@ -213,66 +220,88 @@ class _AddLayerNorm(torch.autograd.Function):
 # ----------------------------------------------------------------------------- public functions
 
 
-def _check_inputs(x, weight, bias, residual=None):
+def _under_autocast(x):
+    """CUDA autocast runs torch's layer_norm in fp32 (bf16 x with fp32 weights included)."""
+    return x.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+
+
+def _check_inputs(x, weight, bias, residual, out_dtype, autocast):
+    """Shapes, devices and dtypes; True when the kernels run. The stream (x, or x + residual in
+    their promoted dtype, as torch adds) sets the dtype weight and bias must have, except under
+    autocast, where torch computes in fp32 from whatever dtypes come."""
     check_tensor("x", x)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x: expected a tensor [..., C] with C >= 1, got shape {tuple(x.shape)}")
     C = x.shape[-1]
+    stream_dtype = x.dtype
     if residual is not None:
+        check_tensor("residual", residual)
         if residual.shape != x.shape:
             raise ValueError(f"residual: expected the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+        stream_dtype = torch.promote_types(x.dtype, residual.dtype)
     for name, t in (("weight", weight), ("bias", bias)):
         if t is not None:
             check_tensor(name, t)
             if t.shape != (C,):
                 raise ValueError(f"{name}: expected shape ({C},) (the last dim of x), got {tuple(t.shape)}")
-    check_same("x", x, residual=residual, weight=weight, bias=bias)
+    for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{name}: expected device {x.device} (that of x), got {t.device}")
+        if t is not None and name != "residual" and not autocast and t.dtype != stream_dtype:
+            raise ValueError(f"{name}: expected dtype {stream_dtype} (that of x"
+                             f"{' + residual' if residual is not None else ''}), got {t.dtype}")
+    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"out_dtype: expected one of {FLOAT_DTYPES} or None, got {out_dtype}")
     if dispatch.use_kernels(x):
-        check_tensor("x", x, dtypes=FLOAT_DTYPES)
+        for name, t in (("x", x), ("residual", residual), ("weight", weight), ("bias", bias)):
+            if t is not None:
+                check_tensor(name, t, dtypes=FLOAT_DTYPES)
         kernels.check_width(C)
         return True
     return False
 
 
-def _autocast_fp32(*tensors):
-    """Under CUDA autocast torch runs layer_norm in fp32 (bf16 x with fp32 weights included):
-    the same here, so the drop-in gives torch's dtypes in mixed precision."""
-    x = tensors[0]
-    if isinstance(x, torch.Tensor) and x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
-        return [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors]
-    return tensors
+def _y_dtype(stream_dtype, out_dtype, autocast):
+    return out_dtype or (torch.float32 if autocast else stream_dtype)
 
 
-def layer_norm(x, weight=None, bias=None, eps=1e-6):
+def layer_norm(x, weight=None, bias=None, eps=1e-6, out_dtype=None):
     """LayerNorm over the last dim: x [..., C], weight / bias [C] or None -> y [..., C].
 
     The same numbers as ``F.layer_norm(x, (C,), weight, bias, eps)``, statistics in fp32, y
     contiguous on the kernel path. x may be any view whose last dim has unit stride and whose
-    leading dims collapse (read in place); other layouts are copied once. Kernels take C <= 16384 and fp16 / bf16 / fp32. Under CUDA
-    autocast it runs in fp32, as torch's layer_norm does.
+    leading dims collapse (read in place); other layouts are copied once. Kernels take C <= 16384
+    and fp16 / bf16 / fp32. Under CUDA autocast it computes in fp32 and returns fp32, as torch's
+    layer_norm does, reading a bf16 x and fp32 weights as they are (no cast passes).
+    ``out_dtype``: y's dtype instead (e.g. the autocast dtype when y only feeds a Linear, which
+    would round it to that dtype anyway: the same numbers, half the bytes).
     """
-    x, weight, bias = _autocast_fp32(x, weight, bias)
-    if _check_inputs(x, weight, bias):
+    autocast = _under_autocast(x) if isinstance(x, torch.Tensor) else False
+    if _check_inputs(x, weight, bias, None, out_dtype, autocast):
+        y_dtype = _y_dtype(x.dtype, out_dtype, autocast)
         if torch.compiler.is_compiling():
-            return layer_norm_fwd(x, weight, bias, float(eps))[0]
-        return _LayerNorm.apply(x, weight, bias, float(eps))  # eager: see "eager fast path"
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+            return layer_norm_fwd(x, weight, bias, float(eps), y_dtype)[0]
+        return _LayerNorm.apply(x, weight, bias, float(eps), y_dtype)  # eager: see "eager fast path"
+    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
-def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-6):
-    """(LayerNorm(x + residual), x + residual): x, residual [..., C] of the same shape and dtype.
+def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-6, out_dtype=None):
+    """(LayerNorm(x + residual), x + residual): x, residual [..., C] of the same shape.
 
-    One read of x and residual, one write of y and s (both contiguous on the kernel path); y is
-    normalized from s as stored in x's dtype. The gradient of x and of residual is the same: ds + dLN/ds. Under CUDA
-    autocast it runs in fp32, as torch's add and layer_norm would.
+    s = x + residual in their promoted dtype (as torch's add), y normalized from s as stored. One
+    read of x and residual, one write of y and s (both contiguous on the kernel path). The gradient
+    of x and of residual is the same: ds + dLN/ds. Under CUDA autocast y is computed and returned
+    in fp32, as torch's layer_norm would; ``out_dtype`` as in `layer_norm`.
     """
-    x, residual, weight, bias = _autocast_fp32(x, residual, weight, bias)
-    check_tensor("x", x)
+    autocast = _under_autocast(x) if isinstance(x, torch.Tensor) else False
     check_tensor("residual", residual)
-    if _check_inputs(x, weight, bias, residual):
+    if _check_inputs(x, weight, bias, residual, out_dtype, autocast):
+        y_dtype = _y_dtype(torch.promote_types(x.dtype, residual.dtype), out_dtype, autocast)
         if torch.compiler.is_compiling():
-            y, s, _, _ = add_layer_norm_fwd(x, residual, weight, bias, float(eps))
+            y, s, _, _ = add_layer_norm_fwd(x, residual, weight, bias, float(eps), y_dtype)
             return y, s
-        return _AddLayerNorm.apply(x, residual, weight, bias, float(eps))  # eager: see "eager fast path"
+        return _AddLayerNorm.apply(x, residual, weight, bias, float(eps), y_dtype)  # eager: see "eager fast path"
     s = x + residual
-    return F.layer_norm(s, (s.shape[-1],), weight, bias, eps), s
+    y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    return (y if out_dtype is None else y.to(out_dtype)), s
