@@ -295,7 +295,7 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-6, out_dtype=None
     in fp32, as torch's layer_norm would; ``out_dtype`` as in `layer_norm`.
     """
     autocast = _under_autocast(x) if isinstance(x, torch.Tensor) else False
-    check_tensor("residual", residual)
+    check_tensor("residual", residual)  # required here: _check_inputs reads None as "no residual"
     if _check_inputs(x, weight, bias, residual, out_dtype, autocast):
         y_dtype = _y_dtype(torch.promote_types(x.dtype, residual.dtype), out_dtype, autocast)
         if torch.compiler.is_compiling():
