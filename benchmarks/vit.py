@@ -12,7 +12,8 @@ attention stands in for timm, labelled "timm-style (reference+SDPA)".
   optimizer step; peak memory = the most allocated during a step (weights and optimizer state in).
 images/s, MFU = forward FLOPs (x3 for a training step) per second / the measured bf16 matmul peak
 (FLOPs = 2 x MACs; ViT-B/16 forward: 17.56 GMACs per image), ratios to timm eager and to
-torch.compile(timm). Without a GPU: says so, times a tiny ViT forward on the CPU (PyTorch path),
+torch.compile(timm); graph_img_s, each inference row replayed from a CUDA graph (launch gaps gone:
+where it is well above img_s, the host's launch path costs throughput at that batch). Without a GPU: says so, times a tiny ViT forward on the CPU (PyTorch path),
 writes no files, exits 0.
 """
 import argparse
@@ -87,11 +88,13 @@ def measure_inference(impl, name, batch, img_size, quick, uint8=False):
     model, label = build(impl, name)
     model = maybe_compile(impl, model.bfloat16().eval())
     x = images(batch, img_size, torch.uint8 if uint8 else torch.bfloat16)
+    reps = dict(warmup=50 if quick else 100, rep=200 if quick else 500)
     with torch.no_grad():
         model(x)  # compile (when compiling) and warm up outside the timing
-        ms = harness.bench_ms(lambda: model(x), warmup=50 if quick else 100, rep=200 if quick else 500)
+        ms = harness.bench_ms(lambda: model(x), **reps)
+        graph_ms = harness.graph_ms_or_none(f"{name} {impl}", lambda: model(x), **reps)
         peak = torch.cuda.memory_allocated() / 2**20 + harness.peak_memory_mib(lambda: model(x))
-    return ms, peak / 1024, label
+    return ms, graph_ms, peak / 1024, label
 
 
 def measure_training(impl, name, img_size, quick):
@@ -147,8 +150,9 @@ def run_gpu(quick):
             label_impl = impl + (" (uint8 in)" if uint8 else "")
             try:
                 if mode == "inference":
-                    ms, peak, label = measure_inference(impl, name, batch, img_size, quick, uint8)
+                    ms, graph_ms, peak, label = measure_inference(impl, name, batch, img_size, quick, uint8)
                     rows.append(row(name, mode, label_impl, label, batch, ms, peak, flops, peak_tflops))
+                    rows[-1]["graph_img_s"] = batch / graph_ms * 1e3 if graph_ms else ""
                 else:
                     ms, peak, label = measure_training(impl, name, img_size, quick)
                     rows.append(row(name, mode, label_impl, label, TRAIN_BATCH, ms, peak, 3 * flops, peak_tflops))
@@ -162,7 +166,8 @@ def run_gpu(quick):
             torch._dynamo.reset()
             torch.cuda.empty_cache()
     add_ratios(rows)
-    columns = ["model", "mode", "impl", "batch", "ms", "img_s", "mfu_pct", "peak_gib", "x_timm", "x_timm_compile"]
+    columns = ["model", "mode", "impl", "batch", "ms", "img_s", "mfu_pct", "peak_gib", "x_timm", "x_timm_compile",
+               "graph_img_s"]
     harness.print_table(rows, columns, title="ViT end to end, bf16 (inference: bf16 weights; train: AMP + fused AdamW)")
     for r in rows:
         if r["model"] == "vit_base_patch16_224" and r["impl"] == "vit_fast" and r.get("img_s"):
