@@ -29,7 +29,8 @@ every tile [*, D] is a pair of tiles, every product over D two tl.dots), so no M
 padding; other dims are padded with masks on D (`head_chunks`). Token masks are applied only to the
 ragged last block of the loop. fp32 inputs: every `tl.dot` takes input_precision="ieee" (exact fp32
 products, CUDA-core FMA on a GPU, not tf32: fp32 results are fp32-accurate, ~1e-7, like torch's fp32
-matmuls, at a fraction of the 16-bit speed); fp16/bf16 inputs use the tensor cores as before.
+matmuls, at a fraction of the 16-bit speed, and spilling registers in offline sm_90 compiles: see
+benchmarks/NOTES.md); fp16/bf16 inputs use the tensor cores.
 """
 from typing import NamedTuple
 
