@@ -151,7 +151,7 @@ def test_single_pass_rejects_too_few_keys_per_block(device):
 
 
 HOPPER_COMPILE = r"""
-import itertools, os, subprocess, sys
+import itertools, os, shutil, subprocess, sys
 import torch
 import triton
 from triton.backends.compiler import GPUTarget
@@ -160,6 +160,8 @@ from vit_fast.kernels import attention as kernels
 
 SMEM_LIMIT = 232448  # bytes of shared memory one H100 block may use
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+CUOBJDUMP = CUOBJDUMP if os.path.exists(CUOBJDUMP) else shutil.which("cuobjdump")  # Triton's own, else CUDA's
+assert CUOBJDUMP, "cuobjdump: neither Triton's bundled one nor one on PATH"
 KERNELS = {"fwd": kernels.attention_fwd_kernel, "dq": kernels.attention_bwd_dq_kernel,
            "dkdv": kernels.attention_bwd_dkdv_kernel}
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)  # every table row, and the two-chunk heads (48, 80, 96)
