@@ -4,6 +4,10 @@ configurations, registration (opcheck, torch.compile), the drop-in module and ba
 On CPU the kernels run under Triton's interpreter (fp32, fp16); `pytest -m gpu` adds bf16, the
 widths 1280 / 8192, more than 65,535 rows, determinism and torch.compile on a GPU.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -289,6 +293,66 @@ def test_rows_view_reads_in_place_when_the_rows_collapse(make, in_place):
     assert rows.shape == (x.numel() // 100, 100) and rows.stride(1) == 1
     assert (rows.data_ptr() == x.data_ptr()) == in_place
     torch.testing.assert_close(rows, x.reshape(-1, 100), rtol=0, atol=0)
+
+
+HOPPER_COMPILE = r"""
+import os, shutil, subprocess, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from vit_fast.kernels import layernorm as kernels
+
+CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+CUOBJDUMP = CUOBJDUMP if os.path.exists(CUOBJDUMP) else shutil.which("cuobjdump")  # Triton's own, else CUDA's
+assert CUOBJDUMP, "cuobjdump: neither Triton's bundled one nor one on PATH"
+SPILL_FREE_MAX_C = 4096  # the tables' comment: wider rows spill a few values (correct, slower)
+
+
+def compile_sm90(fn, constexprs, num_warps, tag, max_c):
+    args = [p.name for p in fn.params if not p.is_constexpr]
+    signature = {n: "i32" if n in ("n_rows", "C") or n.endswith("stride") else
+                 "fp32" if n == "eps" else "*fp32" if n.startswith(("mean", "rstd", "dweight", "dbias")) else "*bf16"
+                 for n in args}
+    signature.update({p.name: "constexpr" for p in fn.params if p.is_constexpr})
+    # as a launch at ViT widths specializes: pointers, C and row strides divisible by 16
+    attrs = {(args.index(n),): [["tt.divisibility", 16]] for n in args if signature[n] != "fp32" and n != "n_rows"}
+    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=num_warps, num_stages=1))
+    cubin = os.path.join(sys.argv[1], tag + ".cubin")
+    with open(cubin, "wb") as f:
+        f.write(compiled.asm["cubin"])
+    usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
+    resources = dict(item.split(":", 1) for item in usage.strip().splitlines()[-1].split() if ":" in item)
+    print(tag, "registers", resources["REG"], "stack", resources["STACK"])
+    if max_c <= SPILL_FREE_MAX_C:
+        assert resources["STACK"] == "0", (tag, "spills to local memory", resources)
+
+
+flags = dict(HAS_WEIGHT=True)
+for max_c, rows, warps in kernels.HOPPER_FWD_CONFIGS:
+    for residual in (False, True):
+        rows_here = max(1, rows // 2) if residual else rows  # as fwd_config picks them
+        compile_sm90(kernels.layer_norm_fwd_kernel, dict(HAS_RESIDUAL=residual, HAS_BIAS=True, ROWS_PER_PROGRAM=rows_here,
+                     BLOCK_C=triton.next_power_of_2(max_c), **flags), warps, f"fwd_{max_c}_res{int(residual)}", max_c)
+for max_c, rows, warps, _ in kernels.HOPPER_BWD_CONFIGS:
+    for ds in (False, True):
+        compile_sm90(kernels.layer_norm_bwd_kernel, dict(HAS_DS=ds, COMPUTE_DWEIGHT=True, COMPUTE_DBIAS=True,
+                     ROWS_PER_PROGRAM=rows, BLOCK_C=triton.next_power_of_2(max_c), **flags), warps,
+                     f"bwd_{max_c}_ds{int(ds)}", max_c)
+"""
+
+
+def test_tables_compile_for_hopper_without_spills(tmp_path):
+    """Every forward (plain and add + LN) and backward (with and without ds) table entry compiles for
+    sm_90 at its widest C, bf16, with this Triton, no GPU needed, and keeps its rows in registers up to
+    C = 4096, as the tables' comment says. In a subprocess: the interpreter is off there."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-c", HOPPER_COMPILE, str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    print(proc.stdout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("registers") == 2 * (len(kernels.HOPPER_FWD_CONFIGS) + len(kernels.HOPPER_BWD_CONFIGS))
 
 
 # ----------------------------------------------------------------------------- registration
