@@ -326,6 +326,7 @@ def compile_sm90(fn, constexprs, num_warps, tag, max_c):
     print(tag, "registers", resources["REG"], "stack", resources["STACK"])
     if max_c <= SPILL_FREE_MAX_C:
         assert resources["STACK"] == "0", (tag, "spills to local memory", resources)
+    return int(resources["REG"])
 
 
 flags = dict(HAS_WEIGHT=True)
@@ -334,18 +335,23 @@ for max_c, rows, warps in kernels.HOPPER_FWD_CONFIGS:
         rows_here = max(1, rows // 2) if residual else rows  # as fwd_config picks them
         compile_sm90(kernels.layer_norm_fwd_kernel, dict(HAS_RESIDUAL=residual, HAS_BIAS=True, ROWS_PER_PROGRAM=rows_here,
                      BLOCK_C=triton.next_power_of_2(max_c), **flags), warps, f"fwd_{max_c}_res{int(residual)}", max_c)
-for max_c, rows, warps, _ in kernels.HOPPER_BWD_CONFIGS:
+for max_c, rows, warps, per_sm in kernels.HOPPER_BWD_CONFIGS:
     for ds in (False, True):
-        compile_sm90(kernels.layer_norm_bwd_kernel, dict(HAS_DS=ds, COMPUTE_DWEIGHT=True, COMPUTE_DBIAS=True,
-                     ROWS_PER_PROGRAM=rows, BLOCK_C=triton.next_power_of_2(max_c), **flags), warps,
-                     f"bwd_{max_c}_ds{int(ds)}", max_c)
+        registers = compile_sm90(kernels.layer_norm_bwd_kernel, dict(HAS_DS=ds, COMPUTE_DWEIGHT=True,
+                                 COMPUTE_DBIAS=True, ROWS_PER_PROGRAM=rows, BLOCK_C=triton.next_power_of_2(max_c),
+                                 **flags), warps, f"bwd_{max_c}_ds{int(ds)}", max_c)
+        # the backward's grid is one wave of per_sm programs per SM: they must all fit in an SM's
+        # 64K registers (allocated per thread in steps of 8), or a second wave doubles the time
+        needed = per_sm[int(ds)] * warps * 32 * -(-registers // 8) * 8
+        assert needed <= 65536, (f"bwd_{max_c}_ds{int(ds)}", per_sm[int(ds)], "programs need", needed, "registers")
 """
 
 
 def test_tables_compile_for_hopper_without_spills(tmp_path):
     """Every forward (plain and add + LN) and backward (with and without ds) table entry compiles for
     sm_90 at its widest C, bf16, with this Triton, no GPU needed, and keeps its rows in registers up to
-    C = 4096, as the tables' comment says. In a subprocess: the interpreter is off there."""
+    C = 4096, as the tables' comment says; the backward's 16-bit programs per SM all fit in one wave.
+    In a subprocess: the interpreter is off there."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, "-c", HOPPER_COMPILE, str(tmp_path)], env=env, capture_output=True,
