@@ -5,13 +5,11 @@ there); GPU tests add bf16, long sequences, B*H > 65,535, cuda:1, torch.compile.
 fp32 dots (input_precision="ieee") on both, so fp32 is held to the fp32 bound against torch in full fp32.
 """
 import contextlib
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
+import sm90
 import vit_fast.functional as VF
 from numerics import DTYPE_BOUND, assert_close_to_ref, rel_err
 from vit_fast import dispatch, reference
@@ -151,17 +149,11 @@ def test_single_pass_rejects_too_few_keys_per_block(device):
 
 
 HOPPER_COMPILE = r"""
-import itertools, os, shutil, subprocess, sys
+import itertools
 import torch
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from sm90 import compile_sm90
 from vit_fast.kernels import attention as kernels
 
-SMEM_LIMIT = 232448  # bytes of shared memory one H100 block may use
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-CUOBJDUMP = CUOBJDUMP if os.path.exists(CUOBJDUMP) else shutil.which("cuobjdump")  # Triton's own, else CUDA's
-assert CUOBJDUMP, "cuobjdump: neither Triton's bundled one nor one on PATH"
 KERNELS = {"fwd": kernels.attention_fwd_kernel, "dq": kernels.attention_bwd_dq_kernel,
            "dkdv": kernels.attention_bwd_dkdv_kernel}
 HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)  # every table row, and the two-chunk heads (48, 80, 96)
@@ -180,25 +172,16 @@ def arg_type(name):
 for (kernel, fn), head_dim in itertools.product(KERNELS.items(), HEAD_DIMS):
     cfg = kernels.config(kernel, head_dim, torch.bfloat16)  # the 16-bit entry: the tensor-core path
     block_d, block_d_tail, pad_d, pad_d_tail = kernels.head_chunks(head_dim)
-    args = [p.name for p in fn.params if not p.is_constexpr]
-    signature = {name: arg_type(name) for name in args}
-    signature.update({p.name: "constexpr" for p in fn.params if p.is_constexpr})
+    types = {p.name: arg_type(p.name) for p in fn.params if not p.is_constexpr}
     constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_D_TAIL=block_d_tail,
                       PAD_D=pad_d, PAD_D_TAIL=pad_d_tail, DOT_PRECISION="tf32",
                       **({"WRITE_DQ": False} if kernel == "dkdv" else {}))
     # as a launch at ViT shapes specializes: pointers, strides and head_dim divisible by 16
-    attrs = {(args.index(n),): [["tt.divisibility", 16]] for n in args
-             if signature[n].startswith("*") or n.startswith("stride") or n == "head_dim"}
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
-    cubin = os.path.join(sys.argv[1], f"{kernel}_{head_dim}.cubin")
-    with open(cubin, "wb") as f:
-        f.write(compiled.asm["cubin"])
-    usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
-    resources = dict(item.split(":", 1) for item in usage.strip().splitlines()[-1].split() if ":" in item)
+    divisible = [n for n, t in types.items() if t.startswith("*") or n.startswith("stride") or n == "head_dim"]
+    compiled, resources = compile_sm90(fn, types, constexprs, divisible, cfg.num_warps, cfg.num_stages,
+                                       f"{kernel}_{head_dim}")
     print(kernel, head_dim, (block_d, block_d_tail), tuple(cfg), "registers", resources["REG"],
           "stack", resources["STACK"], "shared", compiled.metadata.shared)
-    assert compiled.metadata.shared <= SMEM_LIMIT, (kernel, head_dim, compiled.metadata.shared)
     assert resources["STACK"] == "0", (kernel, head_dim, "spills to local memory", resources)
 """
 
@@ -206,15 +189,8 @@ for (kernel, fn), head_dim in itertools.product(KERNELS.items(), HEAD_DIMS):
 def test_kernels_compile_for_hopper_without_spills(tmp_path):
     """Every 16-bit table entry (forward, dQ, dK/dV), at one-chunk and two-chunk head dims, compiles
     for sm_90 with this Triton, no GPU needed, fits an H100's shared memory and keeps its tiles in
-    registers (no local-memory stack). In a subprocess: the interpreter is off there. (The fp32
-    "ieee" entries do spill: benchmarks/NOTES.md.)"""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, "-c", HOPPER_COMPILE, str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    print(proc.stdout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("registers") == 3 * 7  # 3 kernels x HEAD_DIMS
+    registers (no local-memory stack). (The fp32 "ieee" entries do spill: benchmarks/NOTES.md.)"""
+    assert sm90.run_script(HOPPER_COMPILE, tmp_path).count("registers") == 3 * 7  # 3 kernels x HEAD_DIMS
 
 
 # ----------------------------------------------------------------------------- public ops

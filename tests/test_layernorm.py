@@ -4,14 +4,12 @@ configurations, registration (opcheck, torch.compile), the drop-in module and ba
 On CPU the kernels run under Triton's interpreter (fp32, fp16); `pytest -m gpu` adds bf16, the
 widths 1280 / 8192, more than 65,535 rows, determinism and torch.compile on a GPU.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 from numerics import DTYPE_BOUND, assert_close_to_ref
+
+import sm90
 
 import vit_fast
 from vit_fast import dispatch, reference
@@ -296,33 +294,20 @@ def test_rows_view_reads_in_place_when_the_rows_collapse(make, in_place):
 
 
 HOPPER_COMPILE = r"""
-import os, shutil, subprocess, sys
 import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+from sm90 import compile_sm90
 from vit_fast.kernels import layernorm as kernels
 
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-CUOBJDUMP = CUOBJDUMP if os.path.exists(CUOBJDUMP) else shutil.which("cuobjdump")  # Triton's own, else CUDA's
-assert CUOBJDUMP, "cuobjdump: neither Triton's bundled one nor one on PATH"
 SPILL_FREE_MAX_C = 4096  # the tables' comment: wider rows spill a few values (correct, slower)
 
 
-def compile_sm90(fn, constexprs, num_warps, tag, max_c):
-    args = [p.name for p in fn.params if not p.is_constexpr]
-    signature = {n: "i32" if n in ("n_rows", "C") or n.endswith("stride") else
-                 "fp32" if n == "eps" else "*fp32" if n.startswith(("mean", "rstd", "dweight", "dbias")) else "*bf16"
-                 for n in args}
-    signature.update({p.name: "constexpr" for p in fn.params if p.is_constexpr})
+def compile_table_entry(fn, constexprs, num_warps, tag, max_c):
+    types = {p.name: "i32" if p.name in ("n_rows", "C") or p.name.endswith("stride") else "fp32" if p.name == "eps"
+             else "*fp32" if p.name.startswith(("mean", "rstd", "dweight", "dbias")) else "*bf16"
+             for p in fn.params if not p.is_constexpr}
     # as a launch at ViT widths specializes: pointers, C and row strides divisible by 16
-    attrs = {(args.index(n),): [["tt.divisibility", 16]] for n in args if signature[n] != "fp32" and n != "n_rows"}
-    compiled = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=num_warps, num_stages=1))
-    cubin = os.path.join(sys.argv[1], tag + ".cubin")
-    with open(cubin, "wb") as f:
-        f.write(compiled.asm["cubin"])
-    usage = subprocess.run([CUOBJDUMP, "-res-usage", cubin], capture_output=True, text=True, check=True).stdout
-    resources = dict(item.split(":", 1) for item in usage.strip().splitlines()[-1].split() if ":" in item)
+    divisible = [n for n, t in types.items() if t != "fp32" and n != "n_rows"]
+    _, resources = compile_sm90(fn, types, constexprs, divisible, num_warps, 1, tag)
     print(tag, "registers", resources["REG"], "stack", resources["STACK"])
     if max_c <= SPILL_FREE_MAX_C:
         assert resources["STACK"] == "0", (tag, "spills to local memory", resources)
@@ -333,13 +318,15 @@ flags = dict(HAS_WEIGHT=True)
 for max_c, rows, warps in kernels.HOPPER_FWD_CONFIGS:
     for residual in (False, True):
         rows_here = max(1, rows // 2) if residual else rows  # as fwd_config picks them
-        compile_sm90(kernels.layer_norm_fwd_kernel, dict(HAS_RESIDUAL=residual, HAS_BIAS=True, ROWS_PER_PROGRAM=rows_here,
-                     BLOCK_C=triton.next_power_of_2(max_c), **flags), warps, f"fwd_{max_c}_res{int(residual)}", max_c)
+        compile_table_entry(kernels.layer_norm_fwd_kernel, dict(HAS_RESIDUAL=residual, HAS_BIAS=True,
+                            ROWS_PER_PROGRAM=rows_here, BLOCK_C=triton.next_power_of_2(max_c), **flags), warps,
+                            f"fwd_{max_c}_res{int(residual)}", max_c)
 for max_c, rows, warps, per_sm in kernels.HOPPER_BWD_CONFIGS:
     for ds in (False, True):
-        registers = compile_sm90(kernels.layer_norm_bwd_kernel, dict(HAS_DS=ds, COMPUTE_DWEIGHT=True,
-                                 COMPUTE_DBIAS=True, ROWS_PER_PROGRAM=rows, BLOCK_C=triton.next_power_of_2(max_c),
-                                 **flags), warps, f"bwd_{max_c}_ds{int(ds)}", max_c)
+        registers = compile_table_entry(kernels.layer_norm_bwd_kernel, dict(HAS_DS=ds, COMPUTE_DWEIGHT=True,
+                                        COMPUTE_DBIAS=True, ROWS_PER_PROGRAM=rows,
+                                        BLOCK_C=triton.next_power_of_2(max_c), **flags), warps,
+                                        f"bwd_{max_c}_ds{int(ds)}", max_c)
         # the backward's grid is one wave of per_sm programs per SM: they must all fit in an SM's
         # 64K registers (allocated per thread in steps of 8), or a second wave doubles the time
         needed = per_sm[int(ds)] * warps * 32 * -(-registers // 8) * 8
@@ -349,16 +336,11 @@ for max_c, rows, warps, per_sm in kernels.HOPPER_BWD_CONFIGS:
 
 def test_tables_compile_for_hopper_without_spills(tmp_path):
     """Every forward (plain and add + LN) and backward (with and without ds) table entry compiles for
-    sm_90 at its widest C, bf16, with this Triton, no GPU needed, and keeps its rows in registers up to
-    C = 4096, as the tables' comment says; the backward's 16-bit programs per SM all fit in one wave.
-    In a subprocess: the interpreter is off there."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, "-c", HOPPER_COMPILE, str(tmp_path)], env=env, capture_output=True,
-                          text=True, timeout=300)
-    print(proc.stdout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("registers") == 2 * (len(kernels.HOPPER_FWD_CONFIGS) + len(kernels.HOPPER_BWD_CONFIGS))
+    sm_90 at its widest C, bf16, with this Triton, no GPU needed, fits an H100's shared memory and
+    keeps its rows in registers up to C = 4096, as the tables' comment says; the backward's 16-bit
+    programs per SM all fit in one wave."""
+    stdout = sm90.run_script(HOPPER_COMPILE, tmp_path)
+    assert stdout.count("registers") == 2 * (len(kernels.HOPPER_FWD_CONFIGS) + len(kernels.HOPPER_BWD_CONFIGS))
 
 
 # ----------------------------------------------------------------------------- registration

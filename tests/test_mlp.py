@@ -2,15 +2,13 @@
 drop-in Mlp: every output and gradient against float64, both GELU flavours, ragged tiles, both
 matmul kernels (pointer and TMA, the TMA one under the interpreter too), bad inputs."""
 import functools
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import sm90
 from numerics import DTYPE_BOUND, assert_close_to_ref
 from vit_fast import dispatch, reference
 from vit_fast import functional as VF
@@ -234,26 +232,21 @@ def test_kernel_selection():
 
 
 HOPPER_COMPILE = r"""
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import itertools
+import sm90
 from vit_fast.kernels import mlp as kernels
 
-SMEM_LIMIT = 232448  # bytes of shared memory one H100 block may use
 DT = {2: "bf16", 4: "fp32"}
 PRECISION = {2: "tf32", 4: "ieee"}  # as kernels.dot_precision picks them
+serial = itertools.count()  # cubin file names
 
 
 def compile_sm90(fn, types, constexprs, num_warps, num_stages):
     # as a launch at ViT shapes compiles: every pointer and int divisible by 16 (Triton's own
     # specialization, which lets the loads vectorize and pipeline)
-    signature = {name: types.get(name, "constexpr") for name in fn.arg_names}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in types.items() if t[0] in "*i"}
-    opts = dict(num_warps=num_warps, num_stages=num_stages)
-    k = triton.compile(ASTSource(fn, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32), options=opts)
-    assert k.metadata.shared <= SMEM_LIMIT, (fn.__name__, constexprs, k.metadata.shared)
-    print(fn.__name__, constexprs, opts, "shared", k.metadata.shared)
+    divisible = [n for n, t in types.items() if t[0] in "*i"]
+    k, _ = sm90.compile_sm90(fn, types, constexprs, divisible, num_warps, num_stages, f"{fn.__name__}_{next(serial)}")
+    print(fn.__name__, constexprs, dict(num_warps=num_warps, num_stages=num_stages), "shared", k.metadata.shared)
 
 
 flags = dict(HAS_BIAS=True, HAS_RESIDUAL=True, SAVE_PRE=True)
@@ -284,15 +277,10 @@ compile_sm90(kernels.activation_backward_kernel, types,
 """
 
 
-def test_kernels_compile_for_hopper():
+def test_kernels_compile_for_hopper(tmp_path):
     """Every tabled config (TMA kernel included) and the backward kernel compile for sm_90 with this
-    Triton, no GPU needed, and fit an H100's shared memory. In a subprocess: the interpreter is off there."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, "-c", HOPPER_COMPILE], env=env, capture_output=True, text=True, timeout=300)
-    print(proc.stdout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("shared") == len(kernels.CONFIGS) + 1
+    Triton, no GPU needed, and fit an H100's shared memory."""
+    assert sm90.run_script(HOPPER_COMPILE, tmp_path).count("shared") == len(kernels.CONFIGS) + 1
 
 
 # ----------------------------------------------------------------------------- registration
