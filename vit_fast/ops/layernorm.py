@@ -221,8 +221,9 @@ class _AddLayerNorm(torch.autograd.Function):
 
 
 def _under_autocast(x):
-    """CUDA autocast runs torch's layer_norm in fp32 (bf16 x with fp32 weights included)."""
-    return x.device.type == "cuda" and torch.is_autocast_enabled("cuda")
+    """CUDA autocast runs torch's layer_norm in fp32 (bf16 x with fp32 weights included). A non-tensor
+    x is not: _check_inputs rejects it with its own message."""
+    return isinstance(x, torch.Tensor) and x.device.type == "cuda" and torch.is_autocast_enabled("cuda")
 
 
 def _check_inputs(x, weight, bias, residual, out_dtype, autocast):
@@ -276,7 +277,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-6, out_dtype=None):
     ``out_dtype``: y's dtype instead (e.g. the autocast dtype when y only feeds a Linear, which
     would round it to that dtype anyway: the same numbers, half the bytes).
     """
-    autocast = _under_autocast(x) if isinstance(x, torch.Tensor) else False
+    autocast = _under_autocast(x)
     if _check_inputs(x, weight, bias, None, out_dtype, autocast):
         y_dtype = _y_dtype(x.dtype, out_dtype, autocast)
         if torch.compiler.is_compiling():
@@ -294,7 +295,7 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-6, out_dtype=None
     of x and of residual is the same: ds + dLN/ds. Under CUDA autocast y is computed and returned
     in fp32, as torch's layer_norm would; ``out_dtype`` as in `layer_norm`.
     """
-    autocast = _under_autocast(x) if isinstance(x, torch.Tensor) else False
+    autocast = _under_autocast(x)
     check_tensor("residual", residual)  # required here: _check_inputs reads None as "no residual"
     if _check_inputs(x, weight, bias, residual, out_dtype, autocast):
         y_dtype = _y_dtype(torch.promote_types(x.dtype, residual.dtype), out_dtype, autocast)
