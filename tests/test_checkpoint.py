@@ -5,6 +5,7 @@ inverse of the loader's mapping, one layout at a time); loading one into a fresh
 the reference model's outputs.
 """
 import copy
+import os
 import pickle
 
 import numpy as np
@@ -23,10 +24,21 @@ CFG = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_cl
 MODEL = vit_fast.VisionTransformer
 FACTORY = "vit_tiny_patch16_224"  # create_model's name; CFG overrides its sizes
 
-NPZ_BLOCK_MODULES = {
-    "vision_transformer": ("LayerNorm_0", "MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3"),
-    "big_vision": ("LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0"),
+# a block's submodules as Flax names them: pre-Linen flax.nn counts all of a block's submodules with
+# one counter (the released vision_transformer checkpoints); Linen counts per module type
+BLOCK_NAMINGS = {
+    "pre-Linen": ("LayerNorm_0", "MultiHeadDotProductAttention_1", "LayerNorm_2", "MlpBlock_3"),
+    "Linen": ("LayerNorm_0", "MultiHeadDotProductAttention_0", "LayerNorm_1", "MlpBlock_0"),
 }
+# flavour -> (block naming, whether the position embedding sits at Transformer/posembed_input with the
+# class token's row (vision_transformer) rather than top-level pos_embedding without it (big_vision))
+NPZ_FLAVOURS = {
+    "vision_transformer": ("pre-Linen", True),  # google-research/vision_transformer's released files
+    "big_vision": ("Linen", False),
+    "vit_jax_linen": ("Linen", True),  # vit_jax's Linen models (models_vit.py), as its test_utils write them
+    "pre_linen_top_pos": ("pre-Linen", False),  # no codebase writes it; read all the same
+}
+NPZ_BLOCK_MODULES = {flavour: BLOCK_NAMINGS[naming] for flavour, (naming, _) in NPZ_FLAVOURS.items()}
 # (flavour, prefix, scanned): every layout the loader reads
 NPZ_LAYOUTS = [
     ("vision_transformer", "", False),
@@ -34,6 +46,13 @@ NPZ_LAYOUTS = [
     ("big_vision", "params/", False),
     ("big_vision", "params/img/", False),
     ("big_vision", "params/", True),
+    # every other combination of position-embedding place, block naming and scanning
+    ("vit_jax_linen", "", False),
+    ("vit_jax_linen", "opt/target/", False),
+    ("vit_jax_linen", "params/", True),
+    ("pre_linen_top_pos", "params/", False),
+    ("pre_linen_top_pos", "", True),
+    ("vision_transformer", "", True),
 ]
 
 
@@ -53,19 +72,21 @@ def randomized(model):
 def source_model(flavour="vision_transformer", **kw):
     """A reference model with random weights that the given layout can represent exactly."""
     model = randomized(reference.VisionTransformer(**{**CFG, "act_layer": "gelu_tanh", **kw}))
-    if flavour == "big_vision" and model.cls_token is not None:
+    if not NPZ_FLAVOURS[flavour][1] and model.cls_token is not None:
         with torch.no_grad():
             model.pos_embed[:, 0].zero_()  # big_vision adds no position embedding to the class token
     return model
 
 
 def to_npz(model, path, flavour="vision_transformer", prefix="", scanned=False, num_heads=CFG["num_heads"],
-           extra=None, drop=(), replace=None):
-    """Write `model` (timm names) as a Google .npz of the given layout; `drop`/`replace` spoil it."""
+           extra=None, drop=(), replace=None, block_namings=None):
+    """Write `model` (timm names) as a Google .npz of the given layout; `drop`/`replace` spoil it.
+    `block_namings`: one key of BLOCK_NAMINGS per block, instead of the flavour's for all."""
     sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     E = sd["patch_embed.proj.weight"].shape[0]
     H, D = num_heads, E // num_heads
-    norm1, attn, norm2, mlp = NPZ_BLOCK_MODULES[flavour]
+    naming, posembed_input = NPZ_FLAVOURS[flavour]
+    block_namings = block_namings or [naming] * len(model.blocks)
     arrays = {
         "embedding/kernel": sd["patch_embed.proj.weight"].transpose(2, 3, 1, 0),  # [E, C, p, p] -> HWIO
         "embedding/bias": sd["patch_embed.proj.bias"],
@@ -74,7 +95,7 @@ def to_npz(model, path, flavour="vision_transformer", prefix="", scanned=False, 
     }
     if "cls_token" in sd:
         arrays["cls"] = sd["cls_token"]
-    if flavour == "vision_transformer":
+    if posembed_input:
         arrays["Transformer/posembed_input/pos_embedding"] = sd["pos_embed"]
     else:
         arrays["pos_embedding"] = sd["pos_embed"][:, model.num_prefix_tokens:]
@@ -85,6 +106,7 @@ def to_npz(model, path, flavour="vision_transformer", prefix="", scanned=False, 
     blocks = []
     for i in range(len(model.blocks)):
         b = lambda name: sd[f"blocks.{i}.{name}"]  # noqa: E731
+        norm1, attn, norm2, mlp = BLOCK_NAMINGS[block_namings[i]]
         block = {
             f"{norm1}/scale": b("norm1.weight"), f"{norm1}/bias": b("norm1.bias"),
             f"{norm2}/scale": b("norm2.weight"), f"{norm2}/bias": b("norm2.bias"),
@@ -204,6 +226,33 @@ def test_load_npz_every_layout(tmp_path, flavour, prefix, scanned):
     assert_same_function(model, ref, images())
 
 
+def test_every_layout_loads_the_same_weights(tmp_path):
+    """The same model written in every layout (and with its blocks named each way in one file) loads
+    to the same state_dict, bit for bit; the layout each was read as is said in the messages."""
+    ref = source_model("big_vision")  # class-token row zero: every layout holds it exactly
+    loaded = {}
+    for flavour, prefix, scanned in NPZ_LAYOUTS:
+        path = to_npz(ref, tmp_path / f"{flavour}-{prefix.replace('/', '_')}-{scanned}.npz", flavour, prefix, scanned)
+        loaded[(flavour, prefix, scanned)] = vit_fast.load_npz(MODEL(**CFG, act_layer="gelu_tanh"), path).state_dict()
+    for namings in (["pre-Linen", "Linen"], ["Linen", "pre-Linen"]):
+        for flavour in ("vision_transformer", "big_vision"):
+            path = to_npz(ref, tmp_path / f"mixed-{flavour}-{namings[0]}.npz", flavour, block_namings=namings)
+            loaded[(flavour, "mixed", tuple(namings))] = vit_fast.load_npz(MODEL(**CFG), path).state_dict()
+    expected = ref.state_dict()
+    for layout, state in loaded.items():
+        assert list(state) == list(expected), layout
+        for key, value in state.items():
+            assert torch.equal(value, expected[key]), (layout, key)
+
+
+def test_load_npz_names_the_layout_it_read(tmp_path):
+    path = to_npz(source_model(), tmp_path / "linen.npz", "vit_jax_linen", "opt/target/", drop=["embedding/bias"])
+    with pytest.raises(RuntimeError) as info:
+        vit_fast.load_npz(MODEL(**CFG), path)
+    assert "(Transformer/posembed_input/pos_embedding, Linen block names, prefix 'opt/target/')" in str(info.value)
+    assert "missing (1): patch_embed.proj.bias (npz 'opt/target/embedding/bias' absent)" in str(info.value)
+
+
 def test_load_npz_pre_logits_with_representation_size(tmp_path):
     ref = source_model(representation_size=24)
     path = to_npz(ref, tmp_path / "vit21k.npz")
@@ -234,7 +283,8 @@ def test_load_npz_keeps_the_models_head_of_another_size_with_one_message(tmp_pat
 
 
 @pytest.mark.parametrize("pos_resample", ["google", "bilinear", "bicubic"])
-@pytest.mark.parametrize("flavour,prefix,scanned", [NPZ_LAYOUTS[0], NPZ_LAYOUTS[-1]])
+@pytest.mark.parametrize("flavour,prefix,scanned", [NPZ_LAYOUTS[0], ("big_vision", "params/", True),
+                                                    ("vit_jax_linen", "", False)])
 def test_load_npz_resamples_the_position_grid(tmp_path, pos_resample, flavour, prefix, scanned):
     ref = source_model(flavour)
     path = to_npz(ref, tmp_path / "vit.npz", flavour, prefix, scanned)
@@ -401,6 +451,34 @@ def test_load_checkpoint_reads_weights_only(tmp_path):
         vit_fast.load_checkpoint(MODEL(**CFG), tmp_path / "c.pth")
 
 
+class _Payload:
+    """Unpickling this calls os.mkdir(marker): proof, if the directory appears, that the file ran code."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.parametrize("writer", ["torch.save", "pickle.dump"])
+@pytest.mark.parametrize("ext", [".pth", ".bin"])
+def test_load_checkpoint_refuses_a_pickle_that_runs_code(tmp_path, writer, ext):
+    marker = tmp_path / "payload_ran"
+    state = {**reference.VisionTransformer(**CFG).state_dict(), "x": _Payload(marker)}
+    path = tmp_path / f"crafted{ext}"
+    if writer == "torch.save":
+        torch.save({"model": state}, path)
+    else:  # the legacy (non-zip) format: a bare pickle stream, the payload alone
+        with open(path, "wb") as f:
+            pickle.dump({"model": {"x": _Payload(marker)}}, f, protocol=2)
+    for load in (lambda: vit_fast.load_checkpoint(MODEL(**CFG), path),
+                 lambda: vit_fast.create_model(FACTORY, checkpoint=path, **SIZES)):
+        with pytest.raises(pickle.UnpicklingError, match=r"crafted.*refused.*weights_only=True.*never runs code"):
+            load()
+        assert not marker.exists(), "the checkpoint's payload ran"
+
+
 @pytest.mark.parametrize("pos_resample", ["bicubic", "bilinear"])
 def test_load_checkpoint_resamples_the_position_grid(tmp_path, pos_resample):
     ref = randomized(reference.VisionTransformer(**CFG))
@@ -417,7 +495,8 @@ def _spoiled_state():
     state = dict(reference.VisionTransformer(**CFG).state_dict())
     del state["blocks.1.mlp.fc2.bias"]
     state["blocks.0.attn.extra"] = torch.zeros(3)
-    state["head.weight"] = torch.zeros(7, 48)
+    state["blocks.0.norm2.weight"] = torch.zeros(7)
+    state["head.weight"], state["head.bias"] = torch.zeros(7, 48), torch.zeros(7)  # another head: replaced
     return state
 
 
@@ -428,7 +507,8 @@ def test_load_checkpoint_strict_names_missing_unexpected_and_misshapen_keys(tmp_
     msg = str(info.value)
     assert "missing (1): blocks.1.mlp.fc2.bias" in msg
     assert "unexpected (1): blocks.0.attn.extra" in msg
-    assert "misshapen (1): head.weight: checkpoint [7, 48], model [10, 48]" in msg
+    assert "misshapen (1): blocks.0.norm2.weight: checkpoint [7], model [48]" in msg
+    assert "head not loaded: checkpoint [7, 48], model [10, 48]" in msg  # the head rule, said in the same message
 
 
 def test_load_checkpoint_not_strict_warns_once_and_loads_the_rest(tmp_path):
@@ -438,9 +518,56 @@ def test_load_checkpoint_not_strict_warns_once_and_loads_the_rest(tmp_path):
     head = model.head.weight.detach().clone()
     with pytest.warns(UserWarning) as records:
         vit_fast.load_checkpoint(model, tmp_path / "c.pth", strict=False)
-    assert_exactly_one_warning(records, "blocks.1.mlp.fc2.bias", "blocks.0.attn.extra", "head.weight")
+    assert_exactly_one_warning(records, "blocks.1.mlp.fc2.bias", "blocks.0.attn.extra", "blocks.0.norm2.weight",
+                               "head not loaded: checkpoint [7, 48], model [10, 48]")
     assert torch.equal(model.blocks[0].attn.qkv.weight, state["blocks.0.attn.qkv.weight"])
     assert torch.equal(model.head.weight, head)
+
+
+def _write_checkpoint(ref, path):
+    if path.suffix == ".npz":
+        return to_npz(ref, path)
+    if path.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(ref.state_dict(), path)
+    else:
+        torch.save(ref.state_dict(), path)
+    return path
+
+
+def _load(path, model, **kwargs):
+    loader = vit_fast.load_npz if path.suffix == ".npz" else vit_fast.load_checkpoint
+    return loader(model, path, **kwargs)
+
+
+@pytest.mark.parametrize("ext,strict", [(".npz", None), (".pth", True), (".pth", False), (".safetensors", True)])
+@pytest.mark.parametrize("num_classes", [5, 0])
+def test_both_loaders_replace_a_head_of_another_size_with_one_warning(tmp_path, ext, strict, num_classes):
+    """One rule for load_npz and load_checkpoint (strict or not): a head of another size, or a model
+    without one, keeps the model's own head, said in one warning; the rest loads."""
+    ref = source_model()
+    path = _write_checkpoint(ref, tmp_path / f"c{ext}")
+    model = randomized(MODEL(**{**CFG, "num_classes": num_classes}, act_layer="gelu_tanh"))
+    head = copy.deepcopy(model.head)
+    with pytest.warns(UserWarning) as records:
+        _load(path, model, **({} if strict is None else {"strict": strict}))
+    assert_exactly_one_warning(records, "head not loaded", "checkpoint [10, 48]",
+                               f"model {[num_classes, 48] if num_classes else 'none'}")
+    assert type(model.head) is type(head)
+    if num_classes:
+        assert torch.equal(model.head.weight, head.weight) and torch.equal(model.head.bias, head.bias)
+    with torch.no_grad():
+        x = images()
+        assert rel_err(model.forward_features(x), ref.forward_features(x)) <= 1e-5
+
+
+@pytest.mark.parametrize("ext", [".npz", ".pth"])
+def test_both_loaders_load_a_head_of_the_same_size_silently(tmp_path, ext, recwarn):
+    ref = source_model()
+    model = _load(_write_checkpoint(ref, tmp_path / f"c{ext}"), MODEL(**CFG, act_layer="gelu_tanh"))
+    assert not [str(w.message) for w in recwarn.list]
+    assert torch.equal(model.head.weight, ref.head.weight)
 
 
 @pytest.mark.parametrize("name,match", [("c.npz", "load_npz"), ("c.ckpt", "expected a file ending in")])

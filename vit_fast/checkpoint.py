@@ -5,13 +5,22 @@ Everything here works on any ``nn.Module`` with timm's ``VisionTransformer`` key
 (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.{i}.norm1|attn.qkv|attn.proj|norm2|
 mlp.fc1|mlp.fc2``, ``norm``, ``pre_logits.fc``, ``head``).
 
-Google's checkpoints come in three layouts: the original google-research/vision_transformer
-Flax names (optionally under ``opt/target/``), big_vision's (under ``params/`` or
-``params/img/``), and big_vision's scanned form, whose ``Transformer/encoderblock/...`` arrays
-hold every layer stacked on a leading axis. The tables ``_NPZ_*`` below map them to timm's keys.
+Google's checkpoints vary in three ways, each detected from the file itself and read in any
+combination: where the model sits (top level, ``opt/target/``, ``params/``, ``params/img/``); where
+the position embedding sits (``Transformer/posembed_input/pos_embedding`` with the class token's
+row, as google-research/vision_transformer, or top-level ``pos_embedding`` without it, as
+big_vision); and how each block's submodules are named: pre-Linen ``flax.nn`` names (one counter
+per block: ``LayerNorm_0``, ``MultiHeadDotProductAttention_1``, ``LayerNorm_2``, ``MlpBlock_3``,
+the released vision_transformer checkpoints) or Flax Linen names (a counter per module type:
+``LayerNorm_0``, ``MultiHeadDotProductAttention_0``, ``LayerNorm_1``, ``MlpBlock_0``, what
+big_vision and vit_jax's Linen models save), chosen per block. Blocks are either one
+``Transformer/encoderblock_{i}/`` per layer or big_vision's scanned form, whose
+``Transformer/encoderblock/...`` arrays hold every layer stacked on a leading axis. The tables
+``_NPZ_*`` below map them to timm's keys.
 """
 import math
 import os
+import pickle
 import re
 import warnings
 
@@ -112,8 +121,8 @@ def _apply_state_dict(model, state, *, strict, pos_resample, source, replace_hea
                       unexpected=(), malformed=None, stacklevel=3):
     """Copy ``state`` (timm key names) into ``model``, resampling ``pos_embed`` to the model's grid.
 
-    replace_head: a head (or pre-logits layer) that does not fit the model is skipped with one
-    warning and the model's own kept. ``origin`` names, per model key, where a checkpoint holds it
+    replace_head: a head (or pre-logits layer) that does not fit the model is skipped and the
+    model's own kept, said once: in the one warning (or the error) that also names any other problem. ``origin`` names, per model key, where a checkpoint holds it
     (used in messages); ``unexpected`` (names) and ``malformed`` (key -> message) are problems found
     while reading the file. ``stacklevel``: of the warnings, to point at the user's call.
     Problems: a RuntimeError naming every key when ``strict``, else one warning and the rest loaded.
@@ -146,8 +155,6 @@ def _apply_state_dict(model, state, *, strict, pos_resample, source, replace_hea
         if extra_pre_logits and not any(k.startswith("pre_logits.") for k in model_state):
             notes.append("pre-logits layer not loaded (the model has no representation_size)")
             state = {k: v for k, v in state.items() if k not in extra_pre_logits}
-    if notes:
-        warnings.warn(f"{source}: {'; '.join(notes)}", stacklevel=stacklevel)
 
     def named(key):
         return f"{key} ({origin[key]})" if key in origin else key
@@ -158,11 +165,13 @@ def _apply_state_dict(model, state, *, strict, pos_resample, source, replace_hea
                                for k, v in state.items() if k in model_state and v.shape != model_state[k].shape)]
     problems = [f"{what} ({len(keys)}): {', '.join(keys)}"
                 for what, keys in (("missing", missing), ("unexpected", unexpected), ("misshapen", misshapen)) if keys]
-    if problems:
-        message = f"{source} does not fit {type(model).__name__}:\n  " + "\n  ".join(problems)
+    if problems:  # one message for everything, the replaced head included
+        message = f"{source} does not fit {type(model).__name__}:\n  " + "\n  ".join(problems + notes)
         if strict:
             raise RuntimeError(message)
         warnings.warn(message, stacklevel=stacklevel)
+    elif notes:
+        warnings.warn(f"{source}: {'; '.join(notes)}", stacklevel=stacklevel)
     fitting = {k: v for k, v in state.items() if k in model_state and v.shape == model_state[k].shape}
     model.load_state_dict(fitting, strict=False)
     return model
@@ -195,13 +204,17 @@ def _attn_out_kernel(kernel):  # DenseGeneral [H, D, E] -> proj.weight [E, H*D]
     return kernel.reshape(-1, kernel.shape[-1]).t()
 
 
-# The block's submodules as each codebase's Flax auto-naming spells them.
+# The block's submodules as each Flax auto-naming spells them: pre-Linen flax.nn counts every
+# submodule of the block with one counter, Linen counts per module type.
 _NPZ_BLOCK_MODULES = {
-    "vision_transformer": dict(norm1="LayerNorm_0", attn="MultiHeadDotProductAttention_1", norm2="LayerNorm_2",
-                               mlp="MlpBlock_3"),
-    "big_vision": dict(norm1="LayerNorm_0", attn="MultiHeadDotProductAttention_0", norm2="LayerNorm_1",
-                       mlp="MlpBlock_0"),
+    "pre-Linen": dict(norm1="LayerNorm_0", attn="MultiHeadDotProductAttention_1", norm2="LayerNorm_2",
+                      mlp="MlpBlock_3"),
+    "Linen": dict(norm1="LayerNorm_0", attn="MultiHeadDotProductAttention_0", norm2="LayerNorm_1",
+                  mlp="MlpBlock_0"),
 }
+# position embedding name -> whether it has rows for the prefix (class) token: vision_transformer
+# adds it after prepending the class token, big_vision before
+_NPZ_POS_NAMES = {"Transformer/posembed_input/pos_embedding": True, "pos_embedding": False}
 # timm key inside ``blocks.{i}.`` -> (.npz names inside the block, conversion of those arrays)
 _NPZ_BLOCK_KEYS = {
     "norm1.weight": (("{norm1}/scale",), _same),
@@ -236,14 +249,26 @@ _SCANNED_BLOCK = "Transformer/encoderblock/"
 _BLOCK_RE = re.compile(r"Transformer/encoderblock_(\d+)/")
 
 
+def _block_naming(names, block, default):
+    """The naming (a key of _NPZ_BLOCK_MODULES) whose arrays ``block`` holds most of; ``default`` on a tie."""
+    def score(naming):
+        modules = _NPZ_BLOCK_MODULES[naming]
+        return sum(block + n.format(**modules) in names for npz_names, _ in _NPZ_BLOCK_KEYS.values() for n in npz_names)
+
+    scores = {naming: score(naming) for naming in _NPZ_BLOCK_MODULES}
+    best = max(scores.values())
+    return default if scores[default] == best else max(scores, key=scores.get)
+
+
 class _NpzState:
     """A Google .npz read into timm key names, with what did not convert.
 
     state: timm key -> tensor; origin: timm key -> the .npz name(s) it comes (or should come)
     from; unexpected: .npz names under the model's prefix that map to nothing; malformed: timm
-    key -> message, for arrays of a rank that does not convert; layout: e.g. "big_vision,
-    scanned, prefix 'params/'"; pos_without_prefix_rows: big_vision adds the position embedding
-    before it prepends the class token, so its pos_embedding has no row for it.
+    key -> message, for arrays of a rank that does not convert; layout: e.g. "pos_embedding,
+    Linen block names, scanned, prefix 'params/'"; pos_without_prefix_rows: big_vision adds the
+    position embedding before it prepends the class token, so its pos_embedding has no row for it.
+    The block naming is chosen per block, from the arrays the block holds.
     """
 
     def __init__(self, arrays):
@@ -256,25 +281,35 @@ class _NpzState:
         self.arrays = {k[len(p):]: v for k, v in arrays.items() if k.startswith(p)}
         names = self.arrays
         self.scanned = any(k.startswith(_SCANNED_BLOCK) for k in names)
-        original = "Transformer/posembed_input/pos_embedding" in names or any("/MlpBlock_3/" in k for k in names)
-        self.flavour = "vision_transformer" if original else "big_vision"
-        self.pos_name = "Transformer/posembed_input/pos_embedding" if original else "pos_embedding"
-        self.pos_without_prefix_rows = not original
-        self.layout = f"{self.flavour}{', scanned' if self.scanned else ''}, prefix {p!r}"
-        self.state, self.origin, self.malformed = {}, {}, {}
-        self.read = set()
-
-        for key, (npz_names, convert) in _NPZ_TOP_KEYS.items():
-            self._convert(key, npz_names, convert)
-        self._convert("pos_embed", (self.pos_name,), _same)
-        modules = _NPZ_BLOCK_MODULES[self.flavour]
         if self.scanned:
             depth = max(v.shape[0] for k, v in names.items() if k.startswith(_SCANNED_BLOCK))
             blocks = [(i, _SCANNED_BLOCK, i) for i in range(depth)]
         else:
             indices = sorted({int(m.group(1)) for k in names if (m := _BLOCK_RE.match(k))})
             blocks = [(i, f"Transformer/encoderblock_{i}/", None) for i in indices]
-        for i, block, layer in blocks:
+        # each block's naming from its own arrays; a tie (e.g. a block with nothing but LayerNorm_0)
+        # goes to the naming most blocks use, then to the one the position embedding's place suggests
+        pos_names = [n for n in _NPZ_POS_NAMES if n in names]
+        hint = "pre-Linen" if not pos_names or _NPZ_POS_NAMES[pos_names[0]] else "Linen"
+        counts = {naming: 0 for naming in _NPZ_BLOCK_MODULES}
+        for _, block, _ in blocks:
+            counts[_block_naming(names, block, hint)] += 1
+        common = hint if counts[hint] == max(counts.values()) else max(counts, key=counts.get)
+        namings = [_block_naming(names, block, common) for _, block, _ in blocks]
+        # the position embedding where it is; when absent, named (in the message) where the blocks suggest
+        self.pos_name = pos_names[0] if pos_names else next(
+            n for n, rows in _NPZ_POS_NAMES.items() if rows == (common == "pre-Linen"))
+        self.pos_without_prefix_rows = not _NPZ_POS_NAMES[self.pos_name]
+        used = " and ".join(n for n in _NPZ_BLOCK_MODULES if n in namings) or common
+        self.layout = f"{self.pos_name}, {used} block names{', scanned' if self.scanned else ''}, prefix {p!r}"
+        self.state, self.origin, self.malformed = {}, {}, {}
+        self.read = set()
+
+        for key, (npz_names, convert) in _NPZ_TOP_KEYS.items():
+            self._convert(key, npz_names, convert)
+        self._convert("pos_embed", (self.pos_name,), _same)
+        for (i, block, layer), naming in zip(blocks, namings):
+            modules = _NPZ_BLOCK_MODULES[naming]
             for key, (npz_names, convert) in _NPZ_BLOCK_KEYS.items():
                 self._convert(f"blocks.{i}.{key}", [block + n.format(**modules) for n in npz_names], convert, layer)
         self.unexpected = sorted(repr(p + k) for k in names if k not in self.read)
@@ -319,7 +354,9 @@ def load_npz(model, path, pos_resample="google"):
     or ``params/img/``) and its scanned form. The position grid is resampled by ``pos_resample``
     (see :func:`resample_pos_embed`) when it differs from the model's. A head of another size (or
     none) is skipped with one warning and the model's kept; so is a pre-logits layer the model
-    lacks. Missing, unexpected or misshapen weights raise a RuntimeError naming them.
+    lacks (the rule of :func:`load_checkpoint`). Missing, unexpected or misshapen weights raise a
+    RuntimeError naming them. Any combination of model prefix, position-embedding place and
+    block naming (pre-Linen or Linen, detected per block) is read.
     Google trained with the tanh GELU: build the model with ``act_layer='gelu_tanh'`` to reproduce
     its outputs (:func:`create_model` does). Returns ``model``.
     """
@@ -341,7 +378,15 @@ def _read_torch_checkpoint(path):
 
         state = load_file(os.fspath(path))
     elif ext in TORCH_CHECKPOINT_EXTENSIONS:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:  # weights_only: a crafted pickle cannot run code here, whatever torch's default
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            reason = str(error).strip().splitlines()
+            raise pickle.UnpicklingError(
+                f"{os.fspath(path)}: refused: it pickles objects other than tensors and plain containers, and "
+                "vit_fast reads checkpoints with torch.load(weights_only=True), which never runs code from the "
+                f"file (save the state_dict alone). torch said: {reason[0] if reason else type(error).__name__}"
+            ) from error
     else:
         raise ValueError(f"path: expected a file ending in {TORCH_CHECKPOINT_EXTENSIONS} (Google .npz: use "
                          f"vit_fast.load_npz), got {os.fspath(path)!r}")
@@ -361,13 +406,17 @@ def load_checkpoint(model, path, strict=True, pos_resample="bicubic"):
 
     ``.pth``/``.pt``/``.bin`` (read with ``torch.load(weights_only=True)``) or ``.safetensors``;
     unwraps ``{"model": ...}``, ``{"state_dict": ...}``, ``{"module": ...}`` and a ``module.``
-    prefix. ``pos_embed`` is resampled by ``pos_resample`` when the patch grid differs. Missing,
-    unexpected and misshapen keys are named: a RuntimeError when ``strict``, else one warning
-    (the keys that fit are loaded). Returns ``model``.
+    prefix. ``pos_embed`` is resampled by ``pos_resample`` when the patch grid differs. A head
+    of another size (or none) is skipped and the model's own kept, and so is a pre-logits layer
+    the model lacks, with one warning: the rule of :func:`load_npz`, strict or not (``strict``
+    is about the rest of the model). Missing, unexpected and misshapen keys are named: a
+    RuntimeError when ``strict``, else one warning (which also says what the head rule did; the
+    keys that fit are loaded). A file that pickles anything but tensors and plain containers
+    is refused with a ``pickle.UnpicklingError`` and none of its code runs. Returns ``model``.
     """
     _check_pos_resample(pos_resample)
     return _apply_state_dict(model, _read_torch_checkpoint(path), strict=strict, pos_resample=pos_resample,
-                             source=os.fspath(path))
+                             replace_head=True, source=os.fspath(path))
 
 
 # --------------------------------------------------------------------------- one call
