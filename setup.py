@@ -1,7 +1,12 @@
-"""Build vit_fast: the Python package, the Triton kernels (as `vit_fast.kernels`) and the
-patch-embedding extension `vit_fast._C`.
+"""Build vit_fast's patch-embedding extension `vit_fast._C` when torch can be imported here.
 
-The extension is a CPU `CppExtension` when torch has no CUDA or nvcc is missing, and a
+The metadata lives in pyproject.toml; this file only adds the extension and `develop`.
+
+torch is not a build requirement: `pip install .` and `pip wheel .` build in an isolated
+environment without it, and then the wheel holds the Python package and the C++/CUDA sources
+(`vit_fast/csrc/`), which `vit_fast/_extension.py` compiles once on first use. Where torch is
+importable at build time (`python setup.py develop`, `pip install --no-build-isolation .`) the
+extension is built here, as a CPU `CppExtension` when torch has no CUDA or nvcc is missing, and a
 `CUDAExtension` (CPU + CUDA implementations) otherwise; CUDA archs come from
 `TORCH_CUDA_ARCH_LIST`, default sm_80 and sm_90.
 
@@ -9,33 +14,45 @@ The extension is a CPU `CppExtension` when torch has no CUDA or nvcc is missing,
 `pip install -e . --use-pep517` with build isolation, where torch cannot be imported; the
 `develop` below runs that editable install without isolation instead. Older setuptools keep the
 classic in-place `develop`, which needs no isolation and is used as is (pip would call back into
-it: running pip from there would recurse). `vit_fast/kernels` is a link to `kernels/` so that a
-checkout on sys.path (the classic develop) finds `vit_fast.kernels` as an install does.
+it: running pip from there would recurse).
+
+`vit_fast/kernels` and `vit_fast/csrc` are links to the top-level `kernels/` and `csrc/`: a
+checkout on sys.path finds `vit_fast.kernels` and the sources where an install has them, and the
+sdist and wheel hold copies of the files.
 """
 import os
 import shutil
 import subprocess
 import sys
 
+import setuptools
 from setuptools import setup
 from setuptools.command.develop import develop
 
-import setuptools
-import torch
-from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+SOURCES = "vit_fast/csrc"
 
 
-def patch_embed_extension():
-    cpu_sources = ["csrc/patch_embed.cpp"]
+def torch_build():
+    """-> (ext_modules, build_ext command) built against the importable torch, or ([], None) without it."""
+    try:
+        import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    except ImportError:
+        print("vit_fast: torch is not importable in this build environment, so vit_fast._C is not built "
+              "here; it is compiled on first use from the installed sources", file=sys.stderr)
+        return [], None
+    cpu_sources = [f"{SOURCES}/patch_embed.cpp"]
     nvcc = os.path.join(CUDA_HOME, "bin", "nvcc") if CUDA_HOME else shutil.which("nvcc")
     if torch.version.cuda and nvcc and os.path.exists(nvcc):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-        return CUDAExtension(
+        ext = CUDAExtension(
             "vit_fast._C",
-            cpu_sources + ["csrc/patch_embed_cuda.cu"],
+            cpu_sources + [f"{SOURCES}/patch_embed_cuda.cu"],
             extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "--use_fast_math"]},
         )
-    return CppExtension("vit_fast._C", cpu_sources, extra_compile_args=["-O3"])
+    else:
+        ext = CppExtension("vit_fast._C", cpu_sources, extra_compile_args=["-O3"])
+    return [ext], BuildExtension.with_options(use_ninja=True)
 
 
 SETUPTOOLS_DEVELOP_IS_PIP = int(setuptools.__version__.split(".")[0]) >= 80
@@ -51,15 +68,8 @@ class DevelopWithoutIsolation(develop):
         subprocess.check_call(cmd)
 
 
-setup(
-    name="vit_fast",
-    version="0.1.0",
-    description="Fused Triton and CUDA kernels for Vision Transformers in PyTorch",
-    python_requires=">=3.10",
-    packages=["vit_fast", "vit_fast.ops", "vit_fast.nn", "vit_fast.kernels"],
-    package_dir={"vit_fast.kernels": "kernels"},
-    ext_modules=[patch_embed_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True), "develop": DevelopWithoutIsolation},
-    install_requires=["torch>=2.4", "triton>=3.2", "numpy"],
-    extras_require={"test": ["pytest", "pytest-xdist", "scipy"], "train": ["pillow", "tqdm", "matplotlib"]},
-)
+ext_modules, build_ext = torch_build()
+cmdclass = {"develop": DevelopWithoutIsolation}
+if build_ext is not None:
+    cmdclass["build_ext"] = build_ext
+setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -14,10 +14,6 @@ if not HAS_CUDA:
 import pytest  # noqa: E402
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "gpu: needs a CUDA GPU (run with `pytest -m gpu`)")
-
-
 def pytest_collection_modifyitems(config, items):
     if HAS_CUDA:
         return

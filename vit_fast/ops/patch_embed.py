@@ -15,15 +15,12 @@ import warnings
 
 import torch
 
-from vit_fast import dispatch, reference
+from vit_fast import _extension, dispatch, reference
 from vit_fast.ops import checks
 
-try:
-    import vit_fast._C  # noqa: F401  (loading it runs the TORCH_LIBRARY registrations)
-
-    EXTENSION_ERROR = None
-except ImportError as error:  # e.g. an install that skipped the build: the PyTorch path stands in
-    EXTENSION_ERROR = error
+# vit_fast._C prebuilt, else compiled once from the installed sources (loading it runs the
+# TORCH_LIBRARY registrations); without a compiler the error says why and the PyTorch path stands in
+_, EXTENSION_ERROR = _extension.load()
 
 HAS_EXTENSION = EXTENSION_ERROR is None
 # False for a build without nvcc or with a CPU-only torch (a constant, so torch.compile reads it freely)
