@@ -21,6 +21,7 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
+import shlex
 import shutil
 import sys
 import sysconfig
@@ -64,7 +65,7 @@ def jit_load():
     if missing:
         raise ExtensionUnavailable(f"the C++ sources are not installed ({', '.join(missing)})")
     compiler = os.environ.get("CXX", "c++")
-    if not shutil.which(compiler):
+    if not shutil.which((shlex.split(compiler) or [""])[0]):  # CXX may carry a launcher: "ccache g++"
         raise ExtensionUnavailable(f"no C++ compiler ({compiler!r} not found; set CXX or install g++/clang)")
     ninja_dirs = _ninja_dirs()
     if ninja_dirs is None:
