@@ -106,3 +106,90 @@ def test_convert_timm_model(variant, device):
         with torch_in_tf32(device):
             ref_out, out64 = before(x), copy.deepcopy(before).double()(x.double())
     assert_close_to_ref(f"converted timm ({variant})", out, ref_out, out64, fp32_bound(device), factor=3)
+
+
+class QuickGELU(nn.Module):
+    """Stands in for timm.layers.QuickGELU (CLIP's x * sigmoid(1.702 x)): no fused kernel for it."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+class timm_like:  # noqa: N801 -- stand-ins for timm 1.0's modules, recognised by convert by class name
+    class Attention(nn.Module):
+        """timm 1.0's Attention: forward(x, attn_mask=None), the mask handed to SDPA."""
+
+        def __init__(self, dim, num_heads):
+            super().__init__()
+            self.num_heads, self.head_dim = num_heads, dim // num_heads
+            self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+            self.q_norm, self.k_norm = nn.Identity(), nn.Identity()
+            self.attn_drop, self.proj, self.proj_drop = nn.Dropout(0.0), nn.Linear(dim, dim), nn.Dropout(0.0)
+
+        def forward(self, x, attn_mask=None):
+            B, N, C = x.shape
+            q, k, v = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+            x = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v, attn_mask=attn_mask)
+            return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+    class Mlp(nn.Module):
+        def __init__(self, dim, hidden, act):
+            super().__init__()
+            self.fc1, self.act, self.drop1 = nn.Linear(dim, hidden), act, nn.Dropout(0.0)
+            self.norm, self.fc2, self.drop2 = nn.Identity(), nn.Linear(hidden, dim), nn.Dropout(0.0)
+
+        def forward(self, x):
+            return self.drop2(self.fc2(self.norm(self.drop1(self.act(self.fc1(x))))))
+
+    class Block(nn.Module):
+        """timm 1.0's Block: forward(x, attn_mask=None) calls self.attn(x, attn_mask=attn_mask)."""
+
+        def __init__(self, dim, num_heads, act):
+            super().__init__()
+            self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), timm_like.Attention(dim, num_heads)
+            self.ls1, self.drop_path1 = nn.Identity(), nn.Identity()
+            self.norm2, self.mlp = nn.LayerNorm(dim, eps=1e-6), timm_like.Mlp(dim, 4 * dim, act)
+            self.ls2, self.drop_path2 = nn.Identity(), nn.Identity()
+
+        def forward(self, x, attn_mask=None):
+            x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask=attn_mask)))
+            return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def _attn_masks(n, device):
+    keep = torch.rand(2, 1, n, n, device=device) > 0.3
+    keep |= torch.eye(n, dtype=torch.bool, device=device)  # no fully masked row
+    return {"bool": keep, "additive": torch.zeros(2, 1, n, n, device=device).masked_fill(~keep, float("-inf"))}
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_converted_modules_take_timms_call_signatures(act, device, monkeypatch):
+    """A timm Block that convert keeps (CLIP's quick-GELU MLP has no fused kernel) calls its
+    converted Attention as self.attn(x, attn_mask=attn_mask); a fully fused one is called as timm's
+    Block(x, attn_mask=...). Both run and match; a mask is applied on the PyTorch path and refused
+    by name on the kernel path, never ignored."""
+    block = timm_like.Block(96, 3, QuickGELU() if act == "quick_gelu" else nn.GELU()).to(device).eval()
+    before = copy.deepcopy(block)
+    x = torch.randn(2, 17, 96, device=device)
+    masks = _attn_masks(17, device)
+    with torch.no_grad():
+        expected = {None: before(x), **{kind: before(x, attn_mask=m) for kind, m in masks.items()}}
+        expected64 = {None: copy.deepcopy(before).double()(x.double()),
+                      **{kind: copy.deepcopy(before).double()(x.double(), attn_mask=m if m.dtype == torch.bool
+                                                              else m.double()) for kind, m in masks.items()}}
+    converted = vit_fast.convert(block)
+    assert type(converted.attn) is vit_fast.nn.Attention and type(converted.norm1) is vit_fast.nn.LayerNorm
+    if act == "quick_gelu":
+        assert converted is block and type(block.mlp) is timm_like.Mlp  # kept: timm's Block and Mlp
+    else:
+        assert type(converted) is vit_fast.nn.Block
+    with torch.no_grad():
+        for out in (converted(x), converted(x, attn_mask=None)):
+            assert_close_to_ref(f"{act} block", out, expected[None], expected64[None], fp32_bound(device), factor=3)
+        if device == "cuda" or dispatch.interpreter_enabled():
+            with pytest.raises(NotImplementedError, match=r"attn_mask: the fused attention kernels apply no mask"):
+                converted(x, attn_mask=masks["bool"])
+        monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
+        for kind, mask in masks.items():
+            assert_close_to_ref(f"{act} block, {kind} mask", converted(x, attn_mask=mask), expected[kind],
+                                expected64[kind], fp32_bound(device), factor=3)

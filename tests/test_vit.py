@@ -7,6 +7,8 @@ import contextlib
 import copy
 import importlib.util
 import os
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -273,6 +275,237 @@ def test_train_digits_example_runs(tmp_path, monkeypatch):
     accuracy = example.main(["--epochs", "1", "--max-steps", "2", "--depth", "1", "--out", str(tmp_path)])
     assert 0.0 <= accuracy <= 1.0
     assert (tmp_path / "train_digits.png").stat().st_size > 0
+
+
+# ----------------------------------------------------------------------------- bad arguments, per module
+
+TOKENS = torch.zeros(2, 17, 96)
+IMAGES = torch.zeros(2, 3, 64, 64)
+BAD_INPUTS = {  # name -> (a call that must fail, what the ValueError must say)
+    "attention num_heads=0": (lambda: vit_fast.nn.Attention(96, num_heads=0), r"num_heads: expected a positive int, got 0"),
+    "attention num_heads<0": (lambda: vit_fast.nn.Attention(96, num_heads=-3), r"num_heads: expected a positive int"),
+    "attention num_heads float": (lambda: vit_fast.nn.Attention(96, num_heads=3.0), r"num_heads: expected a positive int"),
+    "attention dim=0": (lambda: vit_fast.nn.Attention(0, num_heads=1), r"dim: expected a positive int, got 0"),
+    "attention dim % heads": (lambda: vit_fast.nn.Attention(96, num_heads=5), r"dim: 96 is not divisible by num_heads 5"),
+    "attention 2-D x": (lambda: vit_fast.nn.Attention(96, 3)(TOKENS[0]), r"x: Attention expected tokens \[B, N, 96\], got shape \(17, 96\)"),
+    "attention 4-D x": (lambda: vit_fast.nn.Attention(96, 3)(TOKENS[None]), r"x: Attention expected tokens \[B, N, 96\]"),
+    "attention last dim": (lambda: vit_fast.nn.Attention(96, 3)(TOKENS[..., :48]), r"x: Attention expected tokens \[B, N, 96\], got shape \(2, 17, 48\)"),
+    "layernorm last dim": (lambda: vit_fast.nn.LayerNorm(96)(TOKENS[..., :48]), r"x: expected trailing dims \(96,\)"),
+    "layernorm 0-D x": (lambda: vit_fast.nn.LayerNorm(96)(torch.zeros(())), r"x: expected trailing dims \(96,\)"),
+    "mlp in_features=0": (lambda: vit_fast.nn.Mlp(0), r"in_features: expected a positive int, got 0"),
+    "mlp hidden_features<0": (lambda: vit_fast.nn.Mlp(96, -4), r"hidden_features: expected a positive int, got -4"),
+    "mlp out_features float": (lambda: vit_fast.nn.Mlp(96, 192, 2.5), r"out_features: expected a positive int, got 2.5"),
+    "mlp last dim": (lambda: vit_fast.nn.Mlp(96, 192)(TOKENS[..., :48]), r"x: Mlp expected \[\.\.\., 96\], got shape \(2, 17, 48\)"),
+    "mlp 0-D x": (lambda: vit_fast.nn.Mlp(96, 192)(torch.zeros(())), r"x: Mlp expected \[\.\.\., 96\]"),
+    "patch_embed patch_size=0": (lambda: vit_fast.nn.PatchEmbed(64, 0, 3, 96), r"patch_size: expected a positive int, got 0"),
+    "patch_embed in_chans=0": (lambda: vit_fast.nn.PatchEmbed(64, 16, 0, 96), r"in_chans: expected a positive int"),
+    "patch_embed embed_dim=0": (lambda: vit_fast.nn.PatchEmbed(64, 16, 3, 0), r"embed_dim: expected a positive int"),
+    "patch_embed img_size=0": (lambda: vit_fast.nn.PatchEmbed(0, 16, 3, 96), r"img_size: expected None, a positive int"),
+    "patch_embed 3-D x": (lambda: vit_fast.nn.PatchEmbed(64, 16, 3, 96)(IMAGES[0]), r"x: PatchEmbed expected images \[B, 3, H, W\], got shape \(3, 64, 64\)"),
+    "patch_embed channels": (lambda: vit_fast.nn.PatchEmbed(64, 16, 3, 96)(IMAGES[:, :1]), r"x: PatchEmbed expected images \[B, 3, H, W\], got shape \(2, 1, 64, 64\)"),
+    "block num_heads=0": (lambda: Block(96, 0), r"num_heads: expected a positive int, got 0"),
+    "block dim % heads": (lambda: Block(96, 5), r"dim: 96 is not divisible by num_heads 5"),
+    "block dim=0": (lambda: Block(0, 1), r"dim: expected a positive int, got 0"),
+    "block mlp_ratio=0": (lambda: Block(96, 3, mlp_ratio=0), r"mlp_ratio: expected a number with int\(dim \* mlp_ratio\) >= 1"),
+    "block 2-D x": (lambda: Block(96, 3)(TOKENS[0]), r"x: Block expected tokens \[B, N, 96\], got shape \(17, 96\)"),
+    "block last dim": (lambda: Block(96, 3)(TOKENS[..., :48]), r"x: Block expected tokens \[B, N, 96\]"),
+    "vit num_heads=0": (lambda: vit_fast.VisionTransformer(**{**SMALL, "num_heads": 0}), r"num_heads: expected a positive int"),
+    "vit embed_dim % heads": (lambda: vit_fast.VisionTransformer(**{**SMALL, "embed_dim": 100}), r"embed_dim: 100 is not divisible by num_heads 3"),
+    "vit depth<0": (lambda: vit_fast.VisionTransformer(**{**SMALL, "depth": -1}), r"depth: expected an int >= 0, got -1"),
+    "vit num_classes<0": (lambda: vit_fast.VisionTransformer(**{**SMALL, "num_classes": -1}), r"num_classes: expected an int >= 0"),
+    "vit img_size < patch": (lambda: vit_fast.VisionTransformer(**{**SMALL, "img_size": 8}), r"img_size: 8 holds no 16x16 patch"),
+    "vit 3-D x": (lambda: vit_fast.VisionTransformer(**SMALL)(IMAGES[0]), r"x: expected images \[B, C, H, W\] with C = 3, got shape \(3, 64, 64\)"),
+    "vit channels": (lambda: vit_fast.VisionTransformer(**SMALL)(IMAGES[:, :1]), r"x: expected images \[B, C, H, W\] with C = 3, got shape \(2, 1, 64, 64\)"),
+    "vit forward_head 2-D": (lambda: vit_fast.VisionTransformer(**SMALL).forward_head(TOKENS[0]), r"x: expected tokens \[B, N, 96\], got \(17, 96\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_inputs_name_the_argument(case):
+    call, match = BAD_INPUTS[case]
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+# ----------------------------------------------------------------------------- empty batches
+
+EMPTY_BATCH = {  # name -> (module factory, input of batch 0, output shape)
+    "attention": (lambda: vit_fast.nn.Attention(96, 3, qkv_bias=True), torch.randn(0, 17, 96), (0, 17, 96)),
+    "attention_qk_norm": (lambda: vit_fast.nn.Attention(96, 3, qk_norm=True), torch.randn(0, 17, 96), (0, 17, 96)),
+    "layernorm": (lambda: vit_fast.nn.LayerNorm(96, eps=1e-6), torch.randn(0, 17, 96), (0, 17, 96)),
+    "mlp": (lambda: vit_fast.nn.Mlp(96, 192), torch.randn(0, 17, 96), (0, 17, 96)),
+    "patch_embed": (lambda: vit_fast.nn.PatchEmbed(64, 16, 3, 96), torch.randn(0, 3, 64, 64), (0, 16, 96)),
+    "block": (lambda: Block(96, 3, qkv_bias=True, init_values=0.1), torch.randn(0, 17, 96), (0, 17, 96)),
+    "model": (lambda: vit_fast.VisionTransformer(**SMALL), torch.randn(0, 3, 64, 64), (0, 10)),
+    "model_avg": (lambda: vit_fast.VisionTransformer(**SMALL, global_pool="avg", class_token=False),
+                  torch.randn(0, 3, 64, 64), (0, 10)),
+    "model_uint8": (lambda: vit_fast.VisionTransformer(**SMALL), torch.zeros(0, 3, 64, 64, dtype=torch.uint8), (0, 10)),
+}
+
+
+@pytest.mark.parametrize("path", ["kernels", "torch"])
+@pytest.mark.parametrize("case", sorted(EMPTY_BATCH))
+def test_empty_batch_forward_and_backward(case, path, device, monkeypatch):
+    """B = 0 through every module and the model: an empty output of the right shape, and a
+    backward that gives an empty input gradient and zero parameter gradients; on the kernels
+    (Triton's interpreter on CPU) and on the PyTorch path."""
+    if path == "torch":
+        monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
+    build, x, shape = EMPTY_BATCH[case]
+    module = build().to(device)
+    x = x.to(device).requires_grad_(x.is_floating_point())
+    out = module(x)
+    assert out.shape == shape and out.dtype == torch.float32 and out.device.type == x.device.type
+    out.sum().backward()
+    if x.is_floating_point():
+        assert x.grad is not None and x.grad.shape == x.shape
+    for name, p in module.named_parameters():
+        assert p.grad is None or (p.grad.shape == p.shape and not p.grad.any()), name
+
+
+# ----------------------------------------------------------------------------- float64
+
+
+@pytest.mark.parametrize("extra", [{}, dict(global_pool="avg", class_token=False, init_values=0.1, act_layer="gelu_tanh"),
+                                   dict(representation_size=32)])
+def test_float64_model_matches_the_reference_forward_and_backward(extra, monkeypatch):
+    """model.double() on the PyTorch path: float64 all through, within float64 rounding of the
+    reference model in float64 (float images and uint8 images)."""
+    monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")  # the kernels have no float64; dispatch reads it per call
+    model, _, ref64 = models("cpu", **extra)
+    model = model.double()
+    assert all(p.dtype == torch.float64 for p in model.parameters())
+    assert model.pixel_mean.dtype == model.pixel_std.dtype == torch.float64
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    g = torch.randn(2, SMALL["num_classes"], dtype=torch.float64)
+    out, grads = run(model, x, g)
+    out64, grads64 = run(ref64, x, g)
+    assert out.dtype == torch.float64
+    bound = DTYPE_BOUND[torch.float64]
+    assert_close_to_ref("float64 logits", out, out64, out64, bound)
+    assert grads.keys() == grads64.keys()
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float64
+        assert_close_to_ref(f"float64 grad {name}", grad, grads64[name], grads64[name], bound)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    with torch.no_grad():
+        expected = ref64(images.double() / 255 * 2 - 1)
+        assert_close_to_ref("float64 uint8 images", model(images), expected, expected, bound)
+
+
+PLAIN_CPU_SCRIPT = r"""
+import copy, torch, vit_fast
+from vit_fast import dispatch, reference
+assert not dispatch.use_kernels(torch.zeros(1))  # the plain CPU path: no interpreter, nothing forced
+cfg = dict(img_size=32, patch_size=16, embed_dim=24, depth=2, num_heads=3, num_classes=5)
+ref = reference.VisionTransformer(**cfg).double()
+model = vit_fast.VisionTransformer(**cfg)
+model.load_state_dict(ref.state_dict())
+model = model.double()
+for x in (torch.randn(2, 3, 32, 32, dtype=torch.float64), torch.randn(0, 3, 32, 32, dtype=torch.float64)):
+    out, want = model(x), ref(x)
+    assert out.dtype == torch.float64 and out.shape == want.shape == (x.shape[0], 5)
+    out.sum().backward()
+    want.sum().backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        err = ((p.grad - q.grad).norm() / q.grad.norm().clamp_min(1e-30)).item()
+        assert p.grad.dtype == torch.float64 and err <= 1e-10, (name, err)
+        p.grad = q.grad = None
+    if x.shape[0]:
+        err = ((out - want).norm() / want.norm()).item()
+        assert err <= 1e-10, err
+images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+with torch.no_grad():
+    err = ((model(images) - ref(images.double() / 255 * 2 - 1)).norm() / ref(images.double() / 255 * 2 - 1).norm()).item()
+assert err <= 1e-10, err
+print("ok")
+"""
+
+
+def test_float64_and_empty_batch_on_the_plain_cpu_path():
+    """The path a CPU user gets (no TRITON_INTERPRET, nothing forced; the C++ patch embedding):
+    model.double() and B = 0, forward and backward, against the float64 reference. A subprocess,
+    since this test process imported triton under the interpreter."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", dispatch.FORCE_TORCH_ENV)}
+    result = subprocess.run([sys.executable, "-c", PLAIN_CPU_SCRIPT], env=env, capture_output=True, text=True,
+                            timeout=600, cwd=os.path.dirname(EXAMPLES))
+    assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stdout + result.stderr
+
+
+def test_pixel_statistics_keep_their_precision_through_dtype_casts():
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    model = vit_fast.VisionTransformer(**SMALL, pixel_mean=mean, pixel_std=std)
+    for cast, dtype in ((model.half, torch.float32), (model.bfloat16, torch.float32), (model.double, torch.float64),
+                        (model.float, torch.float32)):
+        cast()
+        assert model.pixel_mean.dtype == model.pixel_std.dtype == dtype
+        assert torch.equal(model.pixel_mean, torch.tensor(mean, dtype=dtype))
+        assert torch.equal(model.pixel_std, torch.tensor(std, dtype=dtype))
+    assert "pixel_mean" not in model.state_dict()
+
+
+# ----------------------------------------------------------------------------- attn_mask, timm's signature
+
+
+def _masked_reference_block(block, x, mask):
+    """What timm's Block computes with attn_mask: SDPA with the mask, in float64."""
+    sd = {k: v.double() for k, v in block.state_dict().items()}
+    x = x.double()
+    C, H = x.shape[-1], block.attn.num_heads
+    ln = torch.nn.functional.layer_norm
+    h = ln(x, (C,), sd["norm1.weight"], sd["norm1.bias"], 1e-6)
+    q, k, v = (h @ sd["attn.qkv.weight"].t() + sd["attn.qkv.bias"]).unflatten(-1, (3, H, C // H)).permute(2, 0, 3, 1, 4)
+    m = mask if mask.dtype == torch.bool else mask.double()
+    a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m).transpose(1, 2).flatten(2)
+    x = x + a @ sd["attn.proj.weight"].t() + sd["attn.proj.bias"]
+    h = ln(x, (C,), sd["norm2.weight"], sd["norm2.bias"], 1e-6)
+    h = torch.nn.functional.gelu(h @ sd["mlp.fc1.weight"].t() + sd["mlp.fc1.bias"])
+    return x + h @ sd["mlp.fc2.weight"].t() + sd["mlp.fc2.bias"]
+
+
+def _masks(n, device):
+    keep = torch.rand(2, 1, n, n, device=device) > 0.3
+    keep |= torch.eye(n, dtype=torch.bool, device=device)  # every query sees itself: no empty row
+    return {"bool": keep, "additive": torch.zeros(2, 1, n, n, device=device).masked_fill(~keep, float("-inf"))}
+
+
+@pytest.mark.parametrize("kind", ["bool", "additive"])
+def test_block_and_model_take_timms_attn_mask(kind, device, monkeypatch):
+    """timm 1.0's signatures: Attention/Block forward(x, attn_mask=None), VisionTransformer
+    forward(x, attn_mask=None) / forward_features(x, attn_mask=None). The PyTorch path applies the
+    mask (as timm, with SDPA); the kernel path refuses it by name; None is the fused path."""
+    block = Block(96, 3, qkv_bias=True).to(device)
+    x = torch.randn(2, 17, 96, device=device)
+    mask = _masks(17, device)[kind]
+    unmasked = block(x, attn_mask=None)
+    torch.testing.assert_close(unmasked, block(x), rtol=0, atol=0)
+    if device == "cuda" or dispatch.interpreter_enabled():
+        for call in (lambda: block(x, attn_mask=mask), lambda: block.attn(x, attn_mask=mask)):
+            with pytest.raises(NotImplementedError, match=r"attn_mask: the fused attention kernels apply no mask"):
+                call()
+    monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
+    out = block(x, attn_mask=mask)
+    assert_close_to_ref(f"masked block ({kind})", out, out, _masked_reference_block(block, x, mask),
+                        fp32_bound(device))
+    assert (out - unmasked).abs().max() > 1e-3  # the mask was applied, not ignored
+    qk_norm = vit_fast.nn.Attention(96, 3, qk_norm=True).to(device)
+    assert qk_norm(x, attn_mask=mask).shape == x.shape
+
+    model = vit_fast.VisionTransformer(**SMALL).to(device).eval()
+    images = torch.randn(2, 3, 64, 64, device=device)
+    model_mask = _masks(17, device)[kind]
+    with torch.no_grad():
+        all_true = torch.ones(17, 17, dtype=torch.bool, device=device)
+        torch.testing.assert_close(model(images, attn_mask=all_true), model(images), **fp32_tolerance(device))
+        feats = model.forward_features(images, attn_mask=model_mask)
+        tokens = model.pos_drop(vit_fast.functional.patch_embed(
+            images, model.patch_embed.proj.weight, model.patch_embed.proj.bias, cls_token=model.cls_token,
+            pos_embed=model.pos_embed))
+        for blk in model.blocks:
+            tokens = blk(tokens, attn_mask=model_mask)
+        torch.testing.assert_close(feats, model.norm(tokens), **fp32_tolerance(device))
+        torch.testing.assert_close(model(images, attn_mask=model_mask), model.forward_head(feats),
+                                   **fp32_tolerance(device))
 
 
 # ----------------------------------------------------------------------------- GPU

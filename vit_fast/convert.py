@@ -11,7 +11,10 @@ optimizer built before the conversion still steps them) and the same training mo
 
 Modules are recognised by class name and structure, so timm need not be importable here. A module
 that does not fit (another activation, a norm inside the Mlp, gated attention, ...) is left as it
-is; everything left alone is listed at debug level on the ``vit_fast.convert`` logger.
+is; everything left alone is listed at debug level on the ``vit_fast.convert`` logger. Every
+replacement takes the call of the timm 1.0 module it replaces (``Attention(x, attn_mask=None)``,
+``Block(x, attn_mask=None)``, ``Mlp(x)``, ``LayerNorm(x)``, ``PatchEmbed(x)``), so a timm module left
+alone (e.g. a Block around CLIP's quick-GELU Mlp) still calls its converted parts as it did.
 """
 import logging
 

@@ -25,6 +25,7 @@ import torch.nn as nn
 from vit_fast import functional as VF
 from vit_fast import reference
 from vit_fast.checkpoint import resample_pos_embed
+from vit_fast.nn.attention import check_positive_int
 from vit_fast.nn.block import Block, norm_stream
 from vit_fast.nn.layernorm import LayerNorm
 from vit_fast.nn.patch_embed import PatchEmbed
@@ -41,7 +42,12 @@ class VisionTransformer(nn.Module):
         (bicubic, class token kept apart) to each input's patch grid.
     fc_norm: None (timm's rule): the final LayerNorm goes after the pool when global_pool='avg'.
     pixel_mean, pixel_std: per-channel statistics that normalize uint8 images
-        ((x / 255 - mean) / std); default 0.5 each, as timm's augreg ViTs.
+        ((x / 255 - mean) / std); default 0.5 each, as timm's augreg ViTs. Kept as float32 buffers
+        (float64 in a float64 model) whatever ``.half()`` / ``.to(dtype)`` does to the rest.
+
+    ``forward(x, attn_mask=None)``, ``forward_features(x, attn_mask=None)`` and
+    ``forward_head(x, pre_logits=False)`` as timm 1.0's; ``attn_mask`` goes to every block's
+    attention (see ``vit_fast.nn.Attention``: applied on the PyTorch path, refused by the kernels).
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
@@ -53,6 +59,15 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"global_pool: expected one of {GLOBAL_POOLS}, got {global_pool!r}")
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool: 'token' needs class_token=True (use global_pool='avg')")
+        check_positive_int("embed_dim", embed_dim)
+        check_positive_int("num_heads", num_heads)
+        if embed_dim % num_heads:
+            raise ValueError(f"embed_dim: {embed_dim} is not divisible by num_heads {num_heads}")
+        for name, value in (("depth", depth), ("num_classes", num_classes)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name}: expected an int >= 0, got {value!r}")
+        if representation_size is not None and representation_size != 0:
+            check_positive_int("representation_size", representation_size)
         pixel_mean = (0.5,) * in_chans if pixel_mean is None else tuple(pixel_mean)
         pixel_std = (0.5,) * in_chans if pixel_std is None else tuple(pixel_std)
         if len(pixel_mean) != in_chans or len(pixel_std) != in_chans:
@@ -69,6 +84,8 @@ class VisionTransformer(nn.Module):
         self.dynamic_img_size = dynamic_img_size
 
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        if not self.patch_embed.num_patches:
+            raise ValueError(f"img_size: {img_size!r} holds no {patch_size}x{patch_size} patch")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         num_tokens = self.num_prefix_tokens + self.patch_embed.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, num_tokens, embed_dim))
@@ -88,9 +105,27 @@ class VisionTransformer(nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         # not in the state_dict, so timm checkpoints load strict
+        self._pixel_stats = pixel_mean, pixel_std
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std), persistent=False)
         self._init_weights()
+
+    def _apply(self, fn, recurse=True):
+        # .half() / .to(dtype) would round the pixel statistics too: after a cast, rebuild them from
+        # their exact values, in float32 (float64 when the model is), on the device they went to
+        before = (self.pixel_mean, self.pixel_std)
+        super()._apply(fn, recurse)
+        dtype = torch.float64 if self.pos_embed.dtype == torch.float64 else torch.float32
+        stats = []
+        for name, old, values in zip(("pixel_mean", "pixel_std"), before, self._pixel_stats):
+            if not old.is_meta and not torch.equal(old, torch.tensor(values, dtype=old.dtype, device=old.device)):
+                values = tuple(old.tolist())  # set by hand since construction: those are the values to keep
+            stats.append(values)
+            new = getattr(self, name)
+            if new.dtype != dtype or new.dtype != old.dtype:
+                setattr(self, name, torch.tensor(values, dtype=dtype, device=new.device))
+        self._pixel_stats = tuple(stats)
+        return self
 
     def _init_weights(self):
         # timm's default ('' mode): truncated normal (std .02) Linear weights and position
@@ -134,11 +169,16 @@ class VisionTransformer(nn.Module):
         return resample_pos_embed(self.pos_embed, grid, self.num_prefix_tokens, mode="bicubic",
                                   old_grid=self.patch_embed.grid_size)
 
-    def forward_features(self, x):
-        """Images [B, C, H, W] -> normed tokens [B, N, E] (not normed when fc_norm is used)."""
-        if x.dim() != 4:
-            raise ValueError(f"x: expected images [B, C, H, W], got shape {tuple(x.shape)}")
+    def forward_features(self, x, attn_mask=None):
+        """Images [B, C, H, W] -> normed tokens [B, N, E] (not normed when fc_norm is used).
+
+        ``attn_mask``: passed to every block's attention (timm's ``forward_features(x, attn_mask)``)."""
         proj = self.patch_embed.proj
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != 4 or x.shape[1] != proj.in_channels:
+            raise ValueError(f"x: expected images [B, C, H, W] with C = {proj.in_channels}, "
+                             f"got shape {tuple(x.shape)}")
         x = VF.patch_embed(x, proj.weight, proj.bias, cls_token=self.cls_token,
                            pos_embed=self._pos_embed_for(*x.shape[-2:]), mean=self.pixel_mean, std=self.pixel_std)
         # Under autocast the op runs (and returns) the autocast dtype; the stream goes on in the
@@ -147,19 +187,23 @@ class VisionTransformer(nn.Module):
         x = self.pos_drop(x.to(self.pos_embed.dtype))  # [B, N, E]
         delta = None
         for block in self.blocks:
-            x, delta = block.forward_fused(x, delta)
+            x, delta = block.forward_fused(x, delta, attn_mask=attn_mask)
         if isinstance(self.norm, nn.Identity):  # fc_norm: the final norm comes after the pool
             return x if delta is None else x + delta
         return norm_stream(self.norm, x, delta)[0]
 
     def forward_head(self, x, pre_logits=False):
         """Tokens [B, N, E] -> logits [B, num_classes] (pre_logits: the features the head would take)."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[-1] != self.embed_dim:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected tokens [B, N, {self.embed_dim}], got {shape}")
         x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]  # [B, E]
         x = self.head_drop(self.pre_logits(self.fc_norm(x)))
         return x if pre_logits else self.head(x)
 
-    def forward(self, x):
-        return self.forward_head(self.forward_features(x))
+    def forward(self, x, attn_mask=None):
+        """Images [B, C, H, W] -> logits [B, num_classes] (timm's ``forward(x, attn_mask=None)``)."""
+        return self.forward_head(self.forward_features(x, attn_mask=attn_mask))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):

@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 
 from vit_fast import functional as VF
-from vit_fast.nn.attention import Attention
+from vit_fast.nn.attention import Attention, check_positive_int, check_tokens
 from vit_fast.nn.layernorm import LayerNorm
 from vit_fast.nn.mlp import Mlp
 
@@ -72,6 +72,10 @@ class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, qk_norm=False, proj_drop=0.0, attn_drop=0.0,
                  init_values=None, drop_path=0.0, act_layer="gelu", norm_layer=None):
         super().__init__()
+        check_positive_int("dim", dim)
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or int(dim * mlp_ratio) < 1:
+            raise ValueError(f"mlp_ratio: expected a number with int(dim * mlp_ratio) >= 1 (dim {dim}), "
+                             f"got {mlp_ratio!r}")
         norm_layer = norm_layer or functools.partial(LayerNorm, eps=1e-6)
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, qk_norm=qk_norm, attn_drop=attn_drop,
@@ -101,21 +105,25 @@ class Block(nn.Module):
             return False
         return not self.training or (self.mlp.drop2.p == 0.0 and isinstance(self.drop_path2, nn.Identity))
 
-    def forward_fused(self, x, delta=None):
+    def forward_fused(self, x, delta=None, attn_mask=None):
         """The block on the residual stream ``x + delta`` ([B, N, C]); returns the stream the same way.
 
         The returned ``delta`` is None when fc2 already added the residual, else the MLP branch,
-        which the next LayerNorm adds in its fused add + norm.
+        which the next LayerNorm adds in its fused add + norm. ``attn_mask``: see ``Attention``.
         """
+        check_tokens("Block", x, self.attn.qkv.in_features)
+        if delta is not None and delta.shape != x.shape:
+            raise ValueError(f"delta: expected the shape of x {tuple(x.shape)}, got {tuple(delta.shape)}")
         to_linear = linear_input_dtype(x)  # norm1 feeds attn.qkv, norm2 feeds mlp.fc1
         h, x = norm_stream(self.norm1, x, delta, to_linear)
-        h, x = norm_stream(self.norm2, x, self.drop_path1(self.ls1(self.attn(h))), to_linear)
+        h, x = norm_stream(self.norm2, x, self.drop_path1(self.ls1(self.attn(h, attn_mask=attn_mask))), to_linear)
         mlp = self.mlp
         hidden = mlp.norm(mlp.drop1(VF.linear_gelu(h, mlp.fc1.weight, mlp.fc1.bias, mlp.approximate)))  # [B, N, hidden]
         if self._fc2_adds_residual():
             return VF.linear(hidden, mlp.fc2.weight, mlp.fc2.bias, residual=x), None
         return x, self.drop_path2(self.ls2(mlp.drop2(VF.linear(hidden, mlp.fc2.weight, mlp.fc2.bias))))
 
-    def forward(self, x):
-        x, delta = self.forward_fused(x)
+    def forward(self, x, attn_mask=None):
+        """timm's ``Block.forward(x, attn_mask=None)``: [B, N, C] -> [B, N, C]."""
+        x, delta = self.forward_fused(x, attn_mask=attn_mask)
         return x if delta is None else x + delta

@@ -1,9 +1,11 @@
 """Drop-in timm ``Mlp``: fc1 + GELU fused in one Triton matmul, then fc2; timm's names and state_dict."""
 import functools
 
+import torch
 import torch.nn as nn
 
 from vit_fast import functional as VF
+from vit_fast.nn.attention import check_positive_int
 
 ACT_NAMES = {"gelu": "none", "gelu_tanh": "tanh"}  # timm's act_layer strings -> F.gelu's `approximate`
 
@@ -71,6 +73,10 @@ class Mlp(nn.Module):
         super().__init__()
         if use_conv:
             raise ValueError("use_conv: vit_fast.nn.Mlp supports Linear layers only (use_conv=False)")
+        check_positive_int("in_features", in_features)
+        for name, value in (("hidden_features", hidden_features), ("out_features", out_features)):
+            if value is not None and value != 0:  # None (or timm's falsy 0): in_features, as timm
+                check_positive_int(name, value)
         out_features = out_features or in_features
         hidden_features = hidden_features or in_features
         bias1, bias2 = _pair(bias)
@@ -83,7 +89,11 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias2)
         self.drop2 = nn.Dropout(drop2)
 
-    def forward(self, x):
+    def forward(self, x):  # [..., in_features] -> [..., out_features]
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: Mlp expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.fc1.in_features:
+            raise ValueError(f"x: Mlp expected [..., {self.fc1.in_features}], got shape {tuple(x.shape)}")
         h = VF.linear_gelu(x, self.fc1.weight, self.fc1.bias, self.approximate)  # [..., hidden]
         h = self.norm(self.drop1(h))
         return self.drop2(VF.linear(h, self.fc2.weight, self.fc2.bias))

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vit_fast import functional as VF
+from vit_fast.nn.attention import check_positive_int
 from vit_fast.ops.patch_embed import normalize_uint8
 
 OUTPUT_FORMATS = ("NCHW", "NHWC", "NCL", "NLC")
@@ -26,8 +27,16 @@ class PatchEmbed(nn.Module):
                  output_fmt=None, bias=True, strict_img_size=True, dynamic_img_pad=False, device=None, dtype=None):
         super().__init__()
         self.patch_size = _pair(patch_size)
+        for p in self.patch_size:
+            check_positive_int("patch_size", p)
         if self.patch_size[0] != self.patch_size[1]:
             raise ValueError(f"patch_size: expected a square patch, got {self.patch_size}")
+        check_positive_int("in_chans", in_chans)
+        check_positive_int("embed_dim", embed_dim)
+        if img_size is not None:
+            for s in _pair(img_size):
+                if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+                    raise ValueError(f"img_size: expected None, a positive int or a pair of them, got {img_size!r}")
         if img_size is None:
             self.img_size = self.grid_size = self.num_patches = None
         else:
@@ -48,6 +57,11 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x, mean=None, std=None):
         """x: [B, C, H, W] float, or uint8 with `mean` and `std` (C values each: (x / 255 - mean) / std)."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: PatchEmbed expected a torch.Tensor, got {type(x).__name__}")
+        in_chans = self.proj.in_channels
+        if x.dim() != 4 or x.shape[1] != in_chans:
+            raise ValueError(f"x: PatchEmbed expected images [B, {in_chans}, H, W], got shape {tuple(x.shape)}")
         B, _, H, W = x.shape
         p = self.patch_size[0]
         if self.img_size is not None:
