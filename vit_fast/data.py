@@ -9,6 +9,10 @@ on the device.
 Bad data: a missing folder, no classes or a single class raise ``DataError`` naming the path; an
 empty class folder logs a warning and the class is kept (so class indices stay stable); an image
 that cannot be decoded is dropped from its batch, named in a warning (once per file) and counted.
+
+Decoding as image loaders do: the EXIF orientation is applied (a phone photo taken upright comes
+out upright, as ``PIL.ImageOps.exif_transpose`` turns it), and 16-bit images (PNG's ``I;16``
+modes) are scaled to 8 bits by their high byte (value >> 8) rather than clipped at 255.
 """
 import logging
 import math
@@ -25,6 +29,14 @@ EVAL_CROP_FRACTION = 0.875  # evaluation view: the centre 87.5% square, resized 
 CROP_SCALE = (0.08, 1.0)  # random resized crop: fraction of the image area ...
 CROP_RATIO = (3 / 4, 4 / 3)  # ... and aspect ratio of the crop box
 DEFAULT_WORKERS = min(8, os.cpu_count() or 1)  # decoding processes per training / evaluating process
+EXIF_ORIENTATION = 0x0112
+# EXIF orientation -> the transpose that shows the image upright (the table of PIL.ImageOps.exif_transpose)
+ORIENTATION_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +132,23 @@ def center_crop_box(width, height):
     return left, top, left + side, top + side
 
 
+def orientation(img):
+    """The EXIF orientation of an opened image (1, upright, when absent or unreadable)."""
+    try:
+        value = img.getexif().get(EXIF_ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block does not make the pixels unreadable
+        return 1
+    return value if value in ORIENTATION_TRANSPOSE else 1
+
+
+def to_rgb(img):
+    """8-bit RGB: 16-bit grayscale scaled by its high byte (Pillow's convert would clip it to 255)."""
+    if img.mode in SIXTEEN_BIT_MODES or img.mode == "I":  # "I": 32-bit ints, as older Pillows read 16-bit PNGs
+        pixels = np.asarray(img).astype(np.int64)
+        return Image.fromarray((np.clip(pixels, 0, 65535) >> 8).astype(np.uint8), "L").convert("RGB")
+    return img.convert("RGB")
+
+
 class Batch(NamedTuple):
     images: torch.Tensor  # uint8 [B, 3, S, S], channels_last memory (the decoder's layout; the model reads any strides)
     labels: torch.Tensor  # int64 [B]
@@ -151,7 +180,11 @@ class ImageDataset(torch.utils.data.Dataset):
         size = self.img_size
         try:
             with Image.open(path) as img:
-                width, height = img.size
+                turn = ORIENTATION_TRANSPOSE.get(orientation(img))
+                swap = turn in (Image.Transpose.TRANSPOSE, Image.Transpose.TRANSVERSE, Image.Transpose.ROTATE_90,
+                                Image.Transpose.ROTATE_270)
+                # the crop box is drawn on the upright image: width and height as it will be seen
+                width, height = img.size[::-1] if swap else img.size
                 if self.augment:
                     rng = np.random.default_rng([self.seed, epoch, index])
                     box = random_resized_crop_box(width, height, rng)
@@ -160,10 +193,14 @@ class ImageDataset(torch.utils.data.Dataset):
                     box, flip = center_crop_box(width, height), False
                 # JPEG decodes at 1/2, 1/4 or 1/8 scale for free: take it while the crop keeps >= size pixels
                 shrink = min(box[2] - box[0], box[3] - box[1]) / size
-                if shrink >= 2 and img.draft("RGB", (math.ceil(width / shrink), math.ceil(height / shrink))):
-                    sx, sy = img.size[0] / width, img.size[1] / height
+                stored = img.size
+                if shrink >= 2 and img.draft("RGB", (math.ceil(stored[0] / shrink), math.ceil(stored[1] / shrink))):
+                    new_width, new_height = img.size[::-1] if swap else img.size
+                    sx, sy = new_width / width, new_height / height
                     box = (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy)
-                rgb = img.convert("RGB")  # the full decode: a truncated or corrupt file fails here
+                rgb = to_rgb(img)  # the full decode: a truncated or corrupt file fails here
+            if turn is not None:
+                rgb = rgb.transpose(turn)
         except Exception as err:  # any decoder plugin's failure: a bad file is skipped, never fatal
             return None, label, path, f"{type(err).__name__}: {err}"
         rgb = rgb.resize((size, size), Image.Resampling.BILINEAR, box=box)
