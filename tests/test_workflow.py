@@ -213,15 +213,16 @@ def test_freeze_epochs_train_only_the_head_then_everything(dataset, tmp_path, mo
 
 
 def test_torchrun_two_processes_gloo(dataset, tmp_path):
-    """Two DDP processes on the CPU; the head-only epoch then the full one (DDP rebuilt per phase)."""
+    """Two DDP processes on the CPU; the head-only epoch then the full one (DDP rebuilt per phase);
+    --dist-timeout reaches the process group."""
     run = tmp_path / "run"
     env = {**os.environ, FORCE_TORCH_ENV: "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "vit_fast.train",
            "--data", str(dataset), *TRAIN_ARGS, "--epochs", "2", "--freeze-epochs", "1", "--workers", "1",
-           "--device", "cpu", "--out", str(run)]
+           "--device", "cpu", "--dist-timeout", "2m", "--out", str(run)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "2 process(es) on cpu" in proc.stdout
+    assert "2 process(es) on cpu (collective timeout 120 s)" in proc.stdout
     summaries = [line for line in proc.stdout.splitlines() if line.startswith("epoch ")]
     assert len(summaries) == 2 and "head only" in summaries[0] and "head only" not in summaries[1]
     for summary in summaries:

@@ -18,7 +18,8 @@ import torch
 from tqdm import tqdm
 
 from vit_fast import data
-from vit_fast.train import load_trained_model, run_inference
+from vit_fast.train import (CheckpointError, device_problem, load_trained_model, nonnegative_int, positive_int,
+                            run_inference, usage_error)
 
 MAX_PRINTED_CLASSES = 20  # a wider confusion matrix goes to --json / --plot only
 
@@ -29,8 +30,8 @@ def build_parser():
     p.add_argument("--data", required=True, help="folder of class subfolders, e.g. DATA/val")
     p.add_argument("--json", metavar="OUT.json", help="write top1, top5, per_class, confusion and classes")
     p.add_argument("--plot", metavar="PNG", help="draw the confusion matrix")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=data.DEFAULT_WORKERS, help="decoding processes")
+    p.add_argument("--batch-size", type=positive_int, default=64)
+    p.add_argument("--workers", type=nonnegative_int, default=data.DEFAULT_WORKERS, help="decoding processes")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on a GPU (ignored on a CPU)")
     return p
@@ -88,15 +89,21 @@ def plot_confusion(confusion, classes, path):
 
 def main(argv=None):
     logging.basicConfig(format="%(levelname)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    model, checkpoint, device = load_trained_model(args.weights, args.device, args.amp)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.device is not None and (problem := device_problem(args.device)):
+        usage_error(parser, f"argument --device: {problem}")
+    try:
+        model, checkpoint, device = load_trained_model(args.weights, args.device, args.amp)
+    except CheckpointError as err:
+        usage_error(parser, f"argument --weights: {err}")
     classes = checkpoint["classes"]
     try:
         samples = data.scan_split(args.data, classes)
     except data.DataError as err:
-        raise SystemExit(f"error: {err}") from None
+        usage_error(parser, f"argument --data: {err}")
     if not samples:
-        raise SystemExit(f"error: {args.data}: no images in any class folder")
+        usage_error(parser, f"argument --data: {args.data}: no images in any class folder")
 
     dataset = data.ImageDataset(samples, checkpoint["img_size"])
     loader = data.make_loader(dataset, args.batch_size, args.workers, range(len(dataset)), device.type == "cuda")
@@ -105,6 +112,8 @@ def main(argv=None):
     topk_hits, skipped, warned = 0, 0, set()
     for logits, batch in run_inference(model, tqdm(loader, desc="evaluate", leave=False), device, args.amp):
         skipped += data.report_skipped(batch.skipped, warned)
+        if logits is None:  # every file of the batch was unreadable
+            continue
         top = logits.topk(k, dim=1).indices.cpu()  # [B, k]
         topk_hits += (top == batch.labels[:, None]).any(dim=1).sum().item()
         confusion.index_put_((batch.labels, top[:, 0]), torch.ones_like(batch.labels), accumulate=True)

@@ -3,8 +3,9 @@
     python -m vit_fast.predict --weights RUN/best.pt IMAGE [IMAGE ...] [--topk K] [--json OUT.json]
 
 Prints one line per image: its top-k classes with probabilities. An IMAGE may be a folder (its
-images, recursively). A file that cannot be read gets an error line on stderr; the others are
-still classified, and the exit status is then 1.
+images, recursively). A file that cannot be read, or a folder without images, gets an error line
+on stderr; the others are still classified, and the exit status is then 1. Nothing to classify at
+all, a bad --weights file or another command-line mistake: one ``error:`` line, exit status 2.
 """
 import argparse
 import json
@@ -13,14 +14,8 @@ import sys
 from pathlib import Path
 
 from vit_fast import data
-from vit_fast.train import load_trained_model, run_inference
-
-
-def positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+from vit_fast.train import (CheckpointError, device_problem, load_trained_model, nonnegative_int, positive_int,
+                            run_inference, usage_error)
 
 
 def build_parser():
@@ -30,33 +25,52 @@ def build_parser():
     p.add_argument("--topk", type=positive_int, default=5, help="classes shown per image (at most the class count)")
     p.add_argument("--json", metavar="OUT.json", help='write [{"path": ..., "topk": [{"class": ..., "prob": ...}]}]')
     p.add_argument("--batch-size", type=positive_int, default=64)
-    p.add_argument("--workers", type=int, default=0, help="decoding processes (default 0: decode in this one)")
+    p.add_argument("--workers", type=nonnegative_int, default=0,
+                   help="decoding processes (default 0: decode in this one)")
     p.add_argument("--device", help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--amp", action="store_true", help="bf16 autocast on a GPU (ignored on a CPU)")
     return p
 
 
 def expand(paths):
-    """Files as given (readable or not: a bad one is reported when decoded); folders -> their images."""
-    files = []
+    """(files, folders without images): files as given (readable or not: a bad one is reported when
+    decoded), folders -> their images."""
+    files, empty = [], []
     for path in map(Path, paths):
-        files += data.list_images(path) if path.is_dir() else [path]
-    return [str(f) for f in files]
+        found = data.list_images(path) if path.is_dir() else [path]
+        if not found:
+            empty.append(path)
+        files += found
+    return [str(f) for f in files], empty
 
 
 def main(argv=None):
     logging.basicConfig(format="%(levelname)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    model, checkpoint, device = load_trained_model(args.weights, args.device, args.amp)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    files, empty = expand(args.images)
+    kinds = "/".join(e[1:] for e in data.IMAGE_EXTENSIONS)
+    if not files:
+        usage_error(parser, f"no images found in {', '.join(map(str, empty))} (looked for {kinds} files)")
+    if args.device is not None and (problem := device_problem(args.device)):
+        usage_error(parser, f"argument --device: {problem}")
+    try:
+        model, checkpoint, device = load_trained_model(args.weights, args.device, args.amp)
+    except CheckpointError as err:
+        usage_error(parser, f"argument --weights: {err}")
     classes = checkpoint["classes"]
     k = min(args.topk, len(classes))
-    dataset = data.ImageDataset([(path, -1) for path in expand(args.images)], checkpoint["img_size"])
+    for folder in empty:
+        print(f"error: {folder}: no images found (looked for {kinds} files)", file=sys.stderr)
+    dataset = data.ImageDataset([(path, -1) for path in files], checkpoint["img_size"])
     loader = data.make_loader(dataset, args.batch_size, args.workers, range(len(dataset)), device.type == "cuda")
-    predictions, failures = [], 0
+    predictions, failures = [], len(empty)
     for logits, batch in run_inference(model, loader, device, args.amp):
         for path, reason in batch.skipped:
             print(f"error: {path}: cannot read image ({reason})", file=sys.stderr)
         failures += len(batch.skipped)
+        if logits is None:  # every file of the batch was unreadable
+            continue
         probs, indices = logits.softmax(dim=1).topk(k, dim=1)
         for path, p_row, i_row in zip(batch.paths, probs.tolist(), indices.tolist()):
             topk = [{"class": classes[i], "prob": p} for p, i in zip(p_row, i_row)]
@@ -66,7 +80,9 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(predictions, f, indent=2)
     if failures:
-        print(f"{failures} of {len(dataset)} images could not be read", file=sys.stderr)
+        unread = failures - len(empty)
+        print(f"{unread} of {len(dataset)} images could not be read"
+              + (f"; {len(empty)} folder(s) without images" if empty else ""), file=sys.stderr)
     return 1 if failures else 0
 
 
