@@ -8,6 +8,7 @@ import datetime
 import json
 import os
 import platform
+import subprocess
 
 import torch
 
@@ -37,11 +38,91 @@ def environment() -> dict:
     return info
 
 
+def _git(*args):
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        out = subprocess.run(["git", "-C", repo, *args], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def stamp() -> dict:
+    """Where a result came from: `environment()` plus the commit (`git rev-parse --short HEAD`),
+    `dirty` (tracked files changed since that commit: the numbers may not be the commit's), the
+    UTC time, the CUDA version torch was built with and the host's Python."""
+    info = environment()
+    commit = _git("rev-parse", "--short", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no") if commit else None
+    info.update(commit=commit, dirty=None if status is None else bool(status),
+                time_utc=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                cuda=torch.version.cuda, python=platform.python_version())
+    return info
+
+
 def bench_ms(fn, warmup=25, rep=100) -> float:
     """Median milliseconds of `fn()` on the GPU (triton.testing.do_bench: CUDA events, L2 flushed)."""
     from triton.testing import do_bench
 
     return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def bench_stats(fn, warmup=25, rep=100) -> dict:
+    """min, median and max milliseconds of `fn()` on the GPU, from one do_bench run (its quantiles)."""
+    from triton.testing import do_bench
+
+    lo, mid, hi = do_bench(fn, warmup=warmup, rep=rep, quantiles=[0.0, 0.5, 1.0])
+    return {"min_ms": lo, "ms": mid, "max_ms": hi}
+
+
+def kernel_summary(kernels, wall_us, host_us, top=15) -> dict:
+    """Device-time breakdown of one call from its kernels' (name, start_us, end_us) intervals.
+
+    busy_us: the union of the kernel intervals (time the device ran anything); span_us: first
+    kernel start to last kernel end; gaps_us = span - busy, the device idle between kernels;
+    wall_us: the call as the caller saw it, synchronized; host_us: the call's own Python/launch time
+    (no sync: how long the host took to enqueue it). Top kernels by summed device time.
+    """
+    kernels = sorted((s, e, n) for n, s, e in kernels)
+    busy, span, end = 0.0, 0.0, None
+    for s, e, _ in kernels:
+        if end is None or s > end:
+            busy += e - s
+            end = e
+        elif e > end:
+            busy += e - end
+            end = e
+    if kernels:
+        span = max(e for _, e, _ in kernels) - kernels[0][0]
+    by_name = {}
+    for s, e, n in kernels:
+        total, count = by_name.get(n, (0.0, 0))
+        by_name[n] = (total + e - s, count + 1)
+    ranked = sorted(by_name.items(), key=lambda kv: -kv[1][0])
+    return {"kernels": len(kernels), "busy_us": busy, "span_us": span, "gaps_us": span - busy, "wall_us": wall_us,
+            "host_us": host_us,
+            "top": [{"name": n[:120], "us": t, "calls": c, "pct_busy": 100 * t / busy if busy else 0.0}
+                    for n, (t, c) in ranked[:top]]}
+
+
+def profile_kernels(fn, top=15) -> dict:
+    """`kernel_summary` of one `fn()` on the GPU under torch.profiler (warm: call `fn` before)."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        host_us = (time.perf_counter() - t0) * 1e6
+        torch.cuda.synchronize()
+        wall_us = (time.perf_counter() - t0) * 1e6
+    kernels = [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()
+               if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    summary = kernel_summary(kernels, wall_us, host_us, top)
+    summary["note"] = "host_us and wall_us include the profiler's own overhead"
+    return summary
 
 
 def bench_graph_ms(fn, warmup=25, rep=100) -> float:
@@ -136,15 +217,16 @@ def print_table(rows, columns=None, title=None):
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)))
 
 
-def write_results(op: str, rows, plot_key=None, label_keys=("shape", "impl")):
-    """Save rows as JSON (with environment and ceilings) and CSV; a PNG of `plot_key` if matplotlib is there."""
+def write_results(op: str, rows, plot_key=None, label_keys=("shape", "impl"), extra=None):
+    """Save rows as JSON (with `stamp()`, the ceilings and `extra`, a dict of more top-level entries) and
+    CSV; a PNG of `plot_key` if matplotlib is there."""
     out_dir = os.path.join(RESULTS_DIR, device_slug())
     os.makedirs(out_dir, exist_ok=True)
-    meta = environment()
+    meta = stamp()
     if has_gpu():
         meta["ceilings"] = ceilings()
     with open(os.path.join(out_dir, f"{op}.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
+        json.dump({"meta": meta, "rows": rows, **(extra or {})}, f, indent=1)
     columns = sorted({c for r in rows for c in r}, key=lambda c: min(list(r).index(c) for r in rows if c in r))
     with open(os.path.join(out_dir, f"{op}.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)

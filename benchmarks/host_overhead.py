@@ -5,6 +5,12 @@
 Several GPU rows are launch-bound (their `host_ms` reaches `ms`, see benchmarks/NOTES.md): this
 isolates what the op wrappers, the custom-op dispatch and autograd cost on the host, on any
 machine, without a GPU. Kernels run nowhere: the numbers are the floor of a call's host time.
+
+The last rows take a whole ViT forward the same way (ViT-B/16's depth and blocks at a tiny width
+and image, so CPU arithmetic stays small; the patch embedding and the plain torch ops still run):
+microseconds of host time per forward, torch function calls made from Python per forward, and
+vit_fast kernel-path op calls per forward. That is the launch-path cost a CUDA graph
+(`vit_fast.inference`) removes; at small batches it is what bounds eager latency.
 """
 import os
 import time
@@ -13,7 +19,9 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # CPU tensors take the kernel pa
 
 import torch  # noqa: E402
 
+import vit_fast  # noqa: E402
 import vit_fast.functional as VF  # noqa: E402
+from vit_fast import dispatch  # noqa: E402
 from vit_fast.kernels import attention as attention_kernels  # noqa: E402
 from vit_fast.kernels import layernorm as layernorm_kernels  # noqa: E402
 from vit_fast.kernels import mlp as mlp_kernels  # noqa: E402
@@ -46,6 +54,41 @@ def _us_per_call(fn, calls=200, batches=5):
     return best / calls * 1e6
 
 
+class _CountTorchCalls(torch.overrides.TorchFunctionMode):
+    """Counts torch function calls made from Python: ops (torch.*, F.*, Tensor methods) apart from
+    tensor attribute reads (.shape, .dtype, .device ...), which also pass through __torch_function__."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = self.attributes = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") == "__get__":
+            self.attributes += 1
+        else:
+            self.ops += 1
+        return func(*args, **(kwargs or {}))
+
+
+def vit_forward_rows():
+    """Host cost of one whole ViT forward (no grad), kernels stubbed:
+    (name, mode, us, torch op calls, tensor attribute reads, vit_fast kernel-path ops)."""
+    # ViT-B/16's structure (12 blocks, 12 heads, MLP ratio 4) at width 192 and a 32x32 image (5 tokens)
+    model = vit_fast.VisionTransformer(img_size=32, patch_size=16, embed_dim=192, depth=12, num_heads=12).eval()
+    x = torch.randn(1, 3, 32, 32)
+    rows = []
+    with torch.no_grad():
+        for mode, fn in (("fwd, no grad", lambda: model(x)),):
+            us = _us_per_call(fn, calls=20, batches=5)
+            counter = _CountTorchCalls()
+            before = sum(dispatch.kernel_launches.values())
+            with counter:
+                fn()
+            kernel_ops = sum(dispatch.kernel_launches.values()) - before
+            rows.append(("ViT forward (12 blocks)", mode, us, counter.ops, counter.attributes, kernel_ops))
+    return rows
+
+
 def main():
     _stub_kernels()
     torch.set_num_threads(1)  # host cost, not CPU arithmetic: one thread keeps the rows steady
@@ -76,6 +119,10 @@ def main():
     print(f"host cost per call, kernel launches stubbed ({torch.get_num_threads()} CPU threads)")
     for op, mode, us in rows:
         print(f"{op:34s} {mode:14s} {us:8.1f} us")
+    print("\nwhole model, per forward (kernel launches stubbed; patch embedding and plain torch ops run)")
+    for op, mode, us, ops, attributes, kernel_ops in vit_forward_rows():
+        print(f"{op:34s} {mode:14s} {us:8.1f} us   {ops} torch op calls and {attributes} tensor attribute reads "
+              f"from Python, {kernel_ops} vit_fast kernel-path ops")
 
 
 if __name__ == "__main__":
