@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .host import cdiv, next_power_of_2
+from .host import cdiv, next_power_of_2, reject_bf16_dots_under_interpreter
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 LOG2E_IN_KERNEL = tl.constexpr(LOG2E)  # kernels read only constexpr globals
@@ -528,6 +528,7 @@ def attention_fwd(q, k, v, o, lse, scale: float, fwd_cfg: Config = None):
     q, o: [B, H, N_Q, D]; k, v: [B, H, N_KV, D] (any strides, unit stride on D); lse: [B, H, N_Q]
     contiguous fp32. ``fwd_cfg`` overrides the table (benchmark sweeps).
     """
+    reject_bf16_dots_under_interpreter("attention", attention_fwd_kernel, q.dtype)
     B, H, n_q, head_dim = q.shape
     n_kv = k.shape[2]
     if B * H * n_q == 0:
@@ -551,6 +552,7 @@ def attention_bwd(do, q, k, v, o, lse, dq, dk, dv, scale: float, bwd_cfgs=None):
     o, lse: the forward's outputs. ``bwd_cfgs`` overrides the table: (dK/dV config, dQ config), or
     (single-pass config with block_n >= N_KV, None), as `bwd_configs` returns them.
     """
+    reject_bf16_dots_under_interpreter("attention backward", attention_bwd_dkdv_kernel, q.dtype)
     B, H, n_q, head_dim = q.shape
     n_kv = k.shape[2]
     if B * H * n_q == 0:

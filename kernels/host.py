@@ -1,4 +1,4 @@
-"""Integer helpers for the launchers' host code (grids, block sizes).
+"""Helpers for the launchers' host code: integer helpers (grids, block sizes) and the interpreter check.
 
 Plain Python on purpose: since Triton 3.9 `triton.cdiv` and `triton.next_power_of_2` are
 constexpr functions whose host-side call costs about 2 us each (argument unwrapping), and a
@@ -14,3 +14,19 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, n - 1).bit_length()
+
+
+def is_interpreted(kernel) -> bool:
+    """True when `kernel` (a @triton.jit function) runs under Triton's interpreter: TRITON_INTERPRET=1
+    was set when it was decorated (Triton decides at decoration time)."""
+    return type(kernel).__name__ == "InterpretedFunction"
+
+
+def reject_bf16_dots_under_interpreter(op: str, kernel, dtype) -> None:
+    """Triton's interpreter computes tl.dot on bfloat16 operands wrongly (plausible numbers, relative
+    error ~1e8 and worse), so a kernel with bf16 dots must not run there: this raises instead. On a
+    GPU (no interpreter) nothing changes."""
+    if is_interpreted(kernel) and str(dtype) == "torch.bfloat16":
+        raise RuntimeError(
+            f"{op}: bfloat16 under TRITON_INTERPRET=1: Triton's interpreter computes tl.dot on bf16 wrongly; "
+            "use float16/float32, or run without the interpreter (a GPU, or the PyTorch path on a CPU)")

@@ -259,6 +259,12 @@ def layer_norm_bwd_params_kernel(
         tl.store(dbias_ptr + cols, tl.sum(dbias_acc, axis=0).to(dbias_ptr.dtype.element_ty), mask=col_mask)
 
 
+def unit_stride_param(t):
+    """weight / bias [C] with unit stride (the kernels read them at ptr + col): a strided or expanded
+    (stride-0) view is copied, C values; a contiguous one or None passes through."""
+    return t if t is None or t.stride(0) == 1 else t.contiguous()
+
+
 def rows_view(t: torch.Tensor) -> torch.Tensor:
     """``t`` [..., C] as [rows, C] with unit column stride: a view when the leading dims collapse
     into one row stride, else one contiguous copy."""
@@ -307,7 +313,7 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, y=None, s=None, rows_per
     """LN over the last dim of ``x`` (of ``x + residual`` when given) -> (y, s or None, mean, rstd).
 
     x, residual: [..., C] of the same shape, any float dtypes (each read in its own, math in fp32);
-    weight, bias: [C] or None, any float dtype. s comes out in the promoted dtype of x and residual,
+    weight, bias: [C] or None, any float dtype, any stride. s comes out in the promoted dtype of x and residual,
     y in ``y_dtype`` (default: s's dtype, or x's without a residual), both contiguous in x's shape
     (pass preallocated ones to reuse them); mean and rstd as [rows] fp32. rows_per_program /
     num_warps override the tuned configuration (for sweeps).
@@ -325,6 +331,7 @@ def layer_norm_fwd(x, weight, bias, eps, residual=None, y=None, s=None, rows_per
         return y, s, mean, rstd
     default_rows, default_warps = fwd_config(C, x.device, residual is not None)
     rows_per_program = rows_per_program or default_rows
+    weight, bias = unit_stride_param(weight), unit_stride_param(bias)
     x2 = rows_view(x)
     r2 = rows_view(residual) if residual is not None else x2
     layer_norm_fwd_kernel[(cdiv(n_rows, rows_per_program),)](
@@ -372,6 +379,7 @@ def layer_norm_bwd(dy, x, weight, mean, rstd, ds=None, compute_dweight=True, com
     num_programs = min(num_programs or default_programs, cdiv(n_rows, rows_per_program))
     dweight_partial = torch.empty((num_programs, C), dtype=torch.float32, device=x.device) if compute_dweight else None
     dbias_partial = torch.empty((num_programs, C), dtype=torch.float32, device=x.device) if compute_dbias else None
+    weight = unit_stride_param(weight)
     x2, dy2 = rows_view(x), rows_view(dy)
     ds2 = rows_view(ds) if ds is not None else x2
     layer_norm_bwd_kernel[(num_programs,)](

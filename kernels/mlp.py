@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .host import cdiv
+from .host import cdiv, reject_bf16_dots_under_interpreter
 
 try:  # host-side TMA descriptors (in Triton 3.6 and 3.9 alike)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -326,16 +326,20 @@ def select_kernel(x, weight, out, pre_out=None) -> str:
 def linear_act(x, weight, bias, residual, out, pre_out, activation, kernel=None, config=None, num_programs=None):
     """out = act(x @ weight^T + bias + residual); pre_out (optional) gets the value before act.
 
-    x [M, K], weight [N, K], bias [N] or None, residual [M, N] or None, out and pre_out [M, N]
-    (written in their own dtypes). ``kernel`` "pointer" / "tma" and ``config`` default to
+    x [M, K], weight [N, K] (any strides: read through them, or TMA-addressed when aligned), bias
+    [N] or None (any stride: a strided or expanded one is copied, [N] values), residual [M, N] or
+    None (any strides), out and pre_out [M, N] (written in their own dtypes). ``kernel`` "pointer" / "tma" and ``config`` default to
     ``select_kernel`` and the config table; ``num_programs`` (TMA kernel) defaults to the SM count.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {activation!r}")
+    reject_bf16_dots_under_interpreter("linear / linear_gelu", linear_act_kernel, x.dtype)
     M, K = x.shape
     N = weight.shape[0]
     if M == 0 or N == 0:
         return out
+    if bias is not None and bias.stride(0) != 1:  # the kernels read b[n] at b_ptr + n
+        bias = bias.contiguous()  # [N], cheap; a stride-0 (expanded) bias becomes N copies of its value
     kernel = kernel or select_kernel(x, weight, out, pre_out)
     cfg = config or default_config(kernel, x)
     flags = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,

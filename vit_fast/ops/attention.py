@@ -15,7 +15,8 @@ from torch.autograd.function import once_differentiable
 
 from vit_fast import dispatch
 from vit_fast.kernels import attention as kernels
-from vit_fast.ops.checks import FLOAT_DTYPES, check_last_dim_contiguous, check_same, check_tensor
+from vit_fast.ops.checks import (ANY_FLOAT_DTYPES, check_kernel_dtypes, check_last_dim_contiguous, check_same,
+                                  check_tensor)
 
 
 def _split_packed(qkv: torch.Tensor, num_heads: int):
@@ -229,7 +230,7 @@ def attention(q, k, v, scale=None):
 
     The math of ``F.scaled_dot_product_attention(q, k, v, scale=scale)``; scale defaults to D**-0.5.
     """
-    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("q", q, ndim=4, dtypes=ANY_FLOAT_DTYPES)
     check_tensor("k", k, ndim=4)
     check_tensor("v", v, ndim=4)
     check_same("q", q, k=k, v=v)
@@ -247,6 +248,7 @@ def attention(q, k, v, scale=None):
         check_last_dim_contiguous(name, t)
     if not dispatch.use_kernels(q):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    check_kernel_dtypes(q=q)  # k and v share q's dtype
     if torch.compiler.is_compiling():
         return attention_fwd(q, k, v, scale)[0]
     return _AttentionFn.apply(q, k, v, scale)[0]
@@ -254,7 +256,7 @@ def attention(q, k, v, scale=None):
 
 def attention_packed(qkv, num_heads, scale=None):
     """Attention over timm's packed qkv: [B, N, 3*H*D] (reshape(B, N, 3, H, D) order) -> [B, N, H*D]."""
-    check_tensor("qkv", qkv, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("qkv", qkv, ndim=3, dtypes=ANY_FLOAT_DTYPES)
     if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 1:
         raise ValueError(f"num_heads: expected a positive int, got {num_heads!r}")
     B, N, C3 = qkv.shape
@@ -268,7 +270,9 @@ def attention_packed(qkv, num_heads, scale=None):
     check_last_dim_contiguous("qkv", qkv)
     if not dispatch.use_kernels(qkv):
         q, k, v = _split_packed(qkv, num_heads)
-        return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, -1)
+        # C3 // 3, not -1: reshape cannot infer a dim of an empty (B = 0) tensor
+        return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, C3 // 3)
+    check_kernel_dtypes(qkv=qkv)
     if torch.compiler.is_compiling():
         return attention_packed_fwd(qkv, num_heads, scale)[0]
     return _AttentionPackedFn.apply(qkv, num_heads, scale)[0]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from vit_fast import dispatch
 from vit_fast.kernels import layernorm as kernels
-from vit_fast.ops.checks import FLOAT_DTYPES, check_tensor
+from vit_fast.ops.checks import ANY_FLOAT_DTYPES, FLOAT_DTYPES, check_kernel_dtypes, check_tensor
 
 # Registered with torch.library.custom_op, not triton_op: triton_op + wrap_triton cannot run under
 # Triton's interpreter on fake tensors, so CI (CPU) could not opcheck it.
@@ -229,7 +229,8 @@ def _under_autocast(x):
 def _check_inputs(x, weight, bias, residual, out_dtype, autocast):
     """Shapes, devices and dtypes; True when the kernels run. The stream (x, or x + residual in
     their promoted dtype, as torch adds) sets the dtype weight and bias must have, except under
-    autocast, where torch computes in fp32 from whatever dtypes come."""
+    autocast, where torch computes in fp32 from whatever dtypes come, and when out_dtype is given:
+    then mixed dtypes are read as they are too (math in fp32, y rounded once to out_dtype)."""
     check_tensor("x", x)
     if x.dim() == 0 or x.shape[-1] == 0:
         raise ValueError(f"x: expected a tensor [..., C] with C >= 1, got shape {tuple(x.shape)}")
@@ -245,21 +246,37 @@ def _check_inputs(x, weight, bias, residual, out_dtype, autocast):
             check_tensor(name, t)
             if t.shape != (C,):
                 raise ValueError(f"{name}: expected shape ({C},) (the last dim of x), got {tuple(t.shape)}")
+    mixed_ok = autocast or out_dtype is not None
     for name, t in (("residual", residual), ("weight", weight), ("bias", bias)):
         if t is not None and t.device != x.device:
             raise RuntimeError(f"{name}: expected device {x.device} (that of x), got {t.device}")
-        if t is not None and name != "residual" and not autocast and t.dtype != stream_dtype:
+        if t is not None and name != "residual" and not mixed_ok and t.dtype != stream_dtype:
             raise ValueError(f"{name}: expected dtype {stream_dtype} (that of x"
-                             f"{' + residual' if residual is not None else ''}), got {t.dtype}")
-    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
-        raise ValueError(f"out_dtype: expected one of {FLOAT_DTYPES} or None, got {out_dtype}")
+                             f"{' + residual' if residual is not None else ''}), got {t.dtype} "
+                             "(pass out_dtype to read mixed dtypes, computed in fp32)")
+    if out_dtype is not None and out_dtype not in ANY_FLOAT_DTYPES:
+        raise ValueError(f"out_dtype: expected one of {ANY_FLOAT_DTYPES} or None, got {out_dtype}")
+    for name, t in (("x", x), ("residual", residual), ("weight", weight), ("bias", bias)):
+        if t is not None:
+            check_tensor(name, t, dtypes=ANY_FLOAT_DTYPES)
     if dispatch.use_kernels(x):
-        for name, t in (("x", x), ("residual", residual), ("weight", weight), ("bias", bias)):
-            if t is not None:
-                check_tensor(name, t, dtypes=FLOAT_DTYPES)
+        check_kernel_dtypes(x=x, residual=residual, weight=weight, bias=bias)
+        if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
+            raise ValueError(f"out_dtype: expected one of {FLOAT_DTYPES} or None on the kernel path, got {out_dtype}")
         kernels.check_width(C)
         return True
     return False
+
+
+def _torch_layer_norm(s, weight, bias, eps, out_dtype, autocast):
+    """The PyTorch path's LN of the stream s. Mixed dtypes outside autocast (out_dtype given): math
+    in fp32 (or float64 if any input is), y rounded once to out_dtype, as the kernels do."""
+    dtypes = {t.dtype for t in (s, weight, bias) if t is not None}
+    if len(dtypes) > 1 and not autocast:
+        compute = torch.float64 if torch.float64 in dtypes else torch.float32
+        s, weight, bias = (t.to(compute) if t is not None else None for t in (s, weight, bias))
+    y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
+    return y if out_dtype is None else y.to(out_dtype)
 
 
 def _y_dtype(stream_dtype, out_dtype, autocast):
@@ -272,10 +289,12 @@ def layer_norm(x, weight=None, bias=None, eps=1e-6, out_dtype=None):
     The same numbers as ``F.layer_norm(x, (C,), weight, bias, eps)``, statistics in fp32, y
     contiguous on the kernel path. x may be any view whose last dim has unit stride and whose
     leading dims collapse (read in place); other layouts are copied once. Kernels take C <= 16384
-    and fp16 / bf16 / fp32. Under CUDA autocast it computes in fp32 and returns fp32, as torch's
+    and fp16 / bf16 / fp32 (the PyTorch path float64 too). Under CUDA autocast it computes in fp32 and returns fp32, as torch's
     layer_norm does, reading a bf16 x and fp32 weights as they are (no cast passes).
     ``out_dtype``: y's dtype instead (e.g. the autocast dtype when y only feeds a Linear, which
-    would round it to that dtype anyway: the same numbers, half the bytes).
+    would round it to that dtype anyway: the same numbers, half the bytes). With out_dtype, weight
+    and bias may have another float dtype than x on every path (CPU included): read as they are,
+    math in fp32, y rounded once to out_dtype; dweight / dbias come in their own dtypes.
     """
     autocast = _under_autocast(x)
     if _check_inputs(x, weight, bias, None, out_dtype, autocast):
@@ -283,8 +302,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-6, out_dtype=None):
         if torch.compiler.is_compiling():
             return layer_norm_fwd(x, weight, bias, float(eps), y_dtype)[0]
         return _LayerNorm.apply(x, weight, bias, float(eps), y_dtype)  # eager: see "eager fast path"
-    y = F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
-    return y if out_dtype is None else y.to(out_dtype)
+    return _torch_layer_norm(x, weight, bias, eps, out_dtype, autocast)
 
 
 def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-6, out_dtype=None):
@@ -304,5 +322,4 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-6, out_dtype=None
             return y, s
         return _AddLayerNorm.apply(x, residual, weight, bias, float(eps), y_dtype)  # eager: see "eager fast path"
     s = x + residual
-    y = F.layer_norm(s, (s.shape[-1],), weight, bias, eps)
-    return (y if out_dtype is None else y.to(out_dtype)), s
+    return _torch_layer_norm(s, weight, bias, eps, out_dtype, autocast), s

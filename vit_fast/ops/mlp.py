@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from vit_fast import dispatch
 from vit_fast.kernels import mlp as kernels
-from vit_fast.ops.checks import FLOAT_DTYPES, check_same, check_tensor
+from vit_fast.ops.checks import ANY_FLOAT_DTYPES, check_kernel_dtypes, check_same, check_tensor
 
 APPROXIMATE_TO_ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}
 
@@ -165,13 +165,14 @@ def _check_and_autocast(x, weight, bias):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, weight = x.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    check_tensor("x", x, dtypes=FLOAT_DTYPES)
+    check_tensor("x", x, dtypes=ANY_FLOAT_DTYPES)
     check_same("x", x, weight=weight, bias=bias)
     return x, weight, bias
 
 
 def _linear_act(x, weight, bias, residual, activation):
     """The kernel path: flatten to [M, K], run the op, restore the leading dims."""
+    check_kernel_dtypes(x=x)  # weight and bias share x's dtype; a residual is x's dtype or float32
     N = weight.shape[0]
     x2d = x.reshape(-1, x.shape[-1])
     r2d = residual.reshape(-1, N) if residual is not None else None
