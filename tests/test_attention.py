@@ -4,31 +4,19 @@ Without a GPU the Triton kernels run under the interpreter (fp32 and fp16: bf16 
 there); GPU tests add bf16, long sequences, B*H > 65,535, cuda:1, torch.compile. fp32 inputs use exact
 fp32 dots (input_precision="ieee") on both, so fp32 is held to the fp32 bound against torch in full fp32.
 """
-import contextlib
-
 import pytest
 import torch
 
 import sm90
 import vit_fast.functional as VF
-from numerics import DTYPE_BOUND, assert_close_to_ref, rel_err
+from numerics import DTYPE_BOUND, rel_err
+from opnumerics import PATHS, check_close, compare_to_float64, float64_gradcheck, module_fn, rounding_floors, select_path
 from vit_fast import dispatch, reference
 from vit_fast.kernels import attention as kernels
 from vit_fast.nn import Attention
 
 CPU_DTYPES = [torch.float32, torch.float16]
 GPU_DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-
-
-@contextlib.contextmanager
-def torch_exact_fp32_matmul():
-    """torch's same-dtype comparison runs fp32 matmuls in full fp32 (no tf32), as the kernels' fp32 dots do."""
-    was = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = was
 
 
 @pytest.fixture
@@ -52,30 +40,24 @@ def make_qkv(B, H, n_q, n_kv, D, dtype, device, std=1.0):
     return q, k, v
 
 
-def torch_fwd_bwd(fn, inputs, do):
-    """(out, grads) of `fn` on detached copies of `inputs` with torch's autograd."""
-    copies = [t.detach().clone().requires_grad_() for t in inputs]
-    out = fn(*copies)
-    out.backward(do.to(out.dtype))
-    return out.detach(), [c.grad for c in copies]
-
-
 def check_attention(name, out, grads, fn, inputs, do, dtype, device, key_count):
-    """Kernel output and grads vs float64 (bound) and vs torch in the same dtype (2x fwd, 3x bwd)."""
-    ref_out, ref_grads = torch_fwd_bwd(fn, [t.double() for t in inputs], do.double())
-    with torch_exact_fp32_matmul():
-        torch_out, torch_grads = torch_fwd_bwd(fn, inputs, do)
-    b = DTYPE_BOUND[dtype]
-    assert_close_to_ref(f"{name} out", out, torch_out, ref_out, b)
-    for g_name, g, tg, rg in zip(("dq", "dk", "dv"), grads, torch_grads, ref_grads):
-        if key_count == 1 and g_name in ("dq", "dk"):
-            # one key: softmax is constant 1, so dq = dk = 0; what is left is rounding in dO.V - delta,
-            # relative to the size of the terms that cancel
-            q, k, v = (t.double() for t in inputs)
-            cancelling = do.double().norm() * v.norm() * max(q.norm(), k.norm())
-            assert g.double().norm() <= b * cancelling, f"{name} {g_name}: {g.norm():.2e} not ~0"
-            continue
-        assert_close_to_ref(f"{name} {g_name}", g, tg, rg, b, factor=3.0)
+    """Kernel output and grads vs float64 (bound) and vs torch in the same dtype (2x fwd, 3x bwd,
+    + the fp32 rounding floor: opnumerics)."""
+    results = compare_to_float64([f"{name} out", f"{name} dq", f"{name} dk", f"{name} dv"], None, fn, fn,
+                                 list(inputs), [do], bound=DTYPE_BOUND[dtype], ours=((out,), list(grads)),
+                                 exclude=_one_key_exclusions(name, key_count))
+    if key_count == 1:
+        # one key: softmax is constant 1, so dq = dk = 0; what is left is rounding in dO.V - delta,
+        # relative to the size of the terms that cancel
+        q, k, v = (t.double() for t in inputs)
+        cancelling = do.double().norm() * v.norm() * max(q.norm(), k.norm())
+        for g_name in ("dq", "dk"):
+            g = results[f"{name} {g_name}"][0]
+            assert g.double().norm() <= DTYPE_BOUND[dtype] * cancelling, f"{name} {g_name}: {g.norm():.2e} not ~0"
+
+
+def _one_key_exclusions(name, key_count):
+    return (f"{name} dq", f"{name} dk") if key_count == 1 else ()
 
 
 # ----------------------------------------------------------------------------- kernels (launchers)
@@ -265,17 +247,34 @@ def test_attention_expanded_upstream_gradient(device):
         assert rel_err(t.grad, r.grad) <= 1e-5
 
 
-def test_attention_empty_batch(device):
-    q, k, v = (t.requires_grad_() for t in make_qkv(0, 2, 197, 197, 64, torch.float32, device))
-    out = VF.attention(q, k, v)
-    assert out.shape == (0, 2, 197, 64)
-    out.sum().backward()
-    assert q.grad.shape == q.shape and k.grad.shape == k.shape and v.grad.shape == v.shape
-    qkv = torch.randn(0, 197, 3 * 2 * 64, device=device, requires_grad=True)
-    out = VF.attention_packed(qkv, 2)
-    assert out.shape == (0, 197, 128)
-    out.sum().backward()
-    assert qkv.grad.shape == qkv.shape
+EMPTY_CASES = [("attention", (0, 2, 197, 64)), ("attention", (2, 0, 33, 32)), ("attention_packed", (0, 197, 3 * 2 * 64))]
+
+
+@pytest.mark.parametrize("op,shape", EMPTY_CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("path", PATHS)
+def test_empty_batch_on_every_path(device, monkeypatch, path, op, shape):
+    """B = 0 (or H = 0): an empty result of the right shape and dtype, and empty gradients, on the
+    kernel path and both PyTorch paths (the packed PyTorch path once failed to reshape it)."""
+    device = select_path(path, monkeypatch, device)
+    before = dispatch.kernel_launches.copy()
+    if op == "attention":
+        q, k, v = (torch.randn(shape, device=device, requires_grad=True) for _ in range(3))
+        out = VF.attention(q, k, v)
+        assert out.shape == shape and out.dtype == torch.float32
+        out.sum().backward()
+        leaves = (q, k, v)
+    else:
+        qkv = torch.randn(shape, device=device, requires_grad=True)
+        out = VF.attention_packed(qkv, 2)
+        assert out.shape == (shape[0], shape[1], shape[2] // 3) and out.dtype == torch.float32
+        out.sum().backward()
+        leaves = (qkv,)
+    for t in leaves:
+        assert t.grad.shape == t.shape and t.grad.dtype == t.dtype
+    if path == "kernel":
+        assert (launches(f"{op}_fwd"), launches(f"{op}_bwd")) == (before[f"{op}_fwd"] + 1, before[f"{op}_bwd"] + 1)
+    else:
+        assert dispatch.kernel_launches == before
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
@@ -290,12 +289,9 @@ def test_attention_packed(dtype, device, poison_empty):
     (dqkv,) = torch.autograd.grad(out, qkv, do)
     if dispatch.use_kernels(qkv):
         assert (launches("attention_packed_fwd"), launches("attention_packed_bwd")) == (before[0] + 1, before[1] + 1)
-    ref_out, (ref_dqkv,) = torch_fwd_bwd(lambda t: reference.attention_packed(t, H), [qkv.double()], do.double())
-    with torch_exact_fp32_matmul():
-        torch_out, (torch_dqkv,) = torch_fwd_bwd(lambda t: reference.attention_packed(t, H), [qkv], do)
-    b = DTYPE_BOUND[dtype]
-    assert_close_to_ref("attention_packed out", out, torch_out, ref_out, b)
-    assert_close_to_ref("attention_packed dqkv", dqkv, torch_dqkv, ref_dqkv, b, factor=3.0)
+    packed = lambda t: reference.attention_packed(t, H)  # noqa: E731
+    compare_to_float64(["attention_packed out", "attention_packed dqkv"], None, packed, packed, [qkv], [do],
+                       ours=((out,), [dqkv]))
 
 
 def test_attention_packed_reads_a_strided_qkv(device):
@@ -358,6 +354,96 @@ def test_torch_path_matches_reference(monkeypatch):
     assert (launches("attention_fwd"), launches("attention_packed_fwd")) == before
 
 
+def test_expanded_and_transposed_inputs(device, poison_empty):
+    """k, v shared across heads as stride-0 expanded views of one [B, 1, N, D] leaf each, q a
+    transposed view: read through their strides, and the gradients land in (sum into) the leaves."""
+    B, H, N, D = 2, 3, 40, 32
+    q_leaf = torch.randn(B, N, H, D, device=device)
+    k_leaf, v_leaf = (torch.randn(B, 1, N, D, device=device) for _ in range(2))
+    do = torch.randn(B, H, N, D, device=device)
+
+    def views(fn):
+        return lambda q, k, v: fn(q.transpose(1, 2), k.expand(B, H, N, D), v.expand(B, H, N, D))
+
+    before = launches("attention_fwd"), launches("attention_bwd")
+    compare_to_float64(["out", "dq leaf", "dk leaf", "dv leaf"], views(VF.attention), views(reference.attention),
+                       views(reference.attention), [q_leaf, k_leaf, v_leaf], [do])
+    if dispatch.use_kernels(q_leaf):
+        assert (launches("attention_fwd"), launches("attention_bwd")) == (before[0] + 1, before[1] + 1)
+
+
+def test_bf16_under_the_interpreter_raises(device):
+    """Triton's interpreter computes bf16 tl.dot wrongly (rel err ~1e8): every entry to the attention
+    kernels says so instead of returning garbage. (On a GPU bf16 runs: the GPU tests.)"""
+    if device != "cpu" or not dispatch.use_kernels(torch.zeros(1)):
+        pytest.skip("the interpreter is not in use")
+    q, k, v = (t.bfloat16() for t in make_qkv(1, 2, 17, 17, 32, torch.float32, "cpu"))
+    qkv = torch.randn(1, 17, 3 * 2 * 32, dtype=torch.bfloat16)
+    match = "bfloat16 under TRITON_INTERPRET=1: Triton's interpreter computes tl.dot on bf16 wrongly"
+    for call in (lambda: VF.attention(q, k, v), lambda: VF.attention_packed(qkv, 2),
+                 lambda: torch.ops.vit_fast.attention_fwd(q, k, v, 0.3),
+                 lambda: torch.ops.vit_fast.attention_packed_fwd(qkv, 2, 0.3),
+                 lambda: kernels.attention_fwd(q, k, v, torch.empty_like(q), torch.empty(1, 2, 17), 0.3),
+                 lambda: kernels.attention_bwd(q, q, k, v, q, torch.empty(1, 2, 17), q.clone(), k.clone(),
+                                               v.clone(), 0.3)):
+        with pytest.raises(RuntimeError, match=match):
+            call()
+
+
+@pytest.mark.parametrize("path", ["torch-forced", "torch-cpu"])
+def test_float64_gradcheck_on_the_torch_path(monkeypatch, path):
+    select_path(path, monkeypatch, "cpu")
+    q, k, v = make_qkv(2, 2, 5, 7, 8, torch.float32, "cpu")
+    before = dispatch.kernel_launches.copy()
+    float64_gradcheck(lambda q, k, v: VF.attention(q, k, v, 0.4), [q, k, v])
+    float64_gradcheck(lambda t: VF.attention_packed(t, 2), [torch.randn(2, 5, 3 * 2 * 4)])
+    assert VF.attention(q.double(), k.double(), v.double()).dtype == torch.float64
+    assert dispatch.kernel_launches == before
+
+
+def test_float64_on_the_kernel_path_names_the_dtype(device):
+    if not dispatch.use_kernels(torch.zeros(1, device=device)):
+        pytest.skip("kernel path off (VIT_FAST_FORCE_TORCH=1)")
+    q = torch.randn(1, 1, 4, 32, device=device, dtype=torch.float64)
+    with pytest.raises(ValueError, match="q: expected dtype in .* on the kernel path, got float64"):
+        VF.attention(q, q, q)
+    with pytest.raises(ValueError, match="qkv: expected dtype in .* on the kernel path, got float64"):
+        VF.attention_packed(torch.randn(1, 4, 96, device=device, dtype=torch.float64), 2)
+
+
+def _blockwise_attention_without_rescale(q, k, v, block=32):
+    """An online softmax that forgets to rescale the accumulator when the running max grows (the
+    classic FlashAttention bug), in fp32 torch ops."""
+    scale = q.shape[-1] ** -0.5
+    m = torch.full(q.shape[:-1], float("-inf"), dtype=q.dtype)
+    acc, l_sum = torch.zeros_like(q), torch.zeros(q.shape[:-1], dtype=q.dtype)
+    for start in range(0, k.shape[2], block):
+        s = (q @ k[:, :, start:start + block].transpose(-1, -2)) * scale
+        m = torch.maximum(m, s.amax(-1))
+        p = torch.exp(s - m[..., None])
+        acc, l_sum = acc + p @ v[:, :, start:start + block], l_sum + p.sum(-1)  # no exp(m_old - m) factor
+    return acc / l_sum[..., None]
+
+
+def test_comparison_still_catches_regressions(device):
+    """The fp32 floor (opnumerics) does not let real regressions through: a missing online-softmax
+    rescale, an injected 1e-3 error, and an injected 5e-6 error (inside the 1e-5 bound, but more
+    than 2x torch's error + the floor) each fail the same check the kernel passes."""
+    q, k, v = make_qkv(1, 2, 197, 197, 64, torch.float32, "cpu")
+    ref = reference.attention(q.double(), k.double(), v.double())
+    torch_out = reference.attention(q, k, v)
+    (floor,), _ = rounding_floors(reference.attention, [q, k, v])
+    good = VF.attention(q.to(device), k.to(device), v.to(device)).cpu()
+    check_close("kernel", good, torch_out, ref, DTYPE_BOUND[torch.float32], floor=floor)
+    noise = torch.randn_like(ref)
+    for name, bad in (("missing rescale", _blockwise_attention_without_rescale(q, k, v)),
+                      ("1e-3 error", ref + 1e-3 * noise * ref.norm() / noise.norm()),
+                      ("5e-6 error", ref + 5e-6 * noise * ref.norm() / noise.norm())):
+        with pytest.raises(AssertionError):
+            check_close(name, bad, torch_out, ref, DTYPE_BOUND[torch.float32], floor=floor)
+    assert rel_err(ref + 5e-6 * noise * ref.norm() / noise.norm(), ref) < DTYPE_BOUND[torch.float32]
+
+
 def _q(*shape, dtype=torch.float32):
     return torch.randn(*shape, dtype=dtype)
 
@@ -416,19 +502,10 @@ def test_module_matches_reference_attention(device):
     x = torch.randn(2, 197, dim, device=device)
     dy = torch.randn(2, 197, dim, device=device)
     before = launches("attention_packed_fwd")
-    y = mod(x)
-    y.backward(dy)
+    names = ["module out", "module dx", *(f"module d{n}" for n, _ in mod.named_parameters())]
+    compare_to_float64(names, module_fn(mod), module_fn(ref), module_fn(ref64), [x, *ref.parameters()], [dy])
     if dispatch.use_kernels(x):
         assert launches("attention_packed_fwd") == before + 1
-    with torch_exact_fp32_matmul():
-        y_ref = ref(x)
-        y_ref.backward(dy)
-    y64 = ref64(x.double())
-    y64.backward(dy.double())
-    b = DTYPE_BOUND[torch.float32]
-    assert_close_to_ref("module out", y, y_ref, y64, b)
-    for (name, p), p_ref, p64 in zip(mod.named_parameters(), ref.parameters(), ref64.parameters()):
-        assert_close_to_ref(f"module d{name}", p.grad, p_ref.grad, p64.grad, b, factor=3.0)
 
 
 def test_module_qk_norm(device):

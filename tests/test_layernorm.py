@@ -7,7 +7,9 @@ widths 1280 / 8192, more than 65,535 rows, determinism and torch.compile on a GP
 import pytest
 import torch
 import torch.nn.functional as F
-from numerics import DTYPE_BOUND, assert_close_to_ref
+from numerics import DTYPE_BOUND
+from opnumerics import (PATHS, check_close, compare_to_float64, float64_gradcheck, module_fn, rounding_floors, run,
+                        select_path)
 
 import sm90
 
@@ -41,36 +43,19 @@ def make_affine(C, affine, dtype, device):
     return weight, bias
 
 
-def run(fn, inputs, grads_out):
-    """fn(*leaves) and the gradients of every input (None stays None) for output gradients
-    grads_out (a None entry: that output is left out of the loss)."""
-    leaves = [t.detach().requires_grad_() if t is not None else None for t in inputs]
-    outs = fn(*leaves)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    pairs = [(o, g) for o, g in zip(outs, grads_out) if g is not None]
-    torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
-    return outs, [t.grad if t is not None else None for t in leaves]
-
-
-def check_against_float64(names, fn_kernel, fn_torch, fn_ref, inputs, grads_out):
+def check_against_float64(names, fn_kernel, fn_torch, fn_ref, inputs, grads_out, torch_inputs=None):
     """The kernel path, PyTorch in the same dtype and float64 math on the same inputs: every
-    output and every input gradient within the dtype's bound and 2x (3x for gradients) torch's."""
+    output and every input gradient within the dtype's bound and 2x (3x for gradients) torch's
+    error + the fp32 rounding floor (opnumerics.compare_to_float64); outputs and gradients in the
+    inputs' dtype, outputs contiguous on the kernel path."""
     dtype = inputs[0].dtype
-    outs, grads = run(fn_kernel, inputs, grads_out)
-    t_outs, t_grads = run(fn_torch, inputs, grads_out)
-    r_outs, r_grads = run(fn_ref, [t.double() if t is not None else None for t in inputs],
-                          [g.double() if g is not None else None for g in grads_out])
+    results = compare_to_float64(names, fn_kernel, fn_torch, fn_ref, inputs, grads_out, torch_inputs=torch_inputs)
     on_kernels = dispatch.use_kernels(inputs[0])
-    for o in outs:
-        assert o.dtype == dtype and (o.is_contiguous() or not on_kernels)
-    for name, out, t_out, r_out in zip(names[:len(outs)], outs, t_outs, r_outs):
-        assert out.shape == r_out.shape, name
-        assert_close_to_ref(name, out, t_out, r_out, DTYPE_BOUND[dtype])
-    for name, g, t_g, r_g in zip(names[len(outs):], grads, t_grads, r_grads):
-        assert (g is None) == (r_g is None), name
-        if g is not None:
-            assert g.dtype == dtype and g.shape == r_g.shape, name
-            assert_close_to_ref(name, g, t_g, r_g, DTYPE_BOUND[dtype], factor=3.0)
+    for name, (ours, _, _) in results.items():
+        assert ours.dtype == dtype, name
+        if not name.startswith("d"):  # an output
+            assert ours.is_contiguous() or not on_kernels, name
+    return results
 
 
 def assert_kernel_ran(before, device, *ops_):
@@ -198,9 +183,12 @@ def test_mixed_precision_reads_each_dtype_and_rounds_once(device):
     (t_y, _), t_grads = run(upcast_then_ln, [x, r, w, b], [dy, ds])
     (r_y, _), r_grads = run(lambda x, r, w, b: reference.add_layer_norm(x, r, w, b, 1e-6),
                             [t.double() for t in (x, r, w, b)], [dy.double(), ds.double()])
-    assert_close_to_ref("y fp16", y, t_y, r_y, DTYPE_BOUND[FP16])
-    for name, g, t_g, r_g in zip(["dx fp16", "dresidual", "dweight", "dbias"], grads, t_grads, r_grads):
-        assert_close_to_ref(name, g, t_g, r_g, DTYPE_BOUND[g.dtype], factor=3.0)
+    floors, grad_floors = rounding_floors(lambda x, r, w, b: reference.add_layer_norm(x, r, w, b, 1e-6),
+                                          [x, r, w, b], [dy, ds])
+    check_close("y fp16", y, t_y, r_y, DTYPE_BOUND[FP16], floor=floors[0])
+    for name, g, t_g, r_g, floor in zip(["dx fp16", "dresidual", "dweight", "dbias"], grads, t_grads, r_grads,
+                                        grad_floors):
+        check_close(name, g, t_g, r_g, DTYPE_BOUND[g.dtype], factor=3.0, floor=floor)
 
 
 def test_out_dtype_is_the_fp32_result_rounded_once(device):
@@ -234,11 +222,25 @@ def test_fwd_launch_configs_write_every_element(device, max_c, rows_per_program,
     y, s = torch.full_like(x, float("nan")), torch.full_like(x, float("nan"))
     _, _, mean, rstd = kernels.layer_norm_fwd(x, weight, bias, 1e-6, residual=residual, y=y, s=s,
                                               rows_per_program=rows_per_program, num_warps=num_warps)
-    ref_y, ref_s = reference.add_layer_norm(x.double(), residual.double(), weight.double(), bias.double())
-    ref_mean = ref_s.mean(-1)
-    ref_rstd = ((ref_s - ref_mean[:, None]).square().mean(-1) + 1e-6).rsqrt()
-    for name, out, ref in (("y", y, ref_y), ("s", s, ref_s), ("mean", mean, ref_mean), ("rstd", rstd, ref_rstd)):
-        assert_close_to_ref(name, out, out, ref, DTYPE_BOUND[FP32], floor=1e-6)
+    def stats(x, residual, weight, bias):  # y, s, mean, rstd as torch computes them in x's dtype
+        s = x + residual
+        var, mean = torch.var_mean(s, -1, unbiased=False)
+        return F.layer_norm(s, (C,), weight, bias, 1e-6), s, mean, (var + 1e-6).rsqrt()
+
+    inputs = [x, residual, weight, bias]
+    torch_outs = stats(*inputs)
+    ref_outs = stats(*(t.double() for t in inputs))
+    floors, _ = rounding_floors(stats, inputs)
+    for name, out, t_out, ref, floor in zip(("y", "s", "mean", "rstd"), (y, s, mean, rstd), torch_outs, ref_outs,
+                                            floors):
+        check_close(name, out, t_out, ref, DTYPE_BOUND[FP32], floor=floor)
+
+
+def _ln_grads(x, weight, bias, dy, eps=1e-6):
+    """(dx, dweight, dbias) of F.layer_norm in x's dtype, and the fp32 rounding floors of the three."""
+    (_,), grads = run(lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, eps), [x, weight, bias], [dy])
+    _, floors = rounding_floors(lambda x, w, b: F.layer_norm(x, (x.shape[-1],), w, b, eps), [x, weight, bias], [dy])
+    return grads, floors
 
 
 @pytest.mark.parametrize("max_c,rows_per_program,num_warps", [cfg[:3] for cfg in kernels.HOPPER_BWD_CONFIGS])
@@ -254,10 +256,12 @@ def test_bwd_launch_configs_write_every_element(device, max_c, rows_per_program,
     _, dweight, dbias = kernels.layer_norm_bwd(dy, s, weight, mean, rstd, ds=ds, dx=dx,
                                                rows_per_program=rows_per_program, num_warps=num_warps,
                                                num_programs=3)
-    sd, wd, bd = (t.double().requires_grad_() for t in (s, weight, bias))
-    reference.layer_norm(sd, wd, bd).backward(dy.double())
-    for name, out, ref in (("dx", dx, sd.grad + ds.double()), ("dweight", dweight, wd.grad), ("dbias", dbias, bd.grad)):
-        assert_close_to_ref(name, out, out, ref, DTYPE_BOUND[FP32], floor=1e-6)
+    (t_dx, t_dw, t_db), floors = _ln_grads(s, weight, bias, dy)
+    (r_dx, r_dw, r_db), _ = _ln_grads(s.double(), weight.double(), bias.double(), dy.double())
+    for name, out, t_out, ref, floor in (("dx", dx, t_dx + ds, r_dx + ds.double(), floors[0]),
+                                         ("dweight", dweight, t_dw, r_dw, floors[1]),
+                                         ("dbias", dbias, t_db, r_db, floors[2])):
+        check_close(name, out, t_out, ref, DTYPE_BOUND[FP32], floor=floor)
 
 
 def test_bwd_sums_more_partial_rows_than_one_block(device):
@@ -271,11 +275,12 @@ def test_bwd_sums_more_partial_rows_than_one_block(device):
     _, dweight, dbias = kernels.layer_norm_bwd(dy, x, weight, mean, rstd, rows_per_program=1, num_programs=150)
     _, no_dweight, dbias_alone = kernels.layer_norm_bwd(dy, x, None, mean, rstd, rows_per_program=1,
                                                         num_programs=150)
-    xd, wd, bd = (t.double().requires_grad_() for t in (x, weight, bias))
-    reference.layer_norm(xd, wd, bd).backward(dy.double())
+    (_, t_dw, t_db), floors = _ln_grads(x, weight, bias, dy)
+    (_, r_dw, r_db), _ = _ln_grads(x.double(), weight.double(), bias.double(), dy.double())
     assert no_dweight is None
-    for name, out, ref in (("dweight", dweight, wd.grad), ("dbias", dbias, bd.grad), ("dbias", dbias_alone, bd.grad)):
-        assert_close_to_ref(name, out, out, ref, DTYPE_BOUND[FP32], floor=1e-6)
+    for name, out, t_out, ref, floor in (("dweight", dweight, t_dw, r_dw, floors[1]), ("dbias", dbias, t_db, r_db, floors[2]),
+                                         ("dbias alone", dbias_alone, t_db, r_db, floors[2])):
+        check_close(name, out, t_out, ref, DTYPE_BOUND[FP32], floor=floor)
 
 
 @pytest.mark.parametrize("make,in_place", [
@@ -463,12 +468,11 @@ def test_module_is_a_drop_in_for_torch_layer_norm(device, kwargs):
     reference_module = torch.nn.LayerNorm(**kwargs).to(device).double()
     reference_module.load_state_dict(theirs.state_dict())
     before = dispatch.kernel_launches.copy()
-    check_against_float64(["y", "dx"], ours, theirs, reference_module, [x], [dy])
+    names = ["y", "dx", *(f"d{n}" for n, _ in ours.named_parameters())]
+    assert [n for n, _ in ours.named_parameters()] == [n for n, _ in theirs.named_parameters()]
+    check_against_float64(names, module_fn(ours), module_fn(theirs), module_fn(reference_module),
+                          [x, *theirs.parameters()], [dy])
     assert_kernel_ran(before, device, "layer_norm_fwd", "layer_norm_bwd")
-    for name, p in ours.named_parameters():
-        p_ref = dict(reference_module.named_parameters())[name]
-        assert_close_to_ref(f"d{name}", p.grad, dict(theirs.named_parameters())[name].grad, p_ref.grad,
-                            DTYPE_BOUND[FP32], factor=3.0)
 
 
 def test_module_rejects_wrong_trailing_dims():
@@ -508,6 +512,159 @@ def test_kernel_path_rejects_what_the_kernels_do_not_cover(device):
         VF.layer_norm(torch.randn(2, 100, dtype=torch.float64, device=device))
     with pytest.raises(ValueError, match=f"x: the kernels normalize 1 <= C <= {kernels.MAX_C}"):
         VF.layer_norm(torch.randn(1, kernels.MAX_C + 1, device=device))
+
+
+# ----------------------------------------------------------------------------- parameter views, paths, dtypes
+
+PARAM_VIEWS = {  # leaf -> the [C] view the op gets (the gradient must land in the leaf)
+    "strided": (lambda C: (2 * C,), lambda t: t[::2]),
+    "expanded": (lambda C: (1,), lambda t, C=None: t.expand(C)),
+    "offset-slice": (lambda C: (C + 5,), lambda t: t[5:]),
+}
+
+
+def _param_leaf_and_view(kind, C, dtype, device):
+    shape, view = PARAM_VIEWS[kind]
+    leaf = torch.randn(shape(C), device=device).to(dtype)
+    return leaf, (lambda t: view(t, C)) if kind == "expanded" else view
+
+
+@pytest.mark.parametrize("kind", list(PARAM_VIEWS))
+@pytest.mark.parametrize("fn", ["layer_norm", "add_layer_norm"])
+@pytest.mark.parametrize("path", ["kernel", "torch-forced"])
+def test_weight_and_bias_views_forward_and_backward(device, monkeypatch, path, fn, kind):
+    """weight / bias as strided, expanded (stride 0) and offset views of leaves: the numbers of
+    torch on the same views, and dweight / dbias land in the leaves (against float64)."""
+    device = select_path(path, monkeypatch, device)
+    C, shape = 100, (3, 7, 100)
+    (w_leaf, view), (b_leaf, _) = (_param_leaf_and_view(kind, C, FP32, device) for _ in range(2))
+    x, r, dy = (torch.randn(shape, device=device) for _ in range(3))
+    before = dispatch.kernel_launches.copy()
+    if fn == "layer_norm":
+        check_against_float64(["y", "dx", "dweight leaf", "dbias leaf"],
+                              lambda x, w, b: VF.layer_norm(x, view(w), view(b)),
+                              lambda x, w, b: F.layer_norm(x, (C,), view(w), view(b), 1e-6),
+                              lambda x, w, b: reference.layer_norm(x, view(w), view(b)), [x, w_leaf, b_leaf], [dy])
+        assert_kernel_ran(before, device, "layer_norm_fwd", "layer_norm_bwd")
+    else:
+        check_against_float64(["y", "s", "dx", "dresidual", "dweight leaf", "dbias leaf"],
+                              lambda x, r, w, b: VF.add_layer_norm(x, r, view(w), view(b)),
+                              lambda x, r, w, b: (F.layer_norm(x + r, (C,), view(w), view(b), 1e-6), x + r),
+                              lambda x, r, w, b: reference.add_layer_norm(x, r, view(w), view(b)),
+                              [x, r, w_leaf, b_leaf], [dy, dy])
+        assert_kernel_ran(before, device, "add_layer_norm_fwd", "add_layer_norm_bwd")
+    if path == "kernel":
+        assert dispatch.use_kernels(x)
+
+
+def _bf16_truncated(t):
+    """t (fp32) rounded to bf16 toward zero, as Triton's interpreter casts fp32 to bf16 (a GPU rounds
+    to nearest); the gradient passes straight through."""
+    truncated = (t.detach().float().view(torch.int32) & ~0xFFFF).view(torch.float32)
+    return (t + (truncated - t).detach()).to(BF16)
+
+
+@pytest.mark.parametrize("fn", ["layer_norm", "add_layer_norm"])
+def test_bf16_on_the_kernel_path(device, fn):
+    """LayerNorm has no tl.dot, so bf16 is right under the interpreter too: within bf16's bound of
+    float64, and no worse than torch computing in fp32 and rounding to bf16 the way this backend
+    does (toward zero under the interpreter: its fp32 -> bf16 cast truncates)."""
+    if not dispatch.use_kernels(torch.zeros(1, device=device)):
+        pytest.skip("kernel path off (VIT_FAST_FORCE_TORCH=1)")
+    shape, C = (4, 197, 384), 384
+    x, r, dy = (torch.randn(shape, device=device).to(BF16) for _ in range(3))
+    w, b = make_affine(C, "both", BF16, device)
+    interpreted = device == "cpu"
+    round_y = _bf16_truncated if interpreted else (lambda t: t.to(BF16))
+    before = dispatch.kernel_launches.copy()
+    if fn == "layer_norm":
+        check_against_float64(["y", "dx", "dweight", "dbias"], lambda x, w, b: VF.layer_norm(x, w, b),
+                              lambda x, w, b: round_y(F.layer_norm(x.float(), (C,), w.float(), b.float(), 1e-6)),
+                              lambda x, w, b: reference.layer_norm(x, w, b), [x, w, b], [dy])
+    else:
+        check_against_float64(["y", "s", "dx", "dresidual", "dweight", "dbias"],
+                              lambda x, r, w, b: VF.add_layer_norm(x, r, w, b),
+                              lambda x, r, w, b: (round_y(F.layer_norm((x + r).float(), (C,), w.float(), b.float(),
+                                                                       1e-6)), x + r),
+                              lambda x, r, w, b: reference.add_layer_norm(x, r, w, b), [x, r, w, b], [dy, dy])
+    assert_kernel_ran(before, device, f"{fn}_fwd", f"{fn}_bwd")
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_mixed_dtypes_with_out_dtype_on_every_path(device, monkeypatch, path):
+    """The README's `VF.layer_norm(x_bf16, w_fp32, b_fp32, out_dtype=torch.bfloat16)` works on the CPU
+    too: math in fp32, y rounded once to bf16; each gradient in its input's dtype."""
+    device = select_path(path, monkeypatch, device)
+    x, dy = torch.randn(4, 9, 100, device=device).to(BF16), torch.randn(4, 9, 100, device=device).to(BF16)
+    w, b = torch.randn(100, device=device), torch.randn(100, device=device)
+    before = dispatch.kernel_launches.copy()
+    (y,), grads = run(lambda x, w, b: VF.layer_norm(x, w, b, out_dtype=BF16), [x, w, b], [dy])
+    assert y.dtype == BF16 and [g.dtype for g in grads] == [BF16, FP32, FP32]
+    if path == "kernel":
+        assert_kernel_ran(before, device, "layer_norm_fwd", "layer_norm_bwd")
+    else:
+        torch.testing.assert_close(y, F.layer_norm(x.float(), (100,), w, b, 1e-6).to(BF16), rtol=0, atol=0)
+    (ref_y,), ref_grads = run(reference.layer_norm, [x.double(), w.double(), b.double()], [dy.double()])
+    check_close("y", y, y, ref_y, DTYPE_BOUND[BF16])
+    for name, g, ref in zip(["dx", "dweight", "dbias"], grads, ref_grads):
+        check_close(name, g, g, ref, DTYPE_BOUND[BF16])
+    (y2, s), _ = run(lambda x, r, w: VF.add_layer_norm(x, r, w, None, out_dtype=BF16), [x, x, w], [dy, None])
+    assert y2.dtype == BF16 and s.dtype == BF16
+
+
+EMPTY_SHAPES = [(0, 100), (2, 0, 100), (0, 3, 100)]
+
+
+@pytest.mark.parametrize("shape", EMPTY_SHAPES, ids=str)
+@pytest.mark.parametrize("fn", ["layer_norm", "add_layer_norm", "layer_norm out_dtype"])
+@pytest.mark.parametrize("path", PATHS)
+def test_empty_leading_dims_on_every_path(device, monkeypatch, path, fn, shape):
+    """Zero rows: an empty y (and s) of the right shape and dtype, forward and backward, on the
+    kernel path and both PyTorch paths; dweight / dbias come back as zeros."""
+    device = select_path(path, monkeypatch, device)
+    x, r = torch.randn(shape, device=device), torch.randn(shape, device=device)
+    w, b = torch.randn(100, device=device), torch.randn(100, device=device)
+    before = dispatch.kernel_launches.copy()
+    if fn == "add_layer_norm":
+        (y, s), grads = run(lambda x, r, w, b: VF.add_layer_norm(x, r, w, b), [x, r, w, b], [torch.ones(shape)] * 2)
+        assert s.shape == shape and s.dtype == FP32
+    else:
+        out_dtype = FP16 if fn == "layer_norm out_dtype" else None
+        (y,), grads = run(lambda x, w, b: VF.layer_norm(x, w, b, out_dtype=out_dtype), [x, w, b], [torch.ones(shape)])
+        assert y.dtype == (out_dtype or FP32)
+    assert y.shape == shape
+    for g, t in zip(grads, [x, r, w, b] if fn == "add_layer_norm" else [x, w, b]):
+        assert g.shape == t.shape and g.dtype == t.dtype and not g.any()
+    op = "add_layer_norm" if fn == "add_layer_norm" else "layer_norm"
+    if path == "kernel":
+        assert_kernel_ran(before, device, f"{op}_fwd", f"{op}_bwd")
+    else:
+        assert dispatch.kernel_launches == before
+
+
+@pytest.mark.parametrize("path", ["torch-forced", "torch-cpu"])
+def test_float64_gradcheck_on_the_torch_path(monkeypatch, path):
+    """float64 runs on the PyTorch path (CPU without the interpreter, VIT_FAST_FORCE_TORCH=1):
+    gradcheck of x, residual, weight, bias."""
+    select_path(path, monkeypatch, "cpu")
+    x, r, w, b = torch.randn(3, 2, 8), torch.randn(3, 2, 8), torch.randn(8), torch.randn(8)
+    before = dispatch.kernel_launches.copy()
+    float64_gradcheck(lambda x, w, b: VF.layer_norm(x, w, b, 1e-5), [x, w, b])
+    float64_gradcheck(lambda x, r, w, b: VF.add_layer_norm(x, r, w, b, 1e-5), [x, r, w, b])
+    assert VF.layer_norm(x.double(), w.double()).dtype == torch.float64
+    assert dispatch.kernel_launches == before
+
+
+def test_float64_on_the_kernel_path_names_the_dtype(device):
+    if not dispatch.use_kernels(torch.zeros(1, device=device)):
+        pytest.skip("kernel path off (VIT_FAST_FORCE_TORCH=1)")
+    x = torch.randn(2, 100, device=device)
+    with pytest.raises(ValueError, match="x: expected dtype in .* on the kernel path, got float64 .*PyTorch path"):
+        VF.layer_norm(x.double(), torch.ones(100, device=device, dtype=torch.float64))
+    with pytest.raises(ValueError, match="weight: expected dtype in .* on the kernel path, got float64"):
+        VF.layer_norm(x, torch.ones(100, device=device, dtype=torch.float64), out_dtype=FP32)
+    with pytest.raises(ValueError, match="out_dtype: expected one of .* on the kernel path, got torch.float64"):
+        VF.layer_norm(x, out_dtype=torch.float64)
 
 
 # ----------------------------------------------------------------------------- GPU only

@@ -1,7 +1,7 @@
 """Patch embedding (the C++/CUDA extension vit_fast._C) against float64 math.
 
-Every check compares three results (numerics.assert_close_to_ref): the op, the eager PyTorch
-pipeline in the same dtype (`vit_fast.reference.patch_embed`) and that pipeline on float64 copies.
+Every check compares three results (opnumerics.check_close, with its fp32 rounding floor): the
+op, the eager PyTorch pipeline in the same dtype (`vit_fast.reference.patch_embed`) and that pipeline on float64 copies.
 Outputs the op allocates start as NaN (deterministic mode fills torch.empty / at::empty), so an
 element the kernels never write fails the check.
 """
@@ -13,6 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from numerics import DTYPE_BOUND, assert_close_to_ref, rel_err
+from opnumerics import check_close, float64_gradcheck, rounding_floors
 from vit_fast import dispatch, reference
 from vit_fast import functional as VF
 from vit_fast.nn import PatchEmbed
@@ -72,20 +73,35 @@ def grads_of(out, args, grad_out):
     return dict(zip(names, torch.autograd.grad(out, [args[k] for k in names], grad_out.to(out.dtype))))
 
 
+def case_floors(case, grad_out=None):
+    """opnumerics.rounding_floors of the pipeline on `case`: (output floor, {input name: grad floor})."""
+    names = [k for k, v in case.items() if isinstance(v, torch.Tensor)]
+    rest = {k: v for k, v in case.items() if k not in names}
+
+    def pipeline(*tensors):
+        args = dict(zip(names, tensors), **rest)
+        return reference.patch_embed(args["x"], args["weight"], args.get("bias"), args.get("cls_token"),
+                                     args.get("pos_embed"), args.get("mean"), args.get("std"))
+    (floor,), grad_floors = rounding_floors(pipeline, [case[k] for k in names],
+                                            [grad_out] if grad_out is not None else [])
+    return floor, dict(zip(names, grad_floors))
+
+
 def check_case(name, case, bound, backward=False):
     out = VF.patch_embed(**case)
     torch_out, torch_args = run_reference(case)
     ref, ref_args = run_reference(case, torch.float64)
     assert out.shape == ref.shape and out.dtype == case["weight"].dtype
-    assert_close_to_ref(name, out, torch_out, ref, bound)
+    grad_out = torch.randn_like(ref) if backward else None
+    floor, grad_floors = case_floors(case, grad_out)
+    check_close(name, out, torch_out, ref, bound, floor=floor)
     if backward:
-        grad_out = torch.randn_like(ref)
         ours, theirs, exact = (grads_of(o, a, grad_out) for o, a in
                                ((out, case), (torch_out, torch_args), (ref, ref_args)))
         assert set(ours) == set(exact) and ours
         for k in exact:
             assert ours[k].shape == case[k].shape and ours[k].dtype == case[k].dtype
-            assert_close_to_ref(f"{name} d{k}", ours[k], theirs[k], exact[k], bound, factor=3.0)
+            check_close(f"{name} d{k}", ours[k], theirs[k], exact[k], bound, factor=3.0, floor=grad_floors[k])
 
 
 # ----------------------------------------------------------------------------- CPU: the C++ path
@@ -170,13 +186,86 @@ def test_only_some_gradients():
     assert case["cls_token"].grad.eq(2.0).all() and case["pos_embed"].grad.eq(2.0).all()
 
 
-def test_empty_batch():
-    case = make_case(0, 3, 32, 48, 16, 64, torch.float32, requires_grad=True)
+PE_PATHS = ["extension", "torch-forced"]
+
+
+@pytest.mark.parametrize("uint8", [False, True], ids=["float", "uint8"])
+@pytest.mark.parametrize("path", PE_PATHS)
+def test_empty_batch_on_every_path(monkeypatch, path, uint8):
+    """B = 0: an empty [0, T, E] in the weight's dtype and zero gradients, on the C++ path and the
+    PyTorch pipeline (VIT_FAST_FORCE_TORCH=1)."""
+    if path == "torch-forced":
+        monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
+    case = make_case(0, 3, 32, 48, 16, 64, torch.float32, uint8=uint8, requires_grad=True)
+    before = dispatch.kernel_launches.copy()
     out = VF.patch_embed(**case)
-    assert out.shape == (0, 7, 64)
+    assert out.shape == (0, 7, 64) and out.dtype == torch.float32
     out.sum().backward()
-    for k in ("x", "weight", "bias", "cls_token", "pos_embed"):
+    for k in ("weight", "bias", "cls_token", "pos_embed") + (() if uint8 else ("x",)):
         assert case[k].grad.shape == case[k].shape and not case[k].grad.any(), k
+    launched = dispatch.kernel_launches["patch_embed_fwd"] - before["patch_embed_fwd"]
+    assert launched == (1 if path == "extension" else 0)
+
+
+PARAM_VIEWS = {  # name -> (leaf from the case's tensor, the view the op gets)
+    "weight transposed": ("weight", lambda t: t.transpose(2, 3).contiguous(), lambda t: t.transpose(2, 3)),
+    "weight strided": ("weight", lambda t: torch.stack([t, t], -1).flatten(-2), lambda t: t[..., ::2]),
+    "bias strided": ("bias", lambda t: torch.stack([t, t], -1).flatten(), lambda t: t[::2]),
+    "bias expanded": ("bias", lambda t: t[:1], lambda t: t.expand(64)),
+    "cls expanded": ("cls_token", lambda t: t[..., :1], lambda t: t.expand(1, 1, 64)),
+    "pos strided": ("pos_embed", lambda t: torch.stack([t, t], -1).flatten(-2), lambda t: t[..., ::2]),
+    "pos expanded": ("pos_embed", lambda t: t[:, :1], lambda t: t.expand(1, 7, 64)),
+}
+
+
+@pytest.mark.parametrize("view", list(PARAM_VIEWS))
+@pytest.mark.parametrize("path", PE_PATHS)
+def test_parameter_views_forward_and_backward(monkeypatch, path, view):
+    """weight / bias / cls_token / pos_embed as strided, transposed or expanded views of leaves,
+    mean / std as strided views: the numbers of the pipeline on the same views, and the gradients
+    land in the leaves (against float64)."""
+    if path == "torch-forced":
+        monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
+    key, make_leaf, make_view = PARAM_VIEWS[view]
+    case = make_case(2, 3, 32, 48, 16, 64, torch.float32, uint8=True)
+    leaf = make_leaf(case[key]).detach()
+    case["mean"] = torch.tensor([IMAGENET_MEAN, (9.0,) * 3]).t().flatten()[::2]  # stride 2
+    case["std"] = torch.tensor(IMAGENET_STD[:1]).expand(3)  # stride 0
+    names = [k for k in ("weight", "bias", "cls_token", "pos_embed") if k != key]
+    rest = {k: case[k] for k in ("x", "mean", "std")}
+
+    def call(fn, leaf, *others):
+        args = dict(zip(names, others), **{key: make_view(leaf)})
+        return fn(rest["x"], args["weight"], args["bias"], cls_token=args["cls_token"], pos_embed=args["pos_embed"],
+                  mean=rest["mean"], std=rest["std"])
+
+    def pipeline(fn_name):
+        fn = VF.patch_embed if fn_name == "ours" else (lambda x, w, b, cls_token, pos_embed, mean, std: reference.patch_embed(
+            x, w, b, cls_token, pos_embed, mean.to(w.dtype), std.to(w.dtype)))
+        return lambda *ts: call(fn, *ts)
+
+    from opnumerics import compare_to_float64
+    compare_to_float64([f"{view} out", f"d{key} leaf", *(f"d{k}" for k in names)], pipeline("ours"),
+                       pipeline("torch"), pipeline("torch"), [leaf, *(case[k] for k in names)],
+                       [torch.randn(2, 7, 64) + 1.0])  # + 1: the expanded leaves' sums do not cancel
+
+
+@pytest.mark.parametrize("uint8", [False, True], ids=["float", "uint8"])
+@pytest.mark.parametrize("path", PE_PATHS)
+def test_float64_gradcheck(monkeypatch, path, uint8):
+    """float64 on both CPU paths (the C++ op takes it; so does the pipeline): gradcheck of every input."""
+    if path == "torch-forced":
+        monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
+    case = make_case(2, 2, 8, 12, 4, 5, torch.float64, uint8=uint8)
+    x = case.pop("x")
+    norm = {k: case.pop(k) for k in ("mean", "std") if k in case}
+    keys = list(case)
+    if uint8:
+        float64_gradcheck(lambda *ts: VF.patch_embed(x, *ts[:2], cls_token=ts[2], pos_embed=ts[3], **norm),
+                          [case[k] for k in keys])
+    else:
+        float64_gradcheck(lambda x, *ts: VF.patch_embed(x, *ts[:2], cls_token=ts[2], pos_embed=ts[3]),
+                          [x, *(case[k] for k in keys)])
 
 
 def test_poisoning_is_active():
