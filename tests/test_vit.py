@@ -3,6 +3,7 @@
 On the CPU the kernels run under Triton's interpreter (slow), so the models are small: img 64,
 patch 16 (17 tokens), dim 96, depth 2, 3 heads, batch 2.
 """
+import collections
 import contextlib
 import copy
 import importlib.util
@@ -13,6 +14,7 @@ import warnings
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import vit_fast
 from vit_fast import dispatch, reference
@@ -609,3 +611,242 @@ def test_eager_forward_backward_replays_from_a_cuda_graph_gpu():
     # the same kernels on the same inputs: equal up to cuBLAS's choices (a stale capture is far off)
     for got, want in zip([graph_out, *graph_grads], [want_out, *want_grads]):
         assert ((got.float() - want.float()).norm() / want.float().norm()).item() < 1e-3
+
+
+# ----------------------------------------------------------------------------- no wasted work in forward()
+
+
+def launches_per_forward(depth, backward=False):
+    """vit_fast op calls (``dispatch.kernel_launches``) per forward of a ViT with the default config
+    (class token, no layer scale) in eval mode or training without dropout: fc2 adds the residual in
+    its epilogue, so each block starts with a plain LayerNorm and its second norm adds the attention
+    branch; one final LayerNorm. The README's "Where an op runs" gives these for ViT-B/16 (depth 12)."""
+    counts = {"patch_embed_fwd": 1, "attention_packed_fwd": depth, "layer_norm_fwd": depth + 1,
+              "add_layer_norm_fwd": depth, "linear_act_fwd": 2 * depth}  # fc1 + GELU, fc2 + bias + residual
+    if backward:  # fc2's backward runs torch's matmuls (its epilogue has no activation to undo)
+        counts.update({"patch_embed_bwd": 1, "attention_packed_bwd": depth, "layer_norm_bwd": depth + 1,
+                       "add_layer_norm_bwd": depth, "linear_act_bwd": depth})
+    return counts
+
+
+def launches_during(call):
+    before = collections.Counter(dispatch.kernel_launches)
+    result = call()
+    return result, {op: n - before[op] for op, n in dispatch.kernel_launches.items() if n != before[op]}
+
+
+@pytest.mark.parametrize("images", ["float", "uint8"])
+def test_kernel_launches_per_forward_are_exact(images, device):
+    if not (device == "cuda" or dispatch.interpreter_enabled()):
+        pytest.skip("counts the kernel path")
+    model = vit_fast.VisionTransformer(**SMALL).to(device)  # depth 2
+    x = (torch.randn(2, 3, 64, 64, device=device) if images == "float"
+         else torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, device=device))
+    with torch.no_grad():
+        _, counts = launches_during(lambda: model.eval()(x))
+    assert counts == launches_per_forward(SMALL["depth"])
+    out, counts = launches_during(lambda: model.train()(x))
+    assert counts == launches_per_forward(SMALL["depth"])
+    _, counts = launches_during(lambda: out.sum().backward())
+    assert counts == {op: n for op, n in launches_per_forward(SMALL["depth"], backward=True).items()
+                      if op.endswith("_bwd")}  # uint8 images too: patch_embed_bwd gives the weight's gradient
+    assert launches_per_forward(12) == {"patch_embed_fwd": 1, "attention_packed_fwd": 12, "layer_norm_fwd": 13,
+                                        "add_layer_norm_fwd": 12, "linear_act_fwd": 24}  # ViT-B/16: README
+    assert sum(launches_per_forward(12).values()) == 62
+
+
+@pytest.mark.parametrize("variant", ["token", "init_values_gelu_tanh", "representation_size"])
+def test_forward_norms_only_the_rows_the_head_reads(variant, device, monkeypatch):
+    """global_pool='token': forward() runs the final (add +) LayerNorm on the class token's row
+    alone, forward_features() on every token; the logits are the same."""
+    model, ref, ref64 = models(device, **VARIANTS[variant])
+    model.eval()
+    x = torch.randn(2, 3, 64, 64, device=device)
+    final_norm_rows = []
+    for name in ("layer_norm", "add_layer_norm"):
+        real = getattr(vit_fast.functional, name)
+
+        def spy(t, *args, _real=real, **kwargs):
+            if any(a is model.norm.weight for a in args):
+                final_norm_rows.append(t.shape[:-1].numel())
+            return _real(t, *args, **kwargs)
+
+        monkeypatch.setattr(vit_fast.functional, name, spy)
+    with torch.no_grad():
+        logits = model(x)
+        assert final_norm_rows == [2]  # B rows, not B * 17
+        feats = model.forward_features(x)
+        assert final_norm_rows == [2, 2 * 17] and feats.shape == (2, 17, 96)
+        torch.testing.assert_close(logits, model.forward_head(feats), rtol=1e-6, atol=1e-6)
+        with torch_in_tf32(device):
+            ref_out = ref.eval()(x)
+        assert_close_to_ref(f"{variant} logits, class-token row normed", logits, ref_out, ref64.eval()(x.double()),
+                            fp32_bound(device))
+    if device == "cpu":  # same rows on the PyTorch path
+        monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
+        with torch.no_grad():
+            torch.testing.assert_close(model(x), model.forward_head(model.forward_features(x)), rtol=1e-6, atol=1e-6)
+
+
+# aten ops that launch no kernel: allocation, views, metadata
+NO_KERNEL_OPS = {"aten.empty", "aten.empty_like", "aten.empty_strided", "aten.new_empty", "aten.new_empty_strided",
+                 "aten.view", "aten._unsafe_view", "aten.reshape", "aten.t", "aten.permute", "aten.transpose",
+                 "aten.unbind", "aten.select", "aten.slice", "aten.alias", "aten.detach", "aten.expand",
+                 "aten.as_strided", "aten.unsqueeze", "aten.squeeze", "aten.promote_types", "aten.result_type",
+                 "aten.lift_fresh", "aten.split", "aten.split_with_sizes", "aten.unflatten"}
+
+
+class _TorchOps(TorchDispatchMode):
+    """Counts the aten (and vit_fast C++) ops a forward issues, except those Triton's interpreter
+    issues itself to move a kernel's arguments to and from the host (on a GPU there are none)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = collections.Counter()
+        self.in_interpreter = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.in_interpreter:
+            self.ops[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def torch_ops(monkeypatch):
+    mode = _TorchOps()
+    if dispatch.interpreter_enabled():
+        from triton.runtime import interpreter
+        launch = interpreter.GridExecutor.__call__
+
+        def counted_launch(self, *args, **kwargs):
+            mode.in_interpreter += 1
+            try:
+                return launch(self, *args, **kwargs)
+            finally:
+                mode.in_interpreter -= 1
+
+        monkeypatch.setattr(interpreter.GridExecutor, "__call__", counted_launch)
+    with mode:
+        yield mode.ops
+
+
+@pytest.mark.parametrize("images", ["float", "uint8"])
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_half_model_forward_issues_no_casts_or_copies(images, mode, device, monkeypatch):
+    """model.half() (bf16 on a GPU; fp16 under the interpreter, whose bf16 dots are broken) on the
+    kernel path: besides the fused ops, the forward's only torch kernels are the qkv / proj / head
+    matmuls (aten.addmm), 2 * depth + 1: no aten._to_copy / copy_ casts, no adds or clones."""
+    if not (device == "cuda" or dispatch.interpreter_enabled()):
+        pytest.skip("counts the kernel path")
+    dtype = torch.bfloat16 if device == "cuda" else torch.float16
+    model = vit_fast.VisionTransformer(**SMALL).to(device=device, dtype=dtype)
+    model.train(mode == "train")
+    x = (torch.randn(2, 3, 64, 64, device=device, dtype=dtype) if images == "float"
+         else torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, device=device))
+    with torch.set_grad_enabled(mode == "train"), torch_ops(monkeypatch) as ops:
+        out = model(x)
+    assert out.dtype == dtype and out.shape == (2, 10)
+    kernels = {op: n for op, n in ops.items() if op not in NO_KERNEL_OPS}
+    assert kernels == {"vit_fast.patch_embed": 1, "aten.addmm": 2 * SMALL["depth"] + 1}, kernels
+
+
+# ----------------------------------------------------------------------------- gradient checkpointing
+
+
+def _saved_activation_bytes(model, step):
+    """Bytes of the tensors autograd saves for backward during ``step()``, parameters (and views
+    of them) left out."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = step()
+    return out, sum(saved), len(saved)
+
+
+@pytest.mark.parametrize("extra", [{}, dict(init_values=0.1, drop_path_rate=0.2, drop_rate=0.1)])
+@pytest.mark.parametrize("path", ["kernels", "torch"])
+def test_grad_checkpointing_same_grads_fewer_saved_activations(path, extra, device, monkeypatch):
+    """set_grad_checkpointing() (timm's): the same output and gradients (drop path and dropout
+    masks replayed in the recompute), while the forward keeps only what lies outside the blocks."""
+    if path == "torch":
+        monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
+    model = vit_fast.VisionTransformer(**SMALL, **extra).to(device).train()
+    assert model.grad_checkpointing is False
+    x = torch.randn(2, 3, 64, 64, device=device, requires_grad=True)
+    g = torch.randn(2, 10, device=device)
+    results = []
+    for enable in (False, True):
+        model.set_grad_checkpointing(enable)
+        assert model.grad_checkpointing is enable
+        model.zero_grad(set_to_none=True)
+        x.grad = None
+        torch.manual_seed(1)
+        out, nbytes, count = _saved_activation_bytes(model, lambda: model(x))
+        (out * g).sum().backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()}, x.grad, nbytes, count))
+    (out0, grads0, dx0, bytes0, count0), (out1, grads1, dx1, bytes1, count1) = results
+    torch.testing.assert_close(out1, out0, rtol=0, atol=0)
+    torch.testing.assert_close(dx1, dx0, rtol=1e-6, atol=1e-7)
+    for name, grad in grads0.items():
+        torch.testing.assert_close(grads1[name], grad, rtol=1e-6, atol=1e-7, msg=name)
+    print(f"{path} {extra}: saved {bytes0} bytes in {count0} tensors, checkpointed {bytes1} in {count1}")
+    assert bytes1 < bytes0 / 2 and count1 < count0 / 2
+    model.eval()
+    with torch.no_grad():  # nothing to checkpoint without autograd: the plain forward
+        checkpointed = model(x)
+        model.set_grad_checkpointing(False)
+        torch.testing.assert_close(checkpointed, model(x), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- the modules' fused forwards
+
+
+def test_patch_embed_forward_takes_the_models_prefix_and_position_embedding(device):
+    embed = vit_fast.nn.PatchEmbed(64, 16, 3, 96).to(device)
+    cls, pos = torch.randn(1, 1, 96, device=device), torch.randn(1, 17, 96, device=device)
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8, device=device)
+    half = torch.full((3,), 0.5, device=device)
+    got = embed(images, half, half, cls_token=cls, pos_embed=pos)
+    want = vit_fast.functional.patch_embed(images, embed.proj.weight, embed.proj.bias, cls_token=cls, pos_embed=pos,
+                                           mean=half, std=half)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    tokens = embed(images, half, half)  # timm's forward(x): patch tokens only
+    torch.testing.assert_close(got, torch.cat([cls.expand(2, -1, -1), tokens], 1) + pos, **fp32_tolerance(device))
+    normed = vit_fast.nn.PatchEmbed(64, 16, 3, 96, norm_layer=vit_fast.nn.LayerNorm).to(device)  # norm, then prefix
+    x = torch.randn(2, 3, 64, 64, device=device)
+    torch.testing.assert_close(normed(x, cls_token=cls, pos_embed=pos),
+                               torch.cat([cls.expand(2, -1, -1), normed(x)], 1) + pos, rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"cls_token, pos_embed: PatchEmbed adds them to tokens \[B, L, E\] only"):
+        vit_fast.nn.PatchEmbed(64, 16, 3, 96, output_fmt="NCHW").to(device)(x, cls_token=cls)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_mlp_forward_fused_adds_the_residual(train, device):
+    mlp = vit_fast.nn.Mlp(96, 192, drop=0.25 if train else 0.0).to(device).train(train)
+    x, residual = torch.randn(2, 17, 96, device=device), torch.randn(2, 17, 96, device=device)
+    torch.manual_seed(3)
+    fused = mlp.forward_fused(x, residual=residual)
+    torch.manual_seed(3)
+    plain = mlp(x) + residual  # an active drop2 (training, p > 0) comes before the add
+    torch.testing.assert_close(fused, plain, **fp32_tolerance(device))
+    if not train:
+        torch.testing.assert_close(mlp.forward_fused(x), mlp(x), rtol=0, atol=0)
+
+
+def test_layer_norm_forward_fused_is_the_add_then_the_norm(device):
+    norm = vit_fast.nn.LayerNorm(96, eps=1e-6).to(device)
+    x, residual = torch.randn(2, 17, 96, device=device), torch.randn(2, 17, 96, device=device)
+    y, s = norm.forward_fused(x, residual)
+    torch.testing.assert_close(s, x + residual, rtol=0, atol=0)
+    torch.testing.assert_close(y, norm(x + residual), **fp32_tolerance(device))
+    y, s = norm.forward_fused(x)
+    assert s is x and torch.equal(y, norm(x))
+    wide = vit_fast.nn.LayerNorm((17, 96)).to(device)  # several normalized dims: the add, then forward
+    y, s = wide.forward_fused(x, residual)
+    torch.testing.assert_close(y, wide(x + residual), rtol=0, atol=0)

@@ -1,5 +1,6 @@
-"""Weights from a file: timm/PyTorch checkpoints, Google's .npz in every layout, and the position
-embeddings resampled the way each source does it.
+"""Weights from a file: timm/PyTorch checkpoints and Google's .npz in every layout, the position
+embeddings resampled the way each source does it (``vit_fast.pos_embed``). Building a named model
+and loading it in one call is ``vit_fast.factory.create_model``; this module imports no model.
 
 Everything here works on any ``nn.Module`` with timm's ``VisionTransformer`` key names
 (``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.{i}.norm1|attn.qkv|attn.proj|norm2|
@@ -26,72 +27,12 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-POS_RESAMPLE_MODES = ("google", "bilinear", "bicubic")
+from vit_fast.pos_embed import POS_RESAMPLE_MODES, resample_pos_embed  # also importable from here, as before
+
 TORCH_CHECKPOINT_EXTENSIONS = (".pth", ".pt", ".bin", ".safetensors")
 
 # --------------------------------------------------------------------------- position embeddings
-
-
-def _zoom_linear(x, out_size, dim):
-    """Linear interpolation of ``x`` along ``dim`` to ``out_size`` points, corners aligned.
-
-    scipy.ndimage.zoom(..., order=1) with its default ``grid_mode=False`` reads output point i
-    at input coordinate i * (in - 1) / (out - 1) (and at 0 when out == 1).
-    """
-    in_size = x.shape[dim]
-    step = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
-    coord = torch.arange(out_size, dtype=x.dtype, device=x.device) * step
-    lo = coord.floor().long().clamp_(0, in_size - 1)
-    hi = (lo + 1).clamp_(max=in_size - 1)
-    shape = [1] * x.ndim
-    shape[dim] = out_size
-    frac = (coord - lo.to(x.dtype)).view(shape)
-    return x.index_select(dim, lo) * (1 - frac) + x.index_select(dim, hi) * frac
-
-
-def resample_pos_embed(pos_embed, new_grid, num_prefix_tokens=1, mode="bicubic", old_grid=None):
-    """Resample a position embedding to another patch grid, the prefix (class) rows kept apart.
-
-    pos_embed: [1, num_prefix_tokens + old_h * old_w, E]; new_grid: (h, w) or an int for a square;
-    old_grid: (old_h, old_w), inferred as a square when None. Returns
-    [1, num_prefix_tokens + h * w, E] in pos_embed's dtype. ``mode``:
-
-    - ``'google'``: Google's fine-tuning code, ``scipy.ndimage.zoom(grid, (h/old_h, w/old_w, 1),
-      order=1)``: bilinear with corners aligned, computed in float64 as scipy does;
-    - ``'bilinear'``: timm's .npz loader (bilinear, corners not aligned, no antialias);
-    - ``'bicubic'``: timm's .pth loader and the walkthrough (bicubic, corners not aligned).
-    """
-    if mode not in POS_RESAMPLE_MODES:
-        raise ValueError(f"mode: expected one of {POS_RESAMPLE_MODES}, got {mode!r}")
-    if pos_embed.ndim != 3 or pos_embed.shape[0] != 1:
-        raise ValueError(f"pos_embed: expected shape [1, tokens, dim], got {list(pos_embed.shape)}")
-    new_h, new_w = (new_grid, new_grid) if isinstance(new_grid, int) else tuple(new_grid)
-    num_grid = pos_embed.shape[1] - num_prefix_tokens
-    if old_grid is None:
-        side = math.isqrt(max(num_grid, 0))
-        if side * side != num_grid:
-            raise ValueError(
-                f"pos_embed: {num_grid} grid tokens (after {num_prefix_tokens} prefix tokens) are not a "
-                f"square grid; pass old_grid=(h, w)")
-        old_grid = (side, side)
-    old_h, old_w = old_grid
-    if old_h * old_w != num_grid:
-        raise ValueError(f"old_grid: {old_h}x{old_w} does not match the {num_grid} grid tokens of pos_embed")
-    if (old_h, old_w) == (new_h, new_w):
-        return pos_embed
-
-    prefix, grid = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
-    compute_dtype = torch.float64 if mode == "google" or pos_embed.dtype == torch.float64 else torch.float32
-    grid = grid.to(compute_dtype).reshape(1, old_h, old_w, -1)
-    if mode == "google":
-        grid = _zoom_linear(_zoom_linear(grid, new_h, dim=1), new_w, dim=2)  # [1, h, w, E]
-    else:
-        grid = F.interpolate(grid.permute(0, 3, 1, 2), size=(new_h, new_w), mode=mode, align_corners=False)
-        grid = grid.permute(0, 2, 3, 1)  # [1, h, w, E]
-    grid = grid.reshape(1, new_h * new_w, -1).to(pos_embed.dtype)
-    return torch.cat([prefix, grid], dim=1)
 
 
 def _check_pos_resample(pos_resample):
@@ -358,7 +299,7 @@ def load_npz(model, path, pos_resample="google"):
     RuntimeError naming them. Any combination of model prefix, position-embedding place and
     block naming (pre-Linen or Linen, detected per block) is read.
     Google trained with the tanh GELU: build the model with ``act_layer='gelu_tanh'`` to reproduce
-    its outputs (:func:`create_model` does). Returns ``model``.
+    its outputs (``vit_fast.create_model`` does). Returns ``model``.
     """
     _check_pos_resample(pos_resample)
     return _load_npz_state(model, _read_npz(path), pos_resample, source=os.fspath(path))
@@ -417,55 +358,3 @@ def load_checkpoint(model, path, strict=True, pos_resample="bicubic"):
     _check_pos_resample(pos_resample)
     return _apply_state_dict(model, _read_torch_checkpoint(path), strict=strict, pos_resample=pos_resample,
                              replace_head=True, source=os.fspath(path))
-
-
-# --------------------------------------------------------------------------- one call
-
-
-def _factory(name):
-    from vit_fast.model import MODELS  # imported here: vit_fast.model imports this module
-
-    if name not in MODELS:
-        raise ValueError(f"name: expected one of {sorted(MODELS)}, got {name!r}")
-    return MODELS[name]
-
-
-def create_model(name, checkpoint=None, num_classes=None, img_size=None, **kwargs):
-    """Build the ViT ``name`` and, with ``checkpoint``, load it.
-
-    A ``.npz`` checkpoint (Google's) defaults to ``act_layer='gelu_tanh'`` and
-    ``pos_resample='google'``, as Google trained and fine-tuned it; ``.pth``/``.pt``/``.bin``/
-    ``.safetensors`` to timm's ``'gelu'`` and ``'bicubic'``; keywords override both
-    (``pos_resample`` is taken here, every other keyword goes to the factory). ``num_classes``
-    None takes the checkpoint's head (and its pre-logits layer, as ``representation_size``);
-    another ``num_classes`` gets a fresh head, said in one warning. ``img_size`` other than the
-    checkpoint's resamples the position embeddings. Returns the model.
-    """
-    factory = _factory(name)
-    pos_resample = kwargs.pop("pos_resample", None)
-    if pos_resample is not None:
-        _check_pos_resample(pos_resample)
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    if checkpoint is None:
-        return factory(**kwargs)
-
-    source = os.fspath(checkpoint)
-    is_npz = source.lower().endswith(".npz")
-    if is_npz:
-        npz = _read_npz(checkpoint)
-        state = npz.state
-    else:
-        state = _read_torch_checkpoint(checkpoint)
-    kwargs.setdefault("act_layer", "gelu_tanh" if is_npz else "gelu")
-    pos_resample = pos_resample or ("google" if is_npz else "bicubic")
-    if "head.weight" in state:
-        kwargs.setdefault("num_classes", state["head.weight"].shape[0])
-        if kwargs["num_classes"] == state["head.weight"].shape[0] and "pre_logits.fc.weight" in state:
-            kwargs.setdefault("representation_size", state["pre_logits.fc.weight"].shape[0])  # the head's input
-    model = factory(**kwargs)
-    if is_npz:
-        return _load_npz_state(model, npz, pos_resample, source)
-    return _apply_state_dict(model, state, strict=True, pos_resample=pos_resample, replace_head=True, source=source)

@@ -1,18 +1,21 @@
 """The Vision Transformer (Dosovitskiy et al., arXiv 2010.11929) on vit_fast's fused ops.
 
 Same constructor arguments, module names, state_dict and outputs as timm's ``VisionTransformer``
-(and ``vit_fast.reference.VisionTransformer``), so timm weights load strict. The forward, with B
+(and the tests' oracle model), so timm weights load strict. The forward, with B
 images, E = embed_dim, L patches and N = prefix tokens + L:
 
     images [B, C, H, W], uint8 (normalized inside with pixel_mean / pixel_std) or float (already normalized)
     -> patch embedding + class token + position embedding, one fused op       [B, N, E]
+       (``PatchEmbed.forward(x, mean, std, cls_token=, pos_embed=)``)
     -> blocks: the residual stream passed as (x, delta), each residual add fused
        into the next LayerNorm or into fc2's epilogue (see vit_fast/nn/block.py)
     -> final LayerNorm, fused with the last residual add                      [B, N, E]
+       (``forward``, class-token pooling: on the class token's row only, the one the head reads)
     -> pool (class token, or mean of the patch tokens) -> fc_norm -> pre_logits -> head   [B, classes]
 
-Factories: one per name in ``vit_fast.reference.CONFIGS`` (``vit_base_patch16_224(num_classes=1000,
-**kwargs)`` ...), gathered in ``MODELS`` (name -> factory).
+Factories: one plain function per name in ``vit_fast.configs.CONFIGS`` (``vit_base_patch16_224(
+num_classes=1000, **kwargs)`` ...), gathered in ``MODELS`` (name -> factory). ``create_model`` (a
+name and a checkpoint in one call) is in ``vit_fast.factory``, above this module and the loaders.
 """
 import collections
 import functools
@@ -21,14 +24,14 @@ import warnings
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 
-from vit_fast import functional as VF
-from vit_fast import reference
-from vit_fast.checkpoint import resample_pos_embed
+from vit_fast.configs import CONFIGS
 from vit_fast.nn.attention import check_positive_int
 from vit_fast.nn.block import Block, norm_stream
 from vit_fast.nn.layernorm import LayerNorm
 from vit_fast.nn.patch_embed import PatchEmbed
+from vit_fast.pos_embed import resample_pos_embed
 
 GLOBAL_POOLS = ("token", "avg")
 
@@ -48,6 +51,10 @@ class VisionTransformer(nn.Module):
     ``forward(x, attn_mask=None)``, ``forward_features(x, attn_mask=None)`` and
     ``forward_head(x, pre_logits=False)`` as timm 1.0's; ``attn_mask`` goes to every block's
     attention (see ``vit_fast.nn.Attention``: applied on the PyTorch path, refused by the kernels).
+    ``forward_features`` returns every token normed; ``forward`` with global_pool='token' norms only
+    the class token's row (the same logits, 1/N of the final LayerNorm's work).
+    ``set_grad_checkpointing(enable=True)``: as timm's, each block recomputed in the backward
+    (``torch.utils.checkpoint``, non-reentrant) instead of keeping its activations.
     """
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
@@ -83,7 +90,9 @@ class VisionTransformer(nn.Module):
         self.num_prefix_tokens = 1 if class_token else 0
         self.dynamic_img_size = dynamic_img_size
 
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.grad_checkpointing = False
+        # other image sizes are checked against the position embedding (_pos_embed_for), as timm's
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, strict_img_size=not dynamic_img_size)
         if not self.patch_embed.num_patches:
             raise ValueError(f"img_size: {img_size!r} holds no {patch_size}x{patch_size} patch")
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
@@ -169,28 +178,48 @@ class VisionTransformer(nn.Module):
         return resample_pos_embed(self.pos_embed, grid, self.num_prefix_tokens, mode="bicubic",
                                   old_grid=self.patch_embed.grid_size)
 
-    def forward_features(self, x, attn_mask=None):
-        """Images [B, C, H, W] -> normed tokens [B, N, E] (not normed when fc_norm is used).
+    def set_grad_checkpointing(self, enable=True):
+        """Recompute each block's forward in the backward instead of saving its activations (timm's
+        ``set_grad_checkpointing``): a training step keeps only the blocks' inputs, at the cost of a
+        second forward through them."""
+        self.grad_checkpointing = enable
 
-        ``attn_mask``: passed to every block's attention (timm's ``forward_features(x, attn_mask)``)."""
+    def _forward_stream(self, x, attn_mask):
+        """Images [B, C, H, W] -> the residual stream after the last block, as (x, delta): x + delta."""
         proj = self.patch_embed.proj
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() != 4 or x.shape[1] != proj.in_channels:
             raise ValueError(f"x: expected images [B, C, H, W] with C = {proj.in_channels}, "
                              f"got shape {tuple(x.shape)}")
-        x = VF.patch_embed(x, proj.weight, proj.bias, cls_token=self.cls_token,
-                           pos_embed=self._pos_embed_for(*x.shape[-2:]), mean=self.pixel_mean, std=self.pixel_std)
-        # Under autocast the op runs (and returns) the autocast dtype; the stream goes on in the
-        # parameters' dtype, as timm's conv output + float32 pos_embed promotes (one cast here
-        # instead of one in each of the first LayerNorm and the first add + LayerNorm)
-        x = self.pos_drop(x.to(self.pos_embed.dtype))  # [B, N, E]
+        pos_embed = self._pos_embed_for(*x.shape[-2:])
+        x = self.patch_embed(x, self.pixel_mean, self.pixel_std, cls_token=self.cls_token, pos_embed=pos_embed)
+        if x.dtype != self.pos_embed.dtype:
+            # autocast only (the op then runs and returns the autocast dtype): the stream goes on in the
+            # parameters' dtype, as timm's conv output + float32 pos_embed promotes (one cast here
+            # instead of one in each of the first LayerNorm and the first add + LayerNorm)
+            x = x.to(self.pos_embed.dtype)
+        x = self.pos_drop(x)  # [B, N, E]
         delta = None
+        checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
         for block in self.blocks:
-            x, delta = block.forward_fused(x, delta, attn_mask=attn_mask)
+            if checkpointed:
+                x, delta = torch.utils.checkpoint.checkpoint(block.forward_fused, x, delta, attn_mask,
+                                                             use_reentrant=False)
+            else:
+                x, delta = block.forward_fused(x, delta, attn_mask=attn_mask)
+        return x, delta
+
+    def _final_norm(self, x, delta):
         if isinstance(self.norm, nn.Identity):  # fc_norm: the final norm comes after the pool
             return x if delta is None else x + delta
         return norm_stream(self.norm, x, delta)[0]
+
+    def forward_features(self, x, attn_mask=None):
+        """Images [B, C, H, W] -> normed tokens [B, N, E] (not normed when fc_norm is used).
+
+        ``attn_mask``: passed to every block's attention (timm's ``forward_features(x, attn_mask)``)."""
+        return self._final_norm(*self._forward_stream(x, attn_mask))
 
     def forward_head(self, x, pre_logits=False):
         """Tokens [B, N, E] -> logits [B, num_classes] (pre_logits: the features the head would take)."""
@@ -202,8 +231,12 @@ class VisionTransformer(nn.Module):
         return x if pre_logits else self.head(x)
 
     def forward(self, x, attn_mask=None):
-        """Images [B, C, H, W] -> logits [B, num_classes] (timm's ``forward(x, attn_mask=None)``)."""
-        return self.forward_head(self.forward_features(x, attn_mask=attn_mask))
+        """Images [B, C, H, W] -> logits [B, num_classes] (timm's ``forward(x, attn_mask=None)``):
+        ``forward_head(forward_features(x))``, with the final norm on the rows the head reads."""
+        x, delta = self._forward_stream(x, attn_mask)
+        if self.global_pool == "token":  # the head reads the class token's row alone: norm only that
+            x, delta = x[:, :1], (None if delta is None else delta[:, :1])  # [B, 1, E] views
+        return self.forward_head(self._final_norm(x, delta))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -222,19 +255,69 @@ class VisionTransformer(nn.Module):
                                       error_msgs)
 
 
-def _factory(name):
-    config = reference.CONFIGS[name]
-
-    def build(num_classes=1000, **kwargs):
-        return VisionTransformer(**{**config, "num_classes": num_classes, **kwargs})
-
-    build.__name__ = build.__qualname__ = name
-    arguments = ", ".join(f"{k}={v}" for k, v in config.items())
-    build.__doc__ = f"VisionTransformer({arguments}, num_classes=num_classes, **kwargs), as timm's {name}."
-    return build
+def _build(name, num_classes, kwargs):
+    return VisionTransformer(**{**CONFIGS[name], "num_classes": num_classes, **kwargs})
 
 
-MODELS = {name: _factory(name) for name in reference.CONFIGS}  # name -> factory(num_classes=1000, **kwargs)
-globals().update(MODELS)
+def vit_tiny_patch16_224(num_classes=1000, **kwargs):
+    """ViT-Ti/16, 224x224 (embed 192, depth 12, 3 heads), as timm's vit_tiny_patch16_224."""
+    return _build("vit_tiny_patch16_224", num_classes, kwargs)
+
+
+def vit_small_patch16_224(num_classes=1000, **kwargs):
+    """ViT-S/16, 224x224 (embed 384, depth 12, 6 heads), as timm's vit_small_patch16_224."""
+    return _build("vit_small_patch16_224", num_classes, kwargs)
+
+
+def vit_base_patch16_224(num_classes=1000, **kwargs):
+    """ViT-B/16, 224x224 (embed 768, depth 12, 12 heads), as timm's vit_base_patch16_224."""
+    return _build("vit_base_patch16_224", num_classes, kwargs)
+
+
+def vit_base_patch32_224(num_classes=1000, **kwargs):
+    """ViT-B/32, 224x224 (embed 768, depth 12, 12 heads), as timm's vit_base_patch32_224."""
+    return _build("vit_base_patch32_224", num_classes, kwargs)
+
+
+def vit_large_patch16_224(num_classes=1000, **kwargs):
+    """ViT-L/16, 224x224 (embed 1024, depth 24, 16 heads), as timm's vit_large_patch16_224."""
+    return _build("vit_large_patch16_224", num_classes, kwargs)
+
+
+def vit_huge_patch14_224(num_classes=1000, **kwargs):
+    """ViT-H/14, 224x224 (embed 1280, depth 32, 16 heads), as timm's vit_huge_patch14_224."""
+    return _build("vit_huge_patch14_224", num_classes, kwargs)
+
+
+def vit_tiny_patch16_384(num_classes=1000, **kwargs):
+    """ViT-Ti/16, 384x384 (embed 192, depth 12, 3 heads), as timm's vit_tiny_patch16_384."""
+    return _build("vit_tiny_patch16_384", num_classes, kwargs)
+
+
+def vit_small_patch16_384(num_classes=1000, **kwargs):
+    """ViT-S/16, 384x384 (embed 384, depth 12, 6 heads), as timm's vit_small_patch16_384."""
+    return _build("vit_small_patch16_384", num_classes, kwargs)
+
+
+def vit_base_patch16_384(num_classes=1000, **kwargs):
+    """ViT-B/16, 384x384 (embed 768, depth 12, 12 heads), as timm's vit_base_patch16_384."""
+    return _build("vit_base_patch16_384", num_classes, kwargs)
+
+
+def vit_base_patch32_384(num_classes=1000, **kwargs):
+    """ViT-B/32, 384x384 (embed 768, depth 12, 12 heads), as timm's vit_base_patch32_384."""
+    return _build("vit_base_patch32_384", num_classes, kwargs)
+
+
+def vit_large_patch16_384(num_classes=1000, **kwargs):
+    """ViT-L/16, 384x384 (embed 1024, depth 24, 16 heads), as timm's vit_large_patch16_384."""
+    return _build("vit_large_patch16_384", num_classes, kwargs)
+
+
+# name -> factory(num_classes=1000, **kwargs); one per name in CONFIGS (tests/test_vit.py checks both ways)
+MODELS = {factory.__name__: factory for factory in (
+    vit_tiny_patch16_224, vit_small_patch16_224, vit_base_patch16_224, vit_base_patch32_224, vit_large_patch16_224,
+    vit_huge_patch14_224, vit_tiny_patch16_384, vit_small_patch16_384, vit_base_patch16_384, vit_base_patch32_384,
+    vit_large_patch16_384)}
 
 __all__ = ["VisionTransformer", "MODELS", *MODELS]

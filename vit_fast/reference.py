@@ -1,6 +1,7 @@
 """The oracle: plain PyTorch, written from the paper (Dosovitskiy et al., arXiv 2010.11929).
 
-Tests and benchmarks import this module; nothing here calls a vit_fast kernel. The functions
+Tests and benchmarks import this module; nothing here calls a vit_fast kernel, and the library
+never imports it (it imports only ``vit_fast.configs``, the named configurations). The functions
 compute in the dtype they are given (tests pass float64 copies for the exact answer). The model
 keeps timm's module and parameter names, so timm state_dicts load into it strict.
 """
@@ -10,6 +11,8 @@ import math
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from vit_fast.configs import CONFIGS  # the library's named configs (the oracle may read the library's data)
 
 # ----------------------------------------------------------------------------- functions
 
@@ -211,22 +214,6 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x):
         return self.forward_head(self.forward_features(x))
-
-
-# name -> constructor arguments, as timm's factories of the same names
-CONFIGS = {
-    "vit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, num_heads=3),
-    "vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, num_heads=6),
-    "vit_base_patch16_224": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12),
-    "vit_base_patch32_224": dict(patch_size=32, embed_dim=768, depth=12, num_heads=12),
-    "vit_large_patch16_224": dict(patch_size=16, embed_dim=1024, depth=24, num_heads=16),
-    "vit_huge_patch14_224": dict(patch_size=14, embed_dim=1280, depth=32, num_heads=16),
-    "vit_tiny_patch16_384": dict(img_size=384, patch_size=16, embed_dim=192, depth=12, num_heads=3),
-    "vit_small_patch16_384": dict(img_size=384, patch_size=16, embed_dim=384, depth=12, num_heads=6),
-    "vit_base_patch16_384": dict(img_size=384, patch_size=16, embed_dim=768, depth=12, num_heads=12),
-    "vit_base_patch32_384": dict(img_size=384, patch_size=32, embed_dim=768, depth=12, num_heads=12),
-    "vit_large_patch16_384": dict(img_size=384, patch_size=16, embed_dim=1024, depth=24, num_heads=16),
-}
 
 
 def create_reference(name, **kwargs):

@@ -3,8 +3,9 @@
 The residual stream travels between blocks as a pair ``(x, delta)`` meaning ``x + delta``
 (``delta`` None: ``x`` alone), as flash-attention's ``modules/block.py`` passes
 ``(hidden, residual)``: the add that ends one block runs inside the LayerNorm that starts the next
-(``add_layer_norm``), or inside fc2's epilogue (``linear(..., residual=)``) when nothing sits
-between fc2 and the add. ``Block.forward`` keeps timm's ``x -> x`` on top of that.
+(``LayerNorm.forward_fused``, one add + norm kernel), or inside fc2's epilogue
+(``Mlp.forward_fused(h, residual=x)``) when nothing sits between fc2 and the add.
+``Block.forward`` keeps timm's ``x -> x`` on top of that.
 """
 import functools
 
@@ -49,7 +50,11 @@ class DropPath(nn.Module):
 
 def norm_stream(norm, x, delta=None, out_dtype=None):
     """(norm(x + delta), x + delta) with the add fused into the LayerNorm; ``delta`` None: no add.
-    ``out_dtype``: the normed output's dtype (default: the LayerNorm's own)."""
+    ``out_dtype``: the normed output's dtype (default: the LayerNorm's own). vit_fast's LayerNorm
+    does it itself (``LayerNorm.forward_fused``); another ``nn.LayerNorm`` (e.g. ``norm_layer=
+    nn.LayerNorm``) is run by the same fused ops on its weight, bias and eps."""
+    if isinstance(norm, LayerNorm):
+        return norm.forward_fused(x, out_dtype=out_dtype) if delta is None else norm.forward_fused(delta, x, out_dtype)
     if delta is None:
         return VF.layer_norm(x, norm.weight, norm.bias, norm.eps, out_dtype=out_dtype), x
     return VF.add_layer_norm(delta, x, norm.weight, norm.bias, norm.eps, out_dtype=out_dtype)
@@ -117,11 +122,9 @@ class Block(nn.Module):
         to_linear = linear_input_dtype(x)  # norm1 feeds attn.qkv, norm2 feeds mlp.fc1
         h, x = norm_stream(self.norm1, x, delta, to_linear)
         h, x = norm_stream(self.norm2, x, self.drop_path1(self.ls1(self.attn(h, attn_mask=attn_mask))), to_linear)
-        mlp = self.mlp
-        hidden = mlp.norm(mlp.drop1(VF.linear_gelu(h, mlp.fc1.weight, mlp.fc1.bias, mlp.approximate)))  # [B, N, hidden]
         if self._fc2_adds_residual():
-            return VF.linear(hidden, mlp.fc2.weight, mlp.fc2.bias, residual=x), None
-        return x, self.drop_path2(self.ls2(mlp.drop2(VF.linear(hidden, mlp.fc2.weight, mlp.fc2.bias))))
+            return self.mlp.forward_fused(h, residual=x), None  # the add in fc2's epilogue
+        return x, self.drop_path2(self.ls2(self.mlp(h)))
 
     def forward(self, x, attn_mask=None):
         """timm's ``Block.forward(x, attn_mask=None)``: [B, N, C] -> [B, N, C]."""

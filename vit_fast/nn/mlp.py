@@ -63,7 +63,8 @@ class Mlp(nn.Module):
     Same constructor, submodule names (``fc1``, ``act``, ``drop1``, ``norm``, ``fc2``, ``drop2``) and
     state_dict (``fc1.weight``, ``fc1.bias``, ``fc2.weight``, ``fc2.bias``) as timm. ``act`` is an
     ``nn.GELU`` of the chosen flavour, kept for the repr and for code that inspects it; forward runs
-    the fused kernel instead (forward hooks on ``fc1`` / ``act`` / ``fc2`` do not fire). ``bias`` and
+    the fused kernel instead (forward hooks on ``fc1`` / ``act`` / ``fc2`` do not fire).
+    ``forward_fused(x, residual=)`` adds a residual in fc2's epilogue (what ``vit_fast.nn.Block`` calls). ``bias`` and
     ``drop`` take a bool / float or a pair (fc1, fc2), as in timm. ``use_conv=True`` (1x1 convs) is
     not supported.
     """
@@ -90,10 +91,28 @@ class Mlp(nn.Module):
         self.drop2 = nn.Dropout(drop2)
 
     def forward(self, x):  # [..., in_features] -> [..., out_features]
+        return self.forward_fused(x)
+
+    def forward_fused(self, x, residual=None):
+        """drop2(fc2(norm(drop1(GELU(fc1(x)))))) + residual: fc1's bias and GELU in its matmul's
+        epilogue, and the residual add in fc2's (while drop2 is inactive: eval mode or p = 0; an
+        active drop2 comes before a separate add). x: [..., in_features]; residual: [..., out_features]."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: Mlp expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.fc1.in_features:
             raise ValueError(f"x: Mlp expected [..., {self.fc1.in_features}], got shape {tuple(x.shape)}")
         h = VF.linear_gelu(x, self.fc1.weight, self.fc1.bias, self.approximate)  # [..., hidden]
         h = self.norm(self.drop1(h))
-        return self.drop2(VF.linear(h, self.fc2.weight, self.fc2.bias))
+        if residual is not None and not _active(self.drop2):
+            return VF.linear(h, self.fc2.weight, self.fc2.bias, residual=residual)
+        y = self.drop2(VF.linear(h, self.fc2.weight, self.fc2.bias))
+        return y if residual is None else y + residual
+
+
+def _active(dropout):
+    """Whether a dropout module changes its input now (any module but nn.Identity / nn.Dropout: assumed so)."""
+    if isinstance(dropout, nn.Identity):
+        return False
+    if isinstance(dropout, nn.Dropout):
+        return dropout.training and dropout.p > 0.0
+    return True

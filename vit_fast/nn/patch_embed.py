@@ -3,7 +3,8 @@
 The constructor arguments, attributes (img_size, patch_size, grid_size, num_patches, flatten,
 output_fmt, ...) and state_dict (`proj.weight` [E, C, p, p], `proj.bias` [E], `norm.*` with a
 norm layer) of `timm.layers.PatchEmbed`, so timm weights load strict; square patches only. The
-forward runs `vit_fast.functional.patch_embed`, which also takes uint8 images with their mean and std.
+forward runs `vit_fast.functional.patch_embed`, which also takes uint8 images with their mean and std,
+and the model's class token and position embedding (`forward(x, mean, std, cls_token=, pos_embed=)`).
 """
 import torch
 import torch.nn as nn
@@ -55,8 +56,12 @@ class PatchEmbed(nn.Module):
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=p, stride=p, bias=bias, device=device, dtype=dtype)
         self.norm = norm_layer(embed_dim) if norm_layer else nn.Identity()
 
-    def forward(self, x, mean=None, std=None):
-        """x: [B, C, H, W] float, or uint8 with `mean` and `std` (C values each: (x / 255 - mean) / std)."""
+    def forward(self, x, mean=None, std=None, *, cls_token=None, pos_embed=None):
+        """x: [B, C, H, W] float, or uint8 with `mean` and `std` (C values each: (x / 255 - mean) / std).
+
+        ``cls_token`` [1, 1, E] and ``pos_embed`` [1, T, E] (T = L, + 1 with a class token): the
+        model's prefix and position embedding, prepended and added in the same op (tokens output
+        only: flatten=True or output_fmt='NLC'). Returns [B, T, E]."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: PatchEmbed expected a torch.Tensor, got {type(x).__name__}")
         in_chans = self.proj.in_channels
@@ -73,6 +78,8 @@ class PatchEmbed(nn.Module):
             if x.dtype == torch.uint8:  # timm pads the normalized image with zeros: normalize first
                 x, mean, std = normalize_uint8(x, mean, std, self.proj.weight.dtype), None, None
             x = F.pad(x, (0, -W % p, 0, -H % p))
+        if cls_token is not None or pos_embed is not None:
+            return self._tokens_with_prefix(x, mean, std, cls_token, pos_embed)
         tokens = VF.patch_embed(x, self.proj.weight, self.proj.bias, mean=mean, std=std)  # [B, L, E]
         grid_h, grid_w = x.shape[2] // p, x.shape[3] // p
         if self.flatten:
@@ -86,3 +93,15 @@ class PatchEmbed(nn.Module):
         else:
             out = tokens.transpose(1, 2).reshape(B, -1, grid_h, grid_w)
         return self.norm(out)
+
+    def _tokens_with_prefix(self, x, mean, std, cls_token, pos_embed):
+        if not (self.flatten or self.output_fmt == "NLC"):
+            raise ValueError(f"cls_token, pos_embed: PatchEmbed adds them to tokens [B, L, E] only "
+                             f"(flatten=True or output_fmt='NLC'), not to output_fmt={self.output_fmt!r}")
+        weight, bias = self.proj.weight, self.proj.bias
+        if isinstance(self.norm, nn.Identity):  # one op: patches, GEMM, class token, position embedding
+            return VF.patch_embed(x, weight, bias, cls_token=cls_token, pos_embed=pos_embed, mean=mean, std=std)
+        tokens = self.norm(VF.patch_embed(x, weight, bias, mean=mean, std=std))  # the norm comes first, as timm
+        if cls_token is not None:
+            tokens = torch.cat([cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        return tokens if pos_embed is None else tokens + pos_embed
