@@ -28,10 +28,7 @@ import contextlib
 
 import torch
 
-from numerics import DTYPE_BOUND, rel_err
-
-FP32_UNIT_ROUNDOFF = 2.0**-24
-FLOOR_FACTOR = 32.0
+from numerics import DTYPE_BOUND, FLOOR_FACTOR, FP32_UNIT_ROUNDOFF, rel_err
 
 
 @contextlib.contextmanager
