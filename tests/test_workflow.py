@@ -21,7 +21,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import vit_fast
-from vit_fast import data, dispatch, evaluate, predict, train
+from vit_fast import data, dispatch, evaluate, predict, run_files, train
 from vit_fast.dispatch import FORCE_TORCH_ENV
 
 # drop path makes the resume test cover the per-epoch seeding of the model's randomness
@@ -97,7 +97,7 @@ class Interrupted(Exception):
 def interrupt_after(monkeypatch, epochs):
     """Stop train.main once ``epochs`` epochs have written their files, as a killed run would."""
     written = []
-    plot = train.plot_curves
+    plot = run_files.plot_curves
 
     def plot_then_maybe_stop(*args):
         plot(*args)
@@ -105,7 +105,7 @@ def interrupt_after(monkeypatch, epochs):
         if len(written) == epochs:
             raise Interrupted
 
-    monkeypatch.setattr(train, "plot_curves", plot_then_maybe_stop)
+    monkeypatch.setattr(run_files, "plot_curves", plot_then_maybe_stop)
 
 
 @pytest.fixture(scope="module")

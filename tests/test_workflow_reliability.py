@@ -27,7 +27,7 @@ import torch
 from PIL import Image, ImageOps
 
 import vit_fast
-from vit_fast import data, evaluate, predict, train
+from vit_fast import cli, data, devices, evaluate, loop, predict, run_files, train
 from vit_fast.dispatch import FORCE_TORCH_ENV
 
 REPO = Path(__file__).resolve().parents[1]
@@ -281,7 +281,7 @@ def test_metrics_csv_agrees_with_last_pt_whatever_the_moment_of_death(moment, cl
     out = tmp_path / "run"
     argv = ["--data", clean, *TRAIN, "--epochs", "3", "--batch-size", "4", "--out", out]
     if moment.startswith("after"):
-        write, calls = train.write_metrics, []
+        write, calls = run_files.write_metrics, []
 
         def write_then_die(*args, **kwargs):
             calls.append(1)
@@ -289,16 +289,16 @@ def test_metrics_csv_agrees_with_last_pt_whatever_the_moment_of_death(moment, cl
                 raise Died
             return write(*args, **kwargs)
 
-        monkeypatch.setattr(train, "write_metrics", write_then_die)
+        monkeypatch.setattr(run_files, "write_metrics", write_then_die)
     else:
-        save = train.save_atomic
+        save = run_files.save_atomic
 
         def save_or_die(obj, path):
             if path.name == "last.pt" and obj["epoch"] == 2:
                 raise Died
             return save(obj, path)
 
-        monkeypatch.setattr(train, "save_atomic", save_or_die)
+        monkeypatch.setattr(run_files, "save_atomic", save_or_die)
     with pytest.raises(Died):
         quiet(train.main, argv)
     monkeypatch.undo()
@@ -321,7 +321,7 @@ def test_metrics_csv_agrees_with_last_pt_whatever_the_moment_of_death(moment, cl
 
 def test_resume_with_another_batch_size_keeps_the_schedule_in_epochs(clean, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    plot, written = train.plot_curves, []
+    plot, written = run_files.plot_curves, []
 
     def plot_then_stop(*args):
         plot(*args)
@@ -329,7 +329,7 @@ def test_resume_with_another_batch_size_keeps_the_schedule_in_epochs(clean, tmp_
         if len(written) == 2:
             raise Died
 
-    monkeypatch.setattr(train, "plot_curves", plot_then_stop)
+    monkeypatch.setattr(run_files, "plot_curves", plot_then_stop)
     with pytest.raises(Died):  # 8 images at batch 4: 2 steps per epoch
         quiet(train.main, ["--data", clean, *TRAIN, "--epochs", "4", "--batch-size", "4", "--out", out])
     monkeypatch.undo()
@@ -402,8 +402,8 @@ def test_a_full_disk_while_saving_names_the_path_and_leaves_no_temp_file(clean, 
 
     previous = tmp_path / "kept.pt"
     previous.write_bytes(b"previous checkpoint")
-    with pytest.raises(train.SaveError, match=f"cannot write {previous}.*the previous kept.pt is kept"):
-        train.save_atomic({"x": 1}, previous)
+    with pytest.raises(run_files.SaveError, match=f"cannot write {previous}.*the previous kept.pt is kept"):
+        run_files.save_atomic({"x": 1}, previous)
     assert previous.read_bytes() == b"previous checkpoint" and sorted(tmp_path.glob("*.tmp")) == []
 
 
@@ -412,17 +412,17 @@ def test_a_full_disk_while_saving_names_the_path_and_leaves_no_temp_file(clean, 
 
 @pytest.mark.parametrize("text, seconds", [("90", 90), ("90s", 90), ("2m", 120), ("1.5min", 90), ("1h", 3600)])
 def test_dist_timeout_parses_seconds_or_minutes(text, seconds):
-    assert train.duration(text) == seconds
+    assert cli.duration(text) == seconds
 
 
 def test_dist_timeout_reaches_init_process_group(monkeypatch, clean):
     seen = {}
-    monkeypatch.setattr(train.dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
-    monkeypatch.setattr(train.dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(devices.dist, "init_process_group", lambda backend, **kw: seen.update(backend=backend, **kw))
+    monkeypatch.setattr(devices.dist, "get_rank", lambda: 1)
     monkeypatch.setenv("WORLD_SIZE", "2")
     args, _ = train.resolve_args(["--data", str(clean), "--dist-timeout", "3m"])
     assert args.dist_timeout == 180
-    assert train.init_distributed("cpu", args.dist_timeout) == (1, 2, torch.device("cpu"))
+    assert devices.init_distributed("cpu", args.dist_timeout) == (1, 2, torch.device("cpu"))
     assert seen == {"backend": "gloo", "timeout": timedelta(minutes=3)}
     args, _ = train.resolve_args(["--data", str(clean)])
     assert args.dist_timeout == 600  # the default: 10 minutes, not the backend's 30
@@ -451,7 +451,7 @@ def test_progress_bar_shows_running_means_every_step(clean, tmp_path, monkeypatc
         def set_postfix(self, **kwargs):
             postfixes.append(kwargs)
 
-    monkeypatch.setattr(train, "tqdm", Bar)
+    monkeypatch.setattr(loop, "tqdm", Bar)
     quiet(train.main, ["--data", clean, *TRAIN, "--epochs", "1", "--batch-size", "2", "--out", tmp_path / "run"])
     assert len(postfixes) == 4  # 8 images at batch 2: every step, not every 10th
     assert all(set(p) == {"loss", "acc", "img_s", "lr", "refresh"} and p["refresh"] is False for p in postfixes)
@@ -504,3 +504,128 @@ def test_evaluate_report_json_still_written(run, dirty, tmp_path, capsys):
     assert evaluate.main(["--weights", str(out / "last.pt"), "--data", str(dirty / "val"), "--json", str(report),
                           "--workers", "0"]) == 0
     assert json.loads(report.read_text())["classes"] == sorted(CLASSES)
+
+
+# ----------------------------------------------------------------------------- J: --cuda-graph
+
+
+def test_cuda_graph_flag_parses_off_by_default(clean):
+    assert train.resolve_args(["--data", str(clean)])[0].cuda_graph is False
+    assert train.resolve_args(["--data", str(clean), "--cuda-graph"])[0].cuda_graph is True
+    assert train.resolve_args(["--data", str(clean), "--cuda-graph", "--no-cuda-graph"])[0].cuda_graph is False
+    assert "--cuda-graph" in train.build_parser().format_help()
+
+
+@pytest.mark.parametrize("extra, env, expected", [
+    (["--optimizer", "sgd"], {}, "argument --cuda-graph: needs --optimizer adamw"),
+    ([], {"WORLD_SIZE": "2"}, "argument --cuda-graph: one process only (2 started)"),
+])
+def test_cuda_graph_refusals_are_usage_errors(extra, env, expected, clean, tmp_path, capsys, monkeypatch):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    out = tmp_path / "run"
+    line = usage_error(train.main, ["--data", clean, *TRAIN, "--cuda-graph", *extra, "--out", out], capsys)
+    assert expected in line and not out.exists()
+
+
+def graph_argv(data_dir, out, *extra):
+    # batch 4: full batches are captured, a short last batch (or one that lost a file) runs eagerly
+    return ["--data", data_dir, *TRAIN, "--epochs", "2", "--batch-size", "4", "--out", out, *extra]
+
+
+@pytest.fixture(scope="module")
+def eager_dirty_run(dirty, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eager")
+    _, stdout = quiet(train.main, graph_argv(dirty, out, "--freeze-epochs", "1"))
+    return out, stdout
+
+
+def test_cuda_graph_without_cuda_says_so_and_trains_the_same_weights(dirty, eager_dirty_run, tmp_path):
+    eager, _ = eager_dirty_run
+    _, stdout = quiet(train.main, graph_argv(dirty, tmp_path / "run", "--freeze-epochs", "1", "--cuda-graph"))
+    notes = [line for line in stdout.splitlines() if "--cuda-graph" in line]
+    assert notes == ["note: --cuda-graph has no effect without CUDA; training eagerly on cpu"]
+    graphed, reference = (torch.load(p / "last.pt", weights_only=True) for p in (tmp_path / "run", eager))
+    for key, value in reference["model"].items():
+        assert torch.equal(graphed["model"][key], value), key  # bit-identical: the eager step ran
+    assert graphed["args"]["cuda_graph"] is True
+
+
+class ReplayingCapture:
+    """A CPU stand-in for vit_fast.graphs.cuda_capture: warm-up and capture as the real one runs them;
+    each replay re-runs the captured body, its gradients set to None first (a replayed backward
+    overwrites the graph's gradients, it does not accumulate)."""
+
+    def __init__(self):
+        self.captures = self.replays = 0
+
+    def __call__(self, body, device, *, warmup=3, warmup_body=None, before_capture=None, **kwargs):
+        self.captures += 1
+        for _ in range(warmup):
+            (warmup_body or body)()
+        before_capture()
+        capture = self
+
+        class Graph:
+            output = body()
+
+            def replay(self):
+                capture.replays += 1
+                before_capture()
+                loss = body()
+                with torch.no_grad():
+                    self.output.copy_(loss)
+
+        return Graph()
+
+
+def test_captured_path_runs_on_cpu_through_a_stand_in_capture(dirty, eager_dirty_run, tmp_path, monkeypatch):
+    """The --cuda-graph orchestration of vit_fast.loop (capture at the first full batch, one capture per
+    --freeze-epochs phase, other batch shapes eager with their gradients zeroed in place, the learning
+    rate a tensor the schedule fills) gives the eager run's weights; its last.pt holds plain floats and
+    resumes without the flag."""
+    from vit_fast import graphs
+
+    capture = ReplayingCapture()
+    monkeypatch.setattr(loop, "can_capture", lambda device: True)
+    monkeypatch.setattr(graphs, "check_capturable", lambda optimizer: None)  # no capturable AdamW on a CPU
+    monkeypatch.setattr(loop, "capture_train_step", lambda *args, **kwargs: graphs.TrainStep(
+        *args, **kwargs, _capture=capture))
+    out = tmp_path / "run"
+    _, stdout = quiet(train.main, graph_argv(dirty, out, "--freeze-epochs", "1", "--cuda-graph"))
+    assert "training step replayed from a CUDA graph" in stdout
+    assert capture.captures == 2  # the head-only phase, then the full one
+    # 9 files at batch 4, one unreadable: 3 steps per epoch, the short ones eager
+    assert 2 <= capture.replays <= 4
+    eager, _ = eager_dirty_run
+    graphed, reference = (torch.load(p / "last.pt", weights_only=True) for p in (out, eager))
+    for key, value in reference["model"].items():  # bit-identical (the CPU's tensor learning rate is float64)
+        assert torch.equal(graphed["model"][key], value), key
+    for row, kept in zip(read_metrics(out / "metrics.csv"), read_metrics(eager / "metrics.csv")):
+        row.pop("images_per_s"), kept.pop("images_per_s")
+        assert row == kept
+    groups = graphed["optimizer"]["param_groups"]
+    assert all(isinstance(g["lr"], float) and isinstance(g["initial_lr"], float) for g in groups)
+    assert all(isinstance(lr, float) for lr in graphed["scheduler"]["_last_lr"])
+    monkeypatch.undo()
+    _, stdout = quiet(train.main, ["--resume", out / "last.pt", "--no-cuda-graph", "--epochs", "3"])
+    assert "epoch 3/3" in stdout and "--cuda-graph" not in stdout
+
+
+@pytest.mark.gpu
+def test_captured_training_matches_eager_on_cuda(clean, tmp_path, monkeypatch):
+    """Two epochs on the GPU with bf16 autocast on the kernels: the captured run's weights and losses
+    agree with the eager run's within bf16 tolerance."""
+    monkeypatch.delenv(FORCE_TORCH_ENV)
+    base = ["--data", clean, *TRAIN, "--epochs", "2", "--batch-size", "3", "--amp", "--device", "cuda"]
+    _, eager_out = quiet(train.main, [*base, "--out", tmp_path / "eager"])
+    _, graph_out = quiet(train.main, [*base, "--cuda-graph", "--out", tmp_path / "graph"])
+    assert "training step replayed from a CUDA graph" in graph_out
+    assert "training step replayed" not in eager_out
+    eager, graphed = (torch.load(tmp_path / name / "last.pt", weights_only=True) for name in ("eager", "graph"))
+    for key, value in eager["model"].items():
+        torch.testing.assert_close(graphed["model"][key].float(), value.float(), rtol=2e-2, atol=2e-3, msg=key)
+    for a, b in zip(read_metrics(tmp_path / "graph" / "metrics.csv"), read_metrics(tmp_path / "eager" / "metrics.csv")):
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=2e-2, abs=2e-2)
+        assert float(a["lr"]) == pytest.approx(float(b["lr"]), rel=1e-6)
+    assert all(isinstance(g["lr"], float) for g in graphed["optimizer"]["param_groups"])

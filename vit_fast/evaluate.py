@@ -18,8 +18,10 @@ import torch
 from tqdm import tqdm
 
 from vit_fast import data
-from vit_fast.train import (CheckpointError, device_problem, load_trained_model, nonnegative_int, positive_int,
-                            run_inference, usage_error)
+from vit_fast.cli import nonnegative_int, positive_int, usage_error
+from vit_fast.devices import device_problem
+from vit_fast.loop import run_inference
+from vit_fast.run_files import CheckpointError, load_trained_model
 
 MAX_PRINTED_CLASSES = 20  # a wider confusion matrix goes to --json / --plot only
 
