@@ -4,10 +4,16 @@
     python benchmarks/mlp.py --quick    # ViT-B only, no max-autotune (fits a short GPU lease)
     python benchmarks/mlp.py --quick --max-autotune   # ViT-B only, with the max-autotune peer
     python benchmarks/mlp.py --sweep    # tile configs of both matmul kernels at M=50432, 768 -> 3072
+    python benchmarks/mlp.py --fused-mlp   # only the fused-MLP rows (VF.mlp, both backends) at ViT-B b128/b256
 
 Peers in the same run: eager (cuBLAS F.linear + a separate F.gelu), cuBLAS F.linear alone (the
 GEMM's own speed), cuBLASLt's fused GELU(tanh) epilogue (``torch._addmm_activation``),
-torch.compile (default, and max-autotune without --quick), and a timm-style eager Mlp. TFLOP/s
+torch.compile (default, and max-autotune without --quick), and a timm-style eager Mlp. The
+fused-MLP rows (every run, ViT-B b128 and b256) time ``VF.mlp`` fc2(GELU(fc1(x))) + residual, fwd
+and fwd+bwd, on both of its backends (VIT_FAST_MLP_BACKEND=triton: the fused backward epilogue;
+=torch: cuBLAS GEMMs + the elementwise GELU backward kernel) against the two-op path (linear_gelu +
+linear(residual=)) and eager torch (F.linear, F.gelu, F.linear, + residual), each as ``ms`` (eager
+call) and ``graph_ms`` (replayed from a CUDA graph: the kernels alone). TFLOP/s
 count 2*M*K*N per matmul (x3 for forward+backward), % of the device's measured bf16 matmul peak.
 Without a GPU: says so, checks the kernels under Triton's interpreter, times the CPU paths (no
 files written), exits 0.
@@ -122,6 +128,73 @@ def bench_shape(name, M, K, N, quick, peak, max_autotune):
     return rows
 
 
+# ViT-B's MLP (C 768 -> hidden 3072 -> 768) at the training batch sizes
+FUSED_MLP_SHAPES = [("ViT-B b128", 128 * 197, 768, 3072), ("ViT-B b256", 256 * 197, 768, 3072)]
+
+
+class _mlp_backend_env:
+    """VIT_FAST_MLP_BACKEND set to `backend` inside the block (None: left as it is), restored after."""
+
+    def __init__(self, backend):
+        self.backend, self.saved = backend, None
+
+    def __enter__(self):
+        from vit_fast.ops import mlp as ops_mlp
+
+        self.name = ops_mlp.MLP_BACKEND_ENV
+        self.saved = os.environ.get(self.name)
+        if self.backend is not None:
+            os.environ[self.name] = self.backend
+
+    def __exit__(self, *exc):
+        if self.saved is None:
+            os.environ.pop(self.name, None)
+        else:
+            os.environ[self.name] = self.saved
+
+
+def bench_fused_mlp(name, M, C, H, peak, dt=torch.bfloat16, dev="cuda"):
+    """VF.mlp (both backends) vs the two-op path vs eager, fc2(GELU(fc1(x))) + residual, bf16."""
+    x = torch.randn(M, C, device=dev, dtype=dt)
+    w1, b1 = torch.randn(H, C, device=dev, dtype=dt) * C**-0.5, torch.randn(H, device=dev, dtype=dt)
+    w2, b2 = torch.randn(C, H, device=dev, dtype=dt) * H**-0.5, torch.randn(C, device=dev, dtype=dt)
+    r = torch.randn(M, C, device=dev, dtype=dt)
+    impls = {  # name -> (backend env, fn(x, w1, b1, w2, b2, r))
+        "vit_fast mlp (triton: fused bwd epilogue)": ("triton", lambda *t: VF.mlp(*t)),
+        "vit_fast mlp (torch: cuBLAS + GELU-bwd kernel)": ("torch", lambda *t: VF.mlp(*t)),
+        "two-op linear_gelu + linear(residual)": (
+            None, lambda x, w1, b1, w2, b2, r: VF.linear(VF.linear_gelu(x, w1, b1), w2, b2, residual=r)),
+        "eager F.linear, F.gelu, F.linear, + r": (
+            None, lambda x, w1, b1, w2, b2, r: F.linear(F.gelu(F.linear(x, w1, b1)), w2, b2) + r),
+    }
+    eager = "eager F.linear, F.gelu, F.linear, + r"
+    shape = f"{name} {M}x{C}->{H}->{C}"
+    gemm = 2.0 * M * C * H
+    rows = []
+    leaves = [t.clone().requires_grad_() for t in (x, w1, b1, w2, b2, r)]
+    dy = torch.randn_like(r)
+    times = {}
+    for impl, (backend, fn) in impls.items():
+        with _mlp_backend_env(backend):
+            def fwd(fn=fn):
+                with torch.no_grad():
+                    return fn(x, w1, b1, w2, b2, r)
+
+            def step(fn=fn):
+                return torch.autograd.grad(fn(*leaves), leaves, dy)
+            for mode, f in (("MLP+residual fwd", fwd), ("MLP+residual fwd+bwd", step)):
+                times[impl, mode] = (harness.bench_ms(f), harness.graph_ms_or_none(f"  {impl} {mode}", f),
+                                     harness.peak_memory_mib(f))
+    for (impl, mode), (ms, graph_ms, mib) in times.items():
+        eager_ms, eager_graph = times[eager, mode][:2]
+        flops = 2 * gemm if mode.endswith("fwd") else 6 * gemm
+        row = _row(shape, impl, mode, ms, flops, peak, eager_ms, graph_ms=round(graph_ms, 4) if graph_ms else "n/a",
+                   graph_vs_eager=round(eager_graph / graph_ms, 3) if graph_ms and eager_graph else "n/a",
+                   peak_mib=round(mib, 1))
+        rows.append(row)
+    return rows
+
+
 SWEEP = {
     "pointer": [kernels.MatmulConfig(bm, bn, bk, GROUP_M=8, num_warps=w, num_stages=s) for bm, bn, bk, w, s in (
         (128, 128, 64, 4, 4), (128, 128, 64, 8, 4), (128, 128, 64, 8, 5), (128, 256, 64, 8, 3),
@@ -187,9 +260,26 @@ def cpu_check():
         rows.append(dict(shape="130x96->200 fp32", impl=f"eager gelu({approximate}), CPU", kernel_ran=False,
                          cpu_ms=round(harness.bench_cpu_ms(lambda a=approximate: F.gelu(F.linear(x, w, b),
                                                                                           approximate=a)), 2)))
+    # the fused MLP, both backends: output and dx against float64, the backend's kernels counted
+    x, r = torch.randn(130, 96, requires_grad=True), torch.randn(130, 96)
+    w2, b2 = torch.randn(96, 200) * 200**-0.5, torch.randn(96)
+    exact_x = x.detach().double().requires_grad_()
+    exact = F.linear(F.gelu(F.linear(exact_x, w.double(), b.double())), w2.double(), b2.double()) + r.double()
+    (exact_dx,) = torch.autograd.grad(exact, exact_x, torch.ones_like(exact))
+    for backend in ("triton", "torch"):
+        with _mlp_backend_env(backend):
+            before = dispatch.kernel_launches.copy()
+            y = VF.mlp(x, w, b, w2, b2, residual=r)
+            (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
+            ran = {k: v - before[k] for k, v in dispatch.kernel_launches.items() if v != before[k]}
+        err = max(((y.double() - exact).norm() / exact.norm()).item(), ((dx.double() - exact_dx).norm()
+                                                                           / exact_dx.norm()).item())
+        errs.append(err)
+        rows.append(dict(shape="130x96->200->96 fp32", impl=f"vit_fast mlp ({backend}) fwd+bwd, interpreter",
+                         kernel_ran=" ".join(sorted(ran)), rel_err=f"{err:.1e}"))
     harness.print_table(rows, title="CPU: interpreter correctness (timings are not performance numbers)")
     if max(errs) > 1e-5:
-        raise SystemExit("vit_fast linear_gelu disagrees with float64 under the interpreter")
+        raise SystemExit("vit_fast linear_gelu / mlp disagrees with float64 under the interpreter")
 
 
 def main():
@@ -198,24 +288,36 @@ def main():
     parser.add_argument("--max-autotune", action="store_true",
                         help="with --quick: keep the torch.compile max-autotune peer (always on without --quick)")
     parser.add_argument("--sweep", action="store_true", help="tile sweep of both kernels at M=50432, 768 -> 3072")
+    parser.add_argument("--fused-mlp", action="store_true",
+                        help="only the fused-MLP rows (VF.mlp both backends, two-op path, eager) at ViT-B b128/b256")
     args = parser.parse_args()
     if not harness.has_gpu():
-        print("no CUDA GPU: fused Linear+GELU / Mlp GPU timings not measured; "
+        print("no CUDA GPU: fused Linear+GELU / Mlp / fused-MLP GPU timings not measured; "
               "checking the kernels under Triton's interpreter instead")
         cpu_check()
         return
+    if hasattr(harness, "stamp"):
+        print("stamp:", harness.stamp())
     peak = harness.ceilings()["matmul_tflops"]
     print(f"{harness.device_name()}: measured bf16 matmul peak {peak:.0f} TFLOP/s")
     if args.sweep:
         sweep(peak)
         return
     rows = []
-    for name, M, K, N in QUICK_SHAPES if args.quick else SHAPES:
-        rows += bench_shape(name, M, K, N, args.quick, peak, args.max_autotune or not args.quick)
+    if not args.fused_mlp:
+        for name, M, K, N in QUICK_SHAPES if args.quick else SHAPES:
+            rows += bench_shape(name, M, K, N, args.quick, peak, args.max_autotune or not args.quick)
+            torch.cuda.empty_cache()
+        harness.print_table(rows, ["shape", "impl", "ms", "tflops", "pct_peak", "vs_eager", "peak_mib"],
+                            title="Linear + GELU / Mlp, bf16 (vs_eager > 1: faster than eager)")
+    fused = []
+    for name, M, C, H in FUSED_MLP_SHAPES:
+        fused += bench_fused_mlp(name, M, C, H, peak)
         torch.cuda.empty_cache()
-    harness.print_table(rows, ["shape", "impl", "ms", "tflops", "pct_peak", "vs_eager", "peak_mib"],
-                        title="Linear + GELU / Mlp, bf16 (vs_eager > 1: faster than eager)")
-    print("results in", harness.write_results("mlp", rows, plot_key="tflops"))
+    harness.print_table(fused, ["shape", "impl", "ms", "graph_ms", "tflops", "vs_eager", "graph_vs_eager", "peak_mib"],
+                        title="fused MLP fc2(GELU(fc1(x))) + residual, bf16 (vs_eager > 1: faster than eager)")
+    rows += fused
+    print("results in", harness.write_results("mlp_fused" if args.fused_mlp else "mlp", rows, plot_key="tflops"))
 
 
 if __name__ == "__main__":

@@ -12,9 +12,22 @@ fp32 inputs run exact fp32 dots (``input_precision="ieee"``, CUDA cores, not tf3
 PyTorch's default ``torch.backends.cuda.matmul.allow_tf32 = False``: fp32 results carry fp32 error.
 fp16 / bf16 run on tensor cores (Triton's default "tf32" setting, which only affects fp32 operands).
 
-Backward helper: ``activation_backward`` writes dpre = dy * act'(pre) and, per program, the
-column sums of dpre (fp32) for the bias gradient, reduced afterwards by the caller in a fixed
-order (deterministic, no atomics).
+Backward, two ways:
+- ``linear_act_grad`` (the fused MLP's backward, ``vit_fast.ops.mlp.mlp``): the pointer kernel in
+  its ``EPILOGUE="act_grad"`` mode computes dpre = (dy @ W2) * act'(pre) as ONE matmul: dy [M, C]
+  is the [M, K] operand, fc2's weight W2 [C, hidden] is the [N = hidden, K = C] operand read
+  through its transposed strides (no copy), and the epilogue multiplies the fp32 accumulator by
+  act'(pre[m, n]), reading the saved pre tile, before the only store. The same epilogue writes the
+  column sums of its dpre tile (fp32, rows past M masked out) into a partials buffer
+  [cdiv(M, BLOCK_M), hidden]: row pid_m, columns of the tile; the caller's ``sum(0)`` over it is the
+  fc1 bias gradient, in a fixed order (deterministic, no atomics). The dy @ W2 product never
+  reaches memory: at ViT-B b256 bf16 that is one [50432, 3072] write and read (2 x 310 MB) fewer
+  than cuBLAS + ``activation_backward``. The TMA kernel has no such mode: ``linear_act_grad``
+  always takes the pointer kernel (W2 read transposed has a unit stride on N, not on K, which a
+  TMA block of [BLOCK_N, BLOCK_K] would need).
+- ``activation_backward`` (``linear_gelu``'s own backward, and the MLP's cuBLAS backend): dpre =
+  dy * act'(pre) as an elementwise pass after a separate dy @ W GEMM, and, per program, the column
+  sums of dpre (fp32) for the bias gradient, reduced afterwards by the caller in a fixed order.
 
 Activations (constexpr strings): "none", "gelu" (exact, erf) and "gelu_tanh" (tanh approximation).
 """
@@ -115,14 +128,18 @@ def linear_act_kernel(
     w_ptr,  # [N, K] (nn.Linear's weight), read as W^T [K, N] through its strides
     b_ptr,  # [N] (read only if HAS_BIAS)
     r_ptr,  # [M, N] residual (read only if HAS_RESIDUAL)
-    y_ptr,  # [M, N] out: act(pre)
-    pre_ptr,  # [M, N] pre = x @ W^T + b (+ r), kept for the backward (written only if SAVE_PRE)
+    y_ptr,  # [M, N] out: act(pre); "act_grad": dpre = acc * act'(pre)
+    pre_ptr,  # [M, N] pre = x @ W^T + b (+ r), kept for the backward (written only if SAVE_PRE);
+              # "act_grad": the saved pre, read (same strides as y)
+    db_ptr,  # "act_grad" with HAS_BIAS: [cdiv(M, BLOCK_M), N] fp32 out, column sums of dpre per row tile
     M, N, K,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_rm, stride_rn, stride_ym, stride_yn,
     ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr, SAVE_PRE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (exact fp32 dots), "tf32" (the default) otherwise
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask in the main loop
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    EPILOGUE: tl.constexpr,  # "act": y = act(acc + b (+ r)); "act_grad": y = acc * act'(pre), HAS_BIAS: the
+                             # bias-gradient partials to db_ptr (no bias, no residual added)
 ):
     pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -147,12 +164,22 @@ def linear_act_kernel(
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
 
-    acc = _bias_residual(acc, b_ptr, r_ptr, offs_m, offs_n, M, N, stride_rm, stride_rn, HAS_BIAS, HAS_RESIDUAL)
     out_offs = offs_m.to(tl.int64)[:, None] * stride_ym + offs_n[None, :] * stride_yn
     mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    if SAVE_PRE:
-        tl.store(pre_ptr + out_offs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
-    tl.store(y_ptr + out_offs, _activation(acc, ACTIVATION).to(y_ptr.dtype.element_ty), mask=mask)
+    if EPILOGUE == "act_grad":
+        pre = tl.load(pre_ptr + out_offs, mask=mask, other=0.0).to(tl.float32)
+        dpre = acc * _activation_grad(pre, ACTIVATION)
+        tl.store(y_ptr + out_offs, dpre.to(y_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            # rows past M hold row 0's products (the clamped loads): they must not enter the sums
+            col_sums = tl.sum(tl.where(offs_m[:, None] < M, dpre, 0.0), axis=0)
+            tl.store(db_ptr + pid_m * N + offs_n, col_sums, mask=offs_n < N)
+    else:
+        acc = _bias_residual(acc, b_ptr, r_ptr, offs_m, offs_n, M, N, stride_rm, stride_rn, HAS_BIAS,
+                             HAS_RESIDUAL)
+        if SAVE_PRE:
+            tl.store(pre_ptr + out_offs, acc.to(pre_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + out_offs, _activation(acc, ACTIVATION).to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -369,12 +396,49 @@ def linear_act(x, weight, bias, residual, out, pre_out, activation, kernel=None,
         raise ValueError("linear_act: out and pre_out must have the same strides")
     grid = (cdiv(M, cfg.BLOCK_M) * cdiv(N, cfg.BLOCK_N),)
     linear_act_kernel[grid](
-        x, weight, b, r, out, pre_out if pre_out is not None else out, M, N, K,
+        x, weight, b, r, out, pre_out if pre_out is not None else out, out, M, N, K,
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), *r_strides, out.stride(0), out.stride(1),
         **flags, EVEN_K=K % cfg.BLOCK_K == 0,
-        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, EPILOGUE="act",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return out
+
+
+def act_grad_partial_rows(M: int, config: MatmulConfig) -> int:
+    """Rows of the fp32 bias-gradient partials buffer ``linear_act_grad`` fills: one per row tile."""
+    return cdiv(M, config.BLOCK_M)
+
+
+def linear_act_grad(dy, weight, pre, dpre, activation, bias_grad=True, config=None):
+    """dpre = (dy @ weight^T) * act'(pre) in one matmul (the pointer kernel's "act_grad" epilogue);
+    returns the bias gradient of the layer that produced ``pre`` (fp32 [N], the column sums of
+    dpre, reduced from per-row-tile partials in a fixed order), or None without ``bias_grad``.
+
+    dy [M, K] (any strides), weight [N, K] read through its strides: for an MLP's fc2 weight W2
+    [C, hidden] pass ``W2.t()`` ([hidden, C], strides (1, hidden): no copy); pre and dpre [M, N]
+    with the same strides; activation "gelu" or "gelu_tanh". Always the pointer kernel (module
+    docstring); ``config`` defaults to the pointer kernel's table entry.
+    """
+    if activation not in ("gelu", "gelu_tanh"):
+        raise ValueError(f"activation: expected 'gelu' or 'gelu_tanh', got {activation!r}")
+    reject_bf16_dots_under_interpreter("mlp backward", linear_act_kernel, dy.dtype)
+    if pre.stride() != dpre.stride():
+        raise ValueError("linear_act_grad: pre and dpre must have the same strides")
+    M, K = dy.shape
+    N = weight.shape[0]
+    cfg = config or default_config("pointer", dy)
+    rows = act_grad_partial_rows(M, cfg)
+    db_partial = torch.empty((rows, N), dtype=torch.float32, device=dy.device) if bias_grad else None
+    if M > 0 and N > 0:
+        grid = (cdiv(M, cfg.BLOCK_M) * cdiv(N, cfg.BLOCK_N),)
+        linear_act_kernel[grid](
+            dy, weight, dpre, dpre, dpre, pre, db_partial if bias_grad else dpre, M, N, K,
+            dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1), 0, 0, dpre.stride(0), dpre.stride(1),
+            ACTIVATION=activation, HAS_BIAS=bias_grad, HAS_RESIDUAL=False, SAVE_PRE=False,
+            DOT_PRECISION=dot_precision(dy.dtype), EVEN_K=K % cfg.BLOCK_K == 0,
+            BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M, EPILOGUE="act_grad",
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return db_partial.sum(0) if bias_grad else None  # M = 0: no rows, zeros
 
 
 def db_partial_rows(M: int) -> int:

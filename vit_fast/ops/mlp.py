@@ -8,6 +8,25 @@ Ops (x is 2-D here: the public functions flatten the leading dims):
 ``activation`` is "gelu" (erf), "gelu_tanh" or "none" (plain linear; its backward is four torch
 ops: dresidual = dy, dx = dy @ W, dw = dy^T @ x, db = dy.sum(0)).
 
+The whole MLP, fc2(GELU(fc1(x))) (+ residual), as one op pair with its own backward:
+  vit_fast::mlp_fwd(x [M,C], w1 [H,C], b1 [H]?, w2 [C2,H], b2 [C2]?, residual [M,C2]?, activation,
+                    save, backend) -> (y [M,C2], pre [M,H] or [0], h [M,H])
+  vit_fast::mlp_bwd(dy [M,C2], x, w1, w2, pre, h, activation, has_b1, has_b2, backend)
+      -> (dx, dw1, db1 or [0], dw2, db2 or [0])
+Saved for the backward: x, pre (fc1's pre-activation), h = GELU(pre) (fc2's input, for dW2) and the
+two weights: what linear_gelu + linear save between them. Backward: dresidual = dy, db2 = dy.sum(0)
+(fp32 accumulation), dW2 = dy^T @ h, then dpre = (dy @ W2) * GELU'(pre) in ONE Triton matmul whose
+epilogue reads the saved pre tile and also writes the fc1 bias gradient's per-row-tile partials
+(``kernels.linear_act_grad``), then dW1 = dpre^T @ x, dx = dpre @ W1. The weight and bias gradients
+are deterministic (no atomics; fixed-order reductions).
+
+Backend (``VIT_FAST_MLP_BACKEND``, read per call): "triton" runs fc1 + GELU and fc2 (+ residual)
+as the Triton matmuls with fused epilogues and the fused backward above; "torch" runs every GEMM
+as a torch matmul (cuBLAS on a GPU) with F.gelu in the forward and the existing
+``activation_backward`` kernel after dy @ W2 in the backward, so a GPU run can A/B the two. Unset:
+``MLP_BACKEND_TABLE`` keyed by (device capability, dtype, activation), ``DEFAULT_MLP_BACKEND`` for
+anything not in it (CPU tensors under the interpreter included).
+
 Saving ``pre`` vs recomputing it: the forward writes ``pre`` (x @ W^T + b, input dtype) beside y
 only when a gradient is needed, one extra [M, N] store (ViT-B b256: 310 MB, ~0.1 ms at 3 TB/s,
 estimated, not yet timed), the same memory eager autograd keeps (F.gelu saves its input).
@@ -20,6 +39,8 @@ region's dtype, so the public functions cast x, weight and bias to ``torch.get_a
 themselves (as F.linear does); the residual keeps its dtype, as in eager ``F.linear(...) + r``, and
 the output takes the promoted dtype (residual float32 with bf16 x -> float32 out).
 """
+import functools
+import os
 from typing import Optional
 
 import torch
@@ -142,32 +163,217 @@ class LinearActFunction(torch.autograd.Function):
         return _gradients(ctx, dy, _linear_act_backward)
 
 
+# ----------------------------------------------------------------------------- the whole MLP
+
+MLP_BACKEND_ENV = "VIT_FAST_MLP_BACKEND"  # "triton" | "torch"; unset: the table below
+MLP_BACKENDS = ("triton", "torch")
+# (device capability, dtype, activation) -> backend. An entry is a measurement: the Triton path
+# where it ran faster than the cuBLAS one (README Results, H100, bf16: fc1+GELU(erf) fwd 0.557 ms vs
+# eager cuBLAS + GELU 0.590, 1.06x; GELU(tanh) 0.499 ms, 1.12x eager). The fused MLP backward
+# itself is not measured yet: `python benchmarks/mlp.py --quick` times both backends
+# (VIT_FAST_MLP_BACKEND) at ViT-B b128 / b256; add or change entries from those rows.
+MLP_BACKEND_TABLE = {
+    ((9, 0), torch.bfloat16, "gelu"): "triton",
+    ((9, 0), torch.bfloat16, "gelu_tanh"): "triton",
+}
+DEFAULT_MLP_BACKEND = "triton"  # devices / dtypes not in the table, and CPU tensors (the interpreter)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device_index: int):
+    return torch.cuda.get_device_capability(device_index)
+
+
+def backend_for(capability, dtype, activation) -> str:
+    """The table's backend for (capability, dtype, activation); DEFAULT_MLP_BACKEND if not in it."""
+    return MLP_BACKEND_TABLE.get((tuple(capability) if capability is not None else None, dtype, activation),
+                                 DEFAULT_MLP_BACKEND)
+
+
+def mlp_backend(x, activation) -> str:
+    """"triton" or "torch" for an MLP on ``x`` on the kernel path: VIT_FAST_MLP_BACKEND when set,
+    else the table (by x's device capability and dtype)."""
+    forced = os.environ.get(MLP_BACKEND_ENV)
+    if forced:
+        if forced not in MLP_BACKENDS:
+            raise ValueError(f"{MLP_BACKEND_ENV}: expected one of {MLP_BACKENDS} (or unset), got {forced!r}")
+        return forced
+    capability = _capability(x.device.index if x.device.index is not None else torch.cuda.current_device()) \
+        if x.device.type == "cuda" else None
+    return backend_for(capability, x.dtype, activation)
+
+
+def _mlp_forward(x, w1, b1, w2, b2, residual, activation, save, backend):
+    """y = fc2(act(fc1(x))) (+ residual); pre (when ``save``) and h = act(pre), fc2's input."""
+    M, hidden, N = x.shape[0], w1.shape[0], w2.shape[0]
+    if backend == "triton":
+        dispatch.record_launch("mlp_fwd")
+        out_dtype = residual.dtype if residual is not None else x.dtype
+        h = torch.empty((M, hidden), dtype=x.dtype, device=x.device)
+        pre = torch.empty((M, hidden) if save else (0,), dtype=x.dtype, device=x.device)
+        y = torch.empty((M, N), dtype=out_dtype, device=x.device)
+        with dispatch.device_of(x):
+            kernels.linear_act(x, w1, b1, None, h, pre if save else None, activation)
+            kernels.linear_act(h, w2, b2, residual, y, None, "none")
+        return y, pre, h
+    dispatch.record_launch("mlp_torch_fwd")
+    pre = F.linear(x, w1, b1)  # cuBLAS (bias in its epilogue)
+    h = F.gelu(pre, approximate="tanh" if activation == "gelu_tanh" else "none")
+    y = F.linear(h, w2, b2)
+    if residual is not None:
+        y = y + residual
+    return y, pre if save else pre.new_empty((0,)), h
+
+
+def _mlp_backward(dy, x, w1, w2, pre, h, activation, has_b1, has_b2, backend):
+    """(dx, dw1, db1, dw2, db2) from dy; db1 / db2 are [0] without their bias."""
+    dy = dy.to(x.dtype)  # a float32 residual makes y (and dy) float32
+    M, hidden = dy.shape[0], w1.shape[0]
+    db2 = dy.sum(0, dtype=torch.float32).to(w2.dtype) if has_b2 else dy.new_empty((0,), dtype=w2.dtype)
+    dw2 = dy.t() @ h  # [C2, hidden]
+    dpre = torch.empty((M, hidden), dtype=x.dtype, device=x.device)
+    if backend == "triton":
+        dispatch.record_launch("mlp_bwd")
+        with dispatch.device_of(x):
+            db1 = kernels.linear_act_grad(dy, w2.t(), pre, dpre, activation, bias_grad=has_b1)
+    else:
+        dispatch.record_launch("mlp_torch_bwd")
+        dh = dy @ w2  # [M, hidden], cuBLAS
+        db_partial = (torch.empty((kernels.db_partial_rows(M), hidden), dtype=torch.float32, device=x.device)
+                      if has_b1 else None)
+        with dispatch.device_of(x):
+            kernels.activation_backward(dh, pre, dpre, activation, db_partial)
+        del dh
+        db1 = db_partial.sum(0) if has_b1 else None
+    db1 = db1.to(w1.dtype) if has_b1 else dy.new_empty((0,), dtype=w1.dtype)
+    dw1 = dpre.t() @ x  # [hidden, C]
+    dx = dpre @ w1  # [M, C]
+    return dx, dw1, db1, dw2, db2
+
+
+@torch.library.custom_op("vit_fast::mlp_fwd", mutates_args=())
+def mlp_fwd(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
+            b2: Optional[torch.Tensor], residual: Optional[torch.Tensor], activation: str, save: bool, backend: str
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _mlp_forward(x, w1, b1, w2, b2, residual, activation, save, backend)
+
+
+@mlp_fwd.register_fake
+def _mlp_fwd_fake(x, w1, b1, w2, b2, residual, activation, save, backend):
+    M, hidden, N = x.shape[0], w1.shape[0], w2.shape[0]
+    out_dtype = residual.dtype if residual is not None else x.dtype
+    return (x.new_empty((M, N), dtype=out_dtype), x.new_empty((M, hidden) if save else (0,)),
+            x.new_empty((M, hidden)))
+
+
+@torch.library.custom_op("vit_fast::mlp_bwd", mutates_args=())
+def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor,
+            h: torch.Tensor, activation: str, has_b1: bool, has_b2: bool, backend: str
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _mlp_backward(dy, x, w1, w2, pre, h, activation, has_b1, has_b2, backend)
+
+
+@mlp_bwd.register_fake
+def _mlp_bwd_fake(dy, x, w1, w2, pre, h, activation, has_b1, has_b2, backend):
+    return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty((w1.shape[0],) if has_b1 else (0,)),
+            w2.new_empty(w2.shape), w2.new_empty((w2.shape[0],) if has_b2 else (0,)))
+
+
+def _mlp_setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, residual, activation, save, backend = inputs
+    ctx.mark_non_differentiable(output[1], output[2])  # pre and h: saved intermediates, not results
+    ctx.set_materialize_grads(False)
+    ctx.activation, ctx.backend = activation, backend
+    ctx.has_b1, ctx.has_b2, ctx.has_residual = b1 is not None, b2 is not None, residual is not None
+    ctx.save_for_backward(x, w1, w2, output[1], output[2])
+
+
+def _mlp_gradients(ctx, dy, backward_op):
+    if dy is None:  # y unused by the loss
+        return (None,) * 9
+    x, w1, w2, pre, h = ctx.saved_tensors
+    if pre.numel() != h.numel():
+        raise RuntimeError("vit_fast::mlp_fwd: backward needs the forward called with save=True")
+    dx, dw1, db1, dw2, db2 = backward_op(dy, x, w1, w2, pre, h, ctx.activation, ctx.has_b1, ctx.has_b2, ctx.backend)
+    return (dx, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None,
+            dy if ctx.has_residual else None, None, None, None)
+
+
+def _mlp_autograd_backward(ctx, dy, _dpre, _dh):
+    return _mlp_gradients(ctx, dy, torch.ops.vit_fast.mlp_bwd)
+
+
+mlp_fwd.register_autograd(_mlp_autograd_backward, setup_context=_mlp_setup_context)
+
+
+class MlpFunction(torch.autograd.Function):
+    """mlp_fwd's eager twin (as LinearActFunction is linear_act_fwd's): the same code without the
+    custom-op dispatch's host time; torch.compile traces the custom op."""
+
+    @staticmethod
+    def forward(ctx, x, w1, b1, w2, b2, residual, activation, save, backend):
+        output = _mlp_forward(x, w1, b1, w2, b2, residual, activation, save, backend)
+        _mlp_setup_context(ctx, (x, w1, b1, w2, b2, residual, activation, save, backend), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dy, _dpre, _dh):
+        return _mlp_gradients(ctx, dy, _mlp_backward)
+
+
 # ----------------------------------------------------------------------------- public functions
+
+
+def _check_weight_bias(x, weight, bias, in_dim, names=("weight", "bias"), in_name=None):
+    """weight [N, in_dim] and bias [N] (or None) on x's device; the messages name ``names``.
+    ``in_name``: where in_dim comes from (None: x's last dim)."""
+    w_name, b_name = names
+    check_tensor(w_name, weight, ndim=2)
+    if in_dim != weight.shape[1]:
+        raise ValueError(f"x: last dim {in_dim} does not match {w_name} [N, K] = {list(weight.shape)} (K)"
+                         if in_name is None else
+                         f"{w_name}: expected in_features {in_dim} ({in_name}), got shape {list(weight.shape)}")
+    if bias is not None:
+        check_tensor(b_name, bias, ndim=1)
+        if bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{b_name}: expected shape [{weight.shape[0]}] ({w_name}'s out_features), "
+                             f"got {list(bias.shape)}")
+    for name, t in ((w_name, weight), (b_name, bias)):
+        if t is not None and t.device != x.device:
+            raise RuntimeError(f"{name}: expected device {x.device} (that of x), got {t.device}")
+
+
+def _autocast(x, *tensors):
+    """x and ``tensors`` (None allowed) in the autocast dtype where autocast is on, as F.linear casts."""
+    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
+        dtype = torch.get_autocast_dtype(x.device.type)
+        return (x.to(dtype),) + tuple(t.to(dtype) if t is not None else None for t in tensors)
+    return (x,) + tensors
 
 
 def _check_and_autocast(x, weight, bias):
     """Checks shapes and devices, applies autocast like F.linear, then checks dtypes."""
     check_tensor("x", x)
-    check_tensor("weight", weight, ndim=2)
     if x.dim() < 1:
         raise ValueError(f"x: expected at least 1 dim [..., K], got shape {tuple(x.shape)}")
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x: last dim {x.shape[-1]} does not match weight [N, K] = {list(weight.shape)} (K)")
-    if bias is not None:
-        check_tensor("bias", bias, ndim=1)
-        if bias.shape[0] != weight.shape[0]:
-            raise ValueError(f"bias: expected shape [{weight.shape[0]}] (weight's out_features), "
-                             f"got {list(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise RuntimeError(f"{name}: expected device {x.device} (that of x), got {t.device}")
-    if torch.is_autocast_enabled(x.device.type) and x.is_floating_point():
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    _check_weight_bias(x, weight, bias, x.shape[-1])
+    x, weight, bias = _autocast(x, weight, bias)
     check_tensor("x", x, dtypes=ANY_FLOAT_DTYPES)
     check_same("x", x, weight=weight, bias=bias)
     return x, weight, bias
+
+
+def _check_residual(residual, x, n):
+    """residual [*x.shape[:-1], n] on x's device, of x's dtype or float32."""
+    check_tensor("residual", residual)
+    expected = (*x.shape[:-1], n)
+    if tuple(residual.shape) != expected:
+        raise ValueError(f"residual: expected shape {list(expected)} (x's leading dims, weight's N), "
+                         f"got {list(residual.shape)}")
+    if residual.device != x.device:
+        raise RuntimeError(f"residual: expected device {x.device} (that of x), got {residual.device}")
+    if residual.dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"residual: expected dtype {x.dtype} (that of x) or float32, got {residual.dtype}")
 
 
 def _linear_act(x, weight, bias, residual, activation):
@@ -208,16 +414,48 @@ def linear(x, weight, bias=None, residual=None):
     """
     x, weight, bias = _check_and_autocast(x, weight, bias)
     if residual is not None:
-        check_tensor("residual", residual)
-        expected = (*x.shape[:-1], weight.shape[0])
-        if tuple(residual.shape) != expected:
-            raise ValueError(f"residual: expected shape {list(expected)} (x's leading dims, weight's N), "
-                             f"got {list(residual.shape)}")
-        if residual.device != x.device:
-            raise RuntimeError(f"residual: expected device {x.device} (that of x), got {residual.device}")
-        if residual.dtype not in (x.dtype, torch.float32):
-            raise ValueError(f"residual: expected dtype {x.dtype} (that of x) or float32, got {residual.dtype}")
+        _check_residual(residual, x, weight.shape[0])
     if not dispatch.use_kernels(x):
         y = F.linear(x, weight, bias)
         return y if residual is None else y + residual
     return _linear_act(x, weight, bias, residual, "none")
+
+
+def mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=None, approximate="none"):
+    """fc2(GELU(fc1(x))) (+ residual): x [..., C], fc1_weight [H, C], fc1_bias [H] or None,
+    fc2_weight [C2, H], fc2_bias [C2] or None, residual [..., C2] (x's dtype or float32) -> [..., C2].
+
+    The same numbers as ``F.linear(F.gelu(F.linear(x, w1, b1), approximate=...), w2, b2) + residual``.
+    On the kernel path: two Triton matmuls with fused epilogues forward, and a backward whose
+    dpre = (dy @ W2) * GELU'(pre) and fc1 bias gradient come out of one matmul's epilogue
+    (module docstring); ``VIT_FAST_MLP_BACKEND=torch`` runs the GEMMs as torch matmuls instead.
+    Weights and inputs of any strides are read as they are. ``approximate``: "none" (erf) or "tanh".
+    """
+    if approximate not in APPROXIMATE_TO_ACTIVATION:
+        raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
+    check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected at least 1 dim [..., C], got shape {tuple(x.shape)}")
+    _check_weight_bias(x, fc1_weight, fc1_bias, x.shape[-1], ("fc1_weight", "fc1_bias"))
+    _check_weight_bias(x, fc2_weight, fc2_bias, fc1_weight.shape[0], ("fc2_weight", "fc2_bias"),
+                       "fc1_weight's out_features")
+    x, w1, b1, w2, b2 = _autocast(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias)
+    check_tensor("x", x, dtypes=ANY_FLOAT_DTYPES)
+    check_same("x", x, fc1_weight=w1, fc1_bias=b1, fc2_weight=w2, fc2_bias=b2)
+    N = w2.shape[0]
+    if residual is not None:
+        _check_residual(residual, x, N)
+    if not dispatch.use_kernels(x):
+        y = F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2)
+        return y if residual is None else y + residual
+    check_kernel_dtypes(x=x)
+    activation = APPROXIMATE_TO_ACTIVATION[approximate]
+    backend = mlp_backend(x, activation)
+    x2d = x.reshape(-1, x.shape[-1])
+    r2d = residual.reshape(-1, N) if residual is not None else None
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
+    if torch.compiler.is_compiling():
+        y, _, _ = torch.ops.vit_fast.mlp_fwd(x2d, w1, b1, w2, b2, r2d, activation, save, backend)
+    else:
+        y, _, _ = MlpFunction.apply(x2d, w1, b1, w2, b2, r2d, activation, save, backend)
+    return y.view(*x.shape[:-1], N)
