@@ -1,6 +1,6 @@
 """Fused attention (vit_fast's main job) against every peer, bf16, at ViT shapes and long sequences.
 
-    python benchmarks/attention.py            # every shape
+    python benchmarks/attention.py            # every shape, with CLIP ViT-L/14, SigLIP so400m/14@384, DINOv2-L/14 reg4
     python benchmarks/attention.py --quick    # ViT-B/16, ViT-B@384, ViT-H/14, N=1024/4096 (a short GPU lease)
     python benchmarks/attention.py --sweep    # kernel tile configs at [256,12,197,64], [128,16,257,80], [64,12,577,64]
 
@@ -11,14 +11,14 @@ flash-attn where installed. TFLOP/s count 4*B*H*N^2*D for the forward (2.5x that
 enqueue one call (where it reaches ms, the row is launch-bound, not kernel-bound); graph_ms, the same
 call replayed from a CUDA graph (the kernels alone, launch gaps gone). Then the whole module:
 a timm-style Attention (qkv Linear, reshape/permute, SDPA, transpose, proj; eager and torch.compile)
-against vit_fast.nn.Attention at [256,197,768], 12 heads.
+against vit_fast.nn.Attention at [256,197,768], 12 heads. The loop, timing (median, min, max), table
+and files (benchmarks/results/<device>/attention.json, stamped; .csv, .png) are harness.run_benchmark's.
 Without a GPU: says so, checks the kernels under Triton's interpreter on a small ViT shape, times
 the CPU paths against SDPA on the CPU (no files written), exits 0.
 """
 import argparse
 import os
 import sys
-import time
 
 import torch
 
@@ -35,7 +35,11 @@ from vit_fast import functional as VF  # noqa: E402
 from vit_fast.kernels import attention as kernels  # noqa: E402
 from vit_fast.nn import Attention  # noqa: E402
 
-# (name, B, H, N, D): batches that fill an H100, as in perf/TARGETS.md
+# (name, B, H, N, D): batches that fill an H100, as in perf/TARGETS.md; then the ViT family (not in
+# --quick): CLIP ViT-L/14 at 224 (256 patches + class token), SigLIP so400m/14 at 384 (27^2 = 729
+# patches, no class token; 16 heads of 72: the kernels take it as 64 + a masked 16-wide chunk,
+# kernels.attention.head_chunks), DINOv2-L/14 with 4 registers (1 + 4 + 256 = 261). A head dim the
+# kernels refuse shows as an n/a row with the reason.
 SHAPES = [
     ("ViT-S/16 b256", 256, 6, 197, 64),
     ("ViT-B/16 b256", 256, 12, 197, 64),
@@ -44,6 +48,12 @@ SHAPES = [
     ("ViT-B/16@384 b64", 64, 12, 577, 64),
     ("ViT-L/16@384 b32", 32, 16, 577, 64),
     ("ViT-H/14 b128", 128, 16, 257, 80),
+    ("CLIP ViT-L/14 b32", 32, 16, 257, 64),
+    ("CLIP ViT-L/14 b256", 256, 16, 257, 64),
+    ("SigLIP so400m/14@384 b32", 32, 16, 729, 72),
+    ("SigLIP so400m/14@384 b128", 128, 16, 729, 72),
+    ("DINOv2-L/14 reg4 b32", 32, 16, 261, 64),
+    ("DINOv2-L/14 reg4 b256", 256, 16, 261, 64),
     ("N=1024 D=64", 32, 16, 1024, 64),
     ("N=1024 D=128", 32, 8, 1024, 128),
     ("N=2048 D=64", 16, 16, 2048, 64),
@@ -56,8 +66,10 @@ QUICK = ("ViT-B/16 b256", "ViT-B/16@384 b64", "ViT-H/14 b128", "N=1024 D=64", "N
 SWEEP_SHAPES = [("ViT-B/16 b256", 256, 12, 197, 64), ("ViT-H/14 b128", 128, 16, 257, 80),
                 ("ViT-B/16@384 b64", 64, 12, 577, 64)]
 MODULE_SHAPE = (256, 197, 768, 12)  # B, N, dim, heads
-DEVICE = "cuda"
+REPS = {True: dict(warmup=10, rep=40), False: dict(warmup=25, rep=100)}  # do_bench's, by --quick
 # worst relative error vs float64 the interpreter check accepts, by dtype (as tests/numerics.py)
+CPU_CHECK_SHAPE = (2, 3, 197, 64)  # B, H, N, D: ViT-Ti/16, 3 heads of 64 (the interpreter check)
+CPU_TIMING_SHAPE = (8, 197, 384, 6)  # B, N, dim, heads: ViT-S/16, batch 8 (the CPU timings)
 CPU_CHECK_BOUND = {torch.float32: 1e-5, torch.float16: 1e-2}
 
 
@@ -80,125 +92,75 @@ class TimmStyleAttention(nn.Module):
 # ----------------------------------------------------------------------------- GPU
 
 
-def attention_impls():
-    """name -> (context factory or None, fn(q, k, v) on [B, H, N, D])."""
+def attention_peers():
+    """name -> harness.Peer timing fn(q, k, v) on [B, H, N, D] in each mode (an SDPA backend forced by its context)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    impls = {"vit_fast": (None, VF.attention)}
+    def peer(fn, context=None):
+        return harness.Peer(lambda qkv, mode: harness.autograd_mode(mode, fn, qkv), context)
+
+    peers = {"vit_fast": peer(VF.attention)}
     for name, backend in (("sdpa flash", SDPBackend.FLASH_ATTENTION), ("sdpa efficient", SDPBackend.EFFICIENT_ATTENTION),
                           ("sdpa cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa math", SDPBackend.MATH)):
-        impls[name] = (lambda b=backend: sdpa_kernel(b), F.scaled_dot_product_attention)
-    impls["eager softmax(QK^T)V"] = (None, reference.attention)
+        peers[name] = peer(F.scaled_dot_product_attention, lambda b=backend: sdpa_kernel(b))
+    peers["eager softmax(QK^T)V"] = peer(reference.attention)
     try:
         from flash_attn import flash_attn_func
 
-        impls["flash_attn"] = (None, lambda q, k, v: flash_attn_func(
+        peers["flash_attn"] = peer(lambda q, k, v: flash_attn_func(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2))
     except ImportError:
         pass
-    return impls
+    return peers
 
 
-def _host_ms(fn, calls=20):
-    """Host milliseconds per call to enqueue `fn` (no sync inside the loop; 20 calls stay far below the
-    launch-queue depth). do_bench times each call between events with no sync, so a row whose host_ms
-    reaches its ms is launch-bound: it measures Python + launch overhead, not the kernels."""
-    fn()
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
-    host = (time.perf_counter() - start) / calls * 1e3
-    torch.cuda.synchronize()
-    return host
+def attention_flops(case, mode):
+    B, H, N, D = case["dims"]
+    return {"fwd": 1, "bwd": 2.5, "fwd+bwd": 3.5}[mode] * 4 * B * H * N * N * D
 
 
-def _time_modes(label, fn, inputs, quick):
-    """{mode: (ms, peak MiB, host ms, CUDA-graph ms or None)} for forward, backward (autograd graph
-    kept), forward+backward."""
-    reps = dict(warmup=10, rep=40) if quick else dict(warmup=25, rep=100)
-    out = fn(*inputs)
-    do = torch.randn_like(out)
-    fwd = lambda: fn(*inputs)  # noqa: E731
-    bwd = lambda: torch.autograd.grad(out, inputs, do, retain_graph=True)  # noqa: E731
-    fwd_bwd = lambda: torch.autograd.grad(fn(*inputs), inputs, do)  # noqa: E731
-    return {mode: (harness.bench_ms(f, **reps), harness.peak_memory_mib(f), _host_ms(f),
-                   harness.graph_ms_or_none(f"  {label} {mode}", f, **reps))
-            for mode, f in (("fwd", fwd), ("bwd", bwd), ("fwd+bwd", fwd_bwd))}
+def bench_attention(shapes, quick):
+    cases = [{"shape": f"{name} [{B},{H},{N},{D}]", "dims": (B, H, N, D)} for name, B, H, N, D in shapes]
+    return harness.run_benchmark(
+        "attention", cases, attention_peers(), harness.MODES, flops=attention_flops, measure=("host_ms", "peak_mib"),
+        setup=lambda case: [torch.randn(*case["dims"], device=harness.DEVICE, dtype=torch.bfloat16,
+                                        requires_grad=True) for _ in range(3)],
+        ratios={"vs_best_sdpa": lambda impl: impl.startswith("sdpa")}, reps=REPS[quick], write=False,
+        columns=["shape", "impl", "mode", "ms", "min_ms", "max_ms", "tflops", "pct_peak", "peak_mib", "host_ms",
+                 "vs_best_sdpa", "graph_ms", "graph_pct_peak", "graph_vs_best_sdpa", "error"],
+        title="attention, bf16 (vs_best_sdpa > 1: faster than every SDPA backend; host_ms ~ ms: launch-bound; "
+              "graph_*: kernels alone, replayed from a CUDA graph)")
 
 
-def bench_attention(shapes, quick, peak):
-    rows = []
-    for name, B, H, N, D in shapes:
-        q, k, v = (torch.randn(B, H, N, D, device=DEVICE, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
-        fwd_flops = 4 * B * H * N * N * D
-        flops = {"fwd": fwd_flops, "bwd": 2.5 * fwd_flops, "fwd+bwd": 3.5 * fwd_flops}
-        shape_rows = []
-        for impl, (context, fn) in attention_impls().items():
-            try:
-                with context() if context else torch.enable_grad():
-                    times = _time_modes(f"{name} {impl}", fn, (q, k, v), quick)
-            except (RuntimeError, torch.OutOfMemoryError) as e:  # a backend that refuses the shape
-                print(f"  {name} {impl}: n/a ({str(e).splitlines()[0][:90]})")
-                times = None
-            torch.cuda.empty_cache()
-            for mode in flops:
-                row = dict(shape=f"{name} [{B},{H},{N},{D}]", impl=impl, mode=mode)
-                if times is None:
-                    row.update(ms="n/a", tflops="n/a", pct_peak="n/a", peak_mib="n/a", host_ms="n/a", graph_ms="n/a")
-                else:
-                    ms, mib, host, graph_ms = times[mode]
-                    tflops = flops[mode] / ms / 1e9
-                    row.update(ms=round(ms, 4), tflops=round(tflops, 1), pct_peak=round(100 * tflops / peak, 1),
-                               peak_mib=round(mib, 1), host_ms=round(host, 3),
-                               graph_ms=round(graph_ms, 4) if graph_ms else "n/a")
-                shape_rows.append(row)
-        for mode in flops:  # each impl against the fastest SDPA backend at this shape and mode, both timings
-            for key in ("ms", "graph_ms"):
-                timed = [r for r in shape_rows if r["mode"] == mode and r[key] != "n/a"]
-                sdpa = [r[key] for r in timed if r["impl"].startswith("sdpa")]
-                for r in timed:
-                    r[key.replace("ms", "vs_best_sdpa")] = round(min(sdpa) / r[key], 3) if sdpa else "n/a"
-        rows += shape_rows
-        del q, k, v
-        torch.cuda.empty_cache()
-    return rows
-
-
-def bench_module(quick, peak):
+def bench_module(quick):
     B, N, dim, heads = MODULE_SHAPE
-    x = torch.randn(B, N, dim, device=DEVICE, dtype=torch.bfloat16, requires_grad=True)
-    timm_style = TimmStyleAttention(dim, heads).to(DEVICE, torch.bfloat16)
-    fused = Attention(dim, heads, qkv_bias=True).to(DEVICE, torch.bfloat16)
+    timm_style = TimmStyleAttention(dim, heads).to(harness.DEVICE, torch.bfloat16)
+    fused = Attention(dim, heads, qkv_bias=True).to(harness.DEVICE, torch.bfloat16)
     fused.load_state_dict(timm_style.state_dict())
     modules = {"timm-style eager": timm_style, "timm-style torch.compile": torch.compile(timm_style),
                "vit_fast.nn.Attention": fused}
     if not quick:
         modules["vit_fast.nn.Attention torch.compile"] = torch.compile(fused)
-    reps = dict(warmup=10, rep=40) if quick else dict(warmup=25, rep=100)
-    dy = torch.randn_like(x)
+
+    def peer(module):
+        def make(x, mode):
+            dy = torch.randn_like(x)
+            fn = (lambda: module(x)) if mode == "fwd" else (lambda: module(x).backward(dy))
+            fn()  # compile / warm up
+            return fn
+        return make
+
     attn_flops = 4 * B * heads * N * N * (dim // heads)
     linear_flops = 2 * B * N * dim * 4 * dim  # qkv (3 dim) + proj (dim)
     flops = {"fwd": attn_flops + linear_flops, "fwd+bwd": 3.5 * attn_flops + 3 * linear_flops}
-    rows = []
-    for impl, mod in modules.items():
-        fns = {"fwd": lambda m=mod: m(x), "fwd+bwd": lambda m=mod: m(x).backward(dy)}
-        for mode, fn in fns.items():
-            fn()  # compile / warm up
-            ms = harness.bench_ms(fn, **reps)
-            graph_ms = harness.graph_ms_or_none(f"  module {impl} {mode}", fn, **reps)
-            tflops = flops[mode] / ms / 1e9
-            rows.append(dict(shape=f"module [{B},{N},{dim}] h{heads}", impl=impl, mode=mode, ms=round(ms, 4),
-                             tflops=round(tflops, 1), pct_peak=round(100 * tflops / peak, 1),
-                             peak_mib=round(harness.peak_memory_mib(fn), 1),
-                             graph_ms=round(graph_ms, 4) if graph_ms else "n/a"))
-    for mode in ("fwd", "fwd+bwd"):
-        for key in ("ms", "graph_ms"):
-            timed = [r for r in rows if r["mode"] == mode and r[key] != "n/a"]
-            timm = [r[key] for r in timed if r["impl"].startswith("timm")]
-            for r in timed:
-                r[key.replace("ms", "vs_best_timm")] = round(min(timm) / r[key], 3) if timm else "n/a"
-    return rows
+    return harness.run_benchmark(
+        "attention", [{"shape": f"module [{B},{N},{dim}] h{heads}"}], {impl: peer(m) for impl, m in modules.items()},
+        ("fwd", "fwd+bwd"), flops=lambda case, mode: flops[mode], measure=("peak_mib",), reps=REPS[quick],
+        setup=lambda case: torch.randn(B, N, dim, device=harness.DEVICE, dtype=torch.bfloat16, requires_grad=True),
+        ratios={"vs_best_timm": lambda impl: impl.startswith("timm")}, write=False,
+        columns=["shape", "impl", "mode", "ms", "min_ms", "max_ms", "tflops", "pct_peak", "peak_mib", "vs_best_timm",
+                 "graph_ms", "graph_vs_best_timm", "error"],
+        title="Attention module, bf16 (vs_best_timm > 1: faster than timm-style eager and compiled)")
 
 
 def _sweep_candidates():
@@ -215,77 +177,65 @@ def _sweep_candidates():
     return fwd, dkdv, dq, single
 
 
-def sweep():
+def sweep(args=None):
     """Times kernel configs (coordinate descent for the backward) and prints the best per shape."""
     fwd_cands, dkdv_cands, dq_cands, single_cands = _sweep_candidates()
     for name, B, H, N, D in SWEEP_SHAPES:
-        q, k, v, do = (torch.randn(B, H, N, D, device=DEVICE, dtype=torch.bfloat16) for _ in range(4))
-        o, lse = torch.empty_like(q), torch.empty(B, H, N, device=DEVICE)
+        q, k, v, do = (torch.randn(B, H, N, D, device=harness.DEVICE, dtype=torch.bfloat16) for _ in range(4))
+        o, lse = torch.empty_like(q), torch.empty(B, H, N, device=harness.DEVICE)
         dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
         scale = D**-0.5
         flops = 4 * B * H * N * N * D
 
-        def timed(label, fn):  # kernels alone (CUDA-graph replay): launch cost is not the config's
-            try:
-                ms = harness.bench_graph_ms(fn)
-            except Exception as e:  # out of shared memory / registers: not a candidate
-                print(f"  {label}: failed ({type(e).__name__})")
-                return float("inf")
-            print(f"  {label}: {ms:.4f} ms")
-            return ms
-
-        print(f"\n== sweep {name} [{B},{H},{N},{D}] bf16 ==")
-        fwd = {c: timed(f"fwd {c}", lambda c=c: kernels.attention_fwd(q, k, v, o, lse, scale, c)) for c in fwd_cands}
-        best_fwd = min(fwd, key=fwd.get)
-        kernels.attention_fwd(q, k, v, o, lse, scale)
+        def best(label, candidates, launch):  # {config: ms} of the ones that ran, and the fastest
+            times = {c: harness.time_config(f"{label} {c}", launch(c)) for c in candidates}
+            times = {c: ms for c, ms in times.items() if ms is not None}
+            return times, (min(times, key=times.get) if times else None)
 
         def bwd(cfgs):
             return lambda: kernels.attention_bwd(do, q, k, v, o, lse, dq, dk, dv, scale, cfgs)
 
+        print(f"\n== sweep {name} [{B},{H},{N},{D}] bf16 ==")
+        fwd, best_fwd = best("fwd", fwd_cands, lambda c: lambda: kernels.attention_fwd(q, k, v, o, lse, scale, c))
+        kernels.attention_fwd(q, k, v, o, lse, scale)
         dq_default = kernels.config("dq", D, torch.bfloat16)
-        dkdv = {c: timed(f"bwd dkdv {c} + dq default", bwd((c, dq_default))) for c in dkdv_cands}
-        best_dkdv = min(dkdv, key=dkdv.get)
-        dqs = {c: timed(f"bwd dkdv best + dq {c}", bwd((best_dkdv, c))) for c in dq_cands}
-        best_dq = min(dqs, key=dqs.get)
-        singles = {c: timed(f"bwd single pass {c}", bwd((c, None))) for c in single_cands if N <= c.block_n}
+        _, best_dkdv = best("bwd dq default + dkdv", dkdv_cands, lambda c: bwd((c, dq_default)))
+        dqs, best_dq = best("bwd dkdv best + dq", dq_cands, lambda c: bwd((best_dkdv or kernels.config(
+            "dkdv", D, torch.bfloat16), c)))
+        singles, best_single = best("bwd single pass", [c for c in single_cands if N <= c.block_n],
+                                    lambda c: bwd((c, None)))
+        if None in (best_fwd, best_dkdv, best_dq):
+            print("no candidate ran")
+            continue
         show = lambda c: f"Config{tuple(c)}"  # noqa: E731  as written in kernels/attention.py's table
         bd = kernels.block_d(D)
         print(f"best fwd    {show(best_fwd)}: {fwd[best_fwd]:.4f} ms = {flops / fwd[best_fwd] / 1e9:.0f} TFLOP/s")
         print(f"best bwd    {show(best_dkdv)} + {show(best_dq)}: {dqs[best_dq]:.4f} ms")
         print(f'table rows: ("fwd", {bd}): {show(best_fwd)}, ("dkdv", {bd}): {show(best_dkdv)}, '
               f'("dq", {bd}): {show(best_dq)}')
-        if singles:
-            best_single = min(singles, key=singles.get)
+        if best_single is not None:
             faster = singles[best_single] < dqs[best_dq]
             print(f"best single {show(best_single)}: {singles[best_single]:.4f} ms, "
                   f"{'faster' if faster else 'slower'} than two passes"
                   + (f": SINGLE_PASS_CONFIGS[{bd}] = {show(best_single)}" if faster else ""))
 
 
-def run_gpu(quick):
-    peak = harness.ceilings()["matmul_tflops"]
-    print(f"{harness.device_name()}: measured bf16 matmul peak {peak:.0f} TFLOP/s")
-    shapes = [s for s in SHAPES if s[0] in QUICK] if quick else SHAPES
-    rows = bench_attention(shapes, quick, peak)
-    harness.print_table(rows, ["shape", "impl", "mode", "ms", "tflops", "pct_peak", "peak_mib", "host_ms",
-                               "vs_best_sdpa", "graph_ms", "graph_vs_best_sdpa"],
-                        title="attention, bf16 (vs_best_sdpa > 1: faster than every SDPA backend; host_ms ~ ms: "
-                              "launch-bound; graph_*: kernels alone, replayed from a CUDA graph)")
-    module_rows = bench_module(quick, peak)
-    harness.print_table(module_rows, ["shape", "impl", "mode", "ms", "tflops", "pct_peak", "peak_mib", "vs_best_timm",
-                                      "graph_ms", "graph_vs_best_timm"],
-                        title="Attention module, bf16 (vs_best_timm > 1: faster than timm-style eager and compiled)")
-    out_dir = harness.write_results("attention", rows + module_rows, plot_key="tflops",
-                                    label_keys=("shape", "impl", "mode"))
+def run_gpu(args):
+    if args.sweep:
+        return sweep(args)
+    print(f"{harness.device_name()}: measured bf16 matmul peak {harness.ceilings()['matmul_tflops']:.0f} TFLOP/s")
+    shapes = [s for s in SHAPES if s[0] in QUICK] if args.quick else SHAPES
+    rows = bench_attention(shapes, args.quick) + bench_module(args.quick)
+    out_dir = harness.write_results("attention", rows, plot_key="tflops", label_keys=("shape", "impl", "mode"))
     print(f"\nresults written to {out_dir}")
 
 
 # ----------------------------------------------------------------------------- CPU
 
 
-def run_cpu():
+def run_cpu(args=None):
     """Kernels under the interpreter vs float64 on a small ViT shape; CPU timings of the PyTorch paths."""
-    B, H, N, D = 2, 3, 197, 64  # ViT-Ti/16: 3 heads of 64
+    B, H, N, D = CPU_CHECK_SHAPE
     rows = []
     for dtype in (torch.float32, torch.float16):
         q, k, v = (torch.randn(B, H, N, D, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -298,7 +248,7 @@ def run_cpu():
         ref_out = reference.attention(*ref)
         ref_grads = torch.autograd.grad(ref_out, ref, do.double())
         for name, got, want in zip(("out", "dq", "dk", "dv"), (out, *grads), (ref_out, *ref_grads)):
-            err = ((got.double() - want).norm() / want.norm()).item()
+            err = harness.rel_err(got, want)
             rows.append(dict(check=f"interpreter {str(dtype)[6:]} {name}", rel_err_vs_fp64=f"{err:.1e}",
                              bound=f"{CPU_CHECK_BOUND[dtype]:.0e}"))
             assert err <= CPU_CHECK_BOUND[dtype], f"attention kernels: {dtype} {name} rel err {err:.2e}"
@@ -306,7 +256,7 @@ def run_cpu():
 
     os.environ[dispatch.FORCE_TORCH_ENV] = "1"  # time vit_fast's CPU path (PyTorch), not the interpreter
     torch.manual_seed(0)
-    Bm, Nm, dim, heads = 8, 197, 384, 6  # ViT-S/16, batch 8
+    Bm, Nm, dim, heads = CPU_TIMING_SHAPE
     x = torch.randn(Bm, Nm, dim)
     q, k, v = (torch.randn(Bm, heads, Nm, dim // heads) for _ in range(3))
     qkv = torch.randn(Bm, Nm, 3 * dim)
@@ -322,24 +272,16 @@ def run_cpu():
         (f"vit_fast.nn.Attention [{Bm},{Nm},{dim}]", lambda: fused(x)),
     ]
     with torch.no_grad():
-        timings = [dict(impl=name, cpu_ms=round(harness.bench_cpu_ms(fn), 2)) for name, fn in cases]
-    harness.print_table(timings, title=f"CPU forward, fp32, {torch.get_num_threads()} threads (PyTorch paths)")
+        harness.cpu_timings(cases, f"CPU forward, fp32, {torch.get_num_threads()} threads (PyTorch paths)")
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
     parser.add_argument("--sweep", action="store_true", help="time kernel tile configs and print the best")
-    args = parser.parse_args()
-    if not harness.has_gpu():
-        print("no CUDA GPU: attention timings not measured; checking the Triton kernels under the interpreter "
-              "and timing the CPU paths instead")
-        run_cpu()
-        return
-    if args.sweep:
-        sweep()
-    else:
-        run_gpu(args.quick)
+    harness.main(parser.parse_args(argv), run_gpu, run_cpu,
+                 "attention timings not measured; checking the Triton kernels under the interpreter "
+                 "and timing the CPU paths instead")
 
 
 if __name__ == "__main__":

@@ -4,8 +4,11 @@
 #   tests: the whole suite (extra args go to pytest); bench: host overhead, then the named
 #   benchmarks --quick (default: attention layernorm mlp patch_embed vit; with the CUDA-graph
 #   columns all five take more than one 10-minute device call: run `bench attention layernorm`,
-#   then `bench mlp patch_embed vit`); sweep: the tile sweeps (attention, LayerNorm at 4 widths,
-#   MLP); peers: the MLP's torch.compile max-autotune peer and the training workflow's loader.
+#   then `bench mlp patch_embed vit`); sweep: the tile sweeps, by name (default all four, more than
+#   one 10-minute device call: run `sweep attention layernorm`, then `sweep layernorm_residual mlp`):
+#   attention, layernorm (forward and backward configs at 4 widths), layernorm_residual (add + LN
+#   forward configs and its unfused peers at [50432, C], 4 widths), mlp; peers: the MLP's
+#   torch.compile max-autotune peer and the training workflow's loader.
 # Logs and results go to $OUT (default ./gpu_out): build.log, tests.log, bench_<op>.log,
 # results.tar.gz (benchmarks/results/<device>/). The device tool brings back at most 8 files:
 # keep the logs few, or tar them.
@@ -38,11 +41,18 @@ if [ "$MODE" = bench ] || [ "$MODE" = all ]; then
 fi
 
 if [ "$MODE" = sweep ]; then
-  {
-    timeout 150 $PY benchmarks/attention.py --sweep
-    timeout 270 $PY benchmarks/layernorm.py --sweep --widths 384,768,1024,1280
-    timeout 90 $PY benchmarks/mlp.py --sweep
-  } 2>&1 | tee "$OUT/sweep.log" | grep -E "best|table rows|failed|Error" | tail -60
+  SWEEPS=("$@"); [ ${#SWEEPS[@]} -eq 0 ] && SWEEPS=(attention layernorm layernorm_residual mlp)
+  WIDTHS=384,768,1024,1280
+  for s in "${SWEEPS[@]}"; do
+    echo "== sweep $s =="
+    case $s in
+      attention) timeout 150 $PY benchmarks/attention.py --sweep ;;
+      layernorm) timeout 270 $PY benchmarks/layernorm.py --sweep --widths $WIDTHS --sweep-kinds fwd,bwd ;;
+      layernorm_residual) timeout 240 $PY benchmarks/layernorm.py --sweep --widths $WIDTHS --sweep-kinds residual ;;
+      mlp) timeout 90 $PY benchmarks/mlp.py --sweep ;;
+      *) echo "unknown sweep $s (attention layernorm layernorm_residual mlp)" ;;
+    esac
+  done 2>&1 | tee "$OUT/sweep.log" | grep -E "best|table rows|met|MISSED|failed|Error|==" | tail -80
 fi
 
 if [ "$MODE" = peers ]; then

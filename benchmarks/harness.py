@@ -1,18 +1,31 @@
 """What every benchmark shares: the device's measured ceilings, timing, the table and the files.
 
-Each `benchmarks/<op>.py` builds rows (dicts), prints them with `print_table` and saves them with
-`write_results`, which writes `benchmarks/results/<device>/<op>.json`, `.csv` and a PNG bar chart.
+`run_benchmark(op, cases, peers, modes, flops=..., nbytes=...)` owns the loop most benchmarks are:
+every case (a shape) x peer (name -> factory of the callable to time) x mode (fwd / bwd / fwd+bwd),
+each timed with `triton.testing.do_bench` (median, min and max) and replayed from a CUDA graph
+(`graph_ms`), as TFLOP/s or GB/s and % of the ceilings measured in the same run (`ceilings()`),
+with ratios to named peers; it prints the table and writes `benchmarks/results/<device>/<op>.json`
+(stamped with `stamp()`: commit, device, date, versions), `.csv` and a PNG bar chart
+(`write_results`). Benchmarks with other loops build rows themselves and use `print_table` and
+`write_results`. All GPU work goes through this module's functions (`bench_stats`,
+`graph_ms_or_none`, `host_ms`, `peak_memory_mib`, `ceilings`, `sync`) and tensors are made on
+`DEVICE`, so a test can run a benchmark's GPU path on the CPU by replacing those
+(tests/test_benchmarks.py).
 """
+import contextlib
 import csv
 import datetime
 import json
 import os
 import platform
 import subprocess
+import time
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+DEVICE = "cuda"  # where the GPU paths make their tensors (a test sets "cpu")
 
 
 def has_gpu() -> bool:
@@ -107,8 +120,6 @@ def kernel_summary(kernels, wall_us, host_us, top=15) -> dict:
 
 def profile_kernels(fn, top=15) -> dict:
     """`kernel_summary` of one `fn()` on the GPU under torch.profiler (warm: call `fn` before)."""
-    import time
-
     from torch.profiler import ProfilerActivity, profile
 
     torch.cuda.synchronize()
@@ -162,8 +173,6 @@ def graph_ms_or_none(label, fn, warmup=25, rep=100):
 
 def bench_cpu_ms(fn, reps=5) -> float:
     """Median wall-clock milliseconds on the CPU, after one warm-up call."""
-    import time
-
     fn()
     times = []
     for _ in range(reps):
@@ -171,6 +180,66 @@ def bench_cpu_ms(fn, reps=5) -> float:
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def sync():
+    torch.cuda.synchronize()
+
+
+def sm_count() -> int:
+    return torch.cuda.get_device_properties(0).multi_processor_count
+
+
+def free():
+    """Drop cached GPU memory between cases (a no-op without CUDA)."""
+    torch.cuda.empty_cache()
+
+
+def host_ms(fn, calls=20) -> float:
+    """Host milliseconds per call to enqueue `fn` (no sync inside the loop; 20 calls stay far below the
+    launch-queue depth). do_bench times each call between events with no sync, so a row whose host_ms
+    reaches its ms is launch-bound: it measures Python + launch overhead, not the kernels."""
+    fn()
+    sync()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls * 1e3
+    sync()
+    return host
+
+
+def time_config(label, fn, warmup=25, rep=100):
+    """A sweep candidate's kernels alone (CUDA-graph replay: launch cost is no config's), or None, said,
+    when it does not compile or fit (out of shared memory, registers)."""
+    try:
+        ms = bench_graph_ms(fn, warmup=warmup, rep=rep)
+    except Exception as e:
+        print(f"  {label}: failed ({type(e).__name__})")
+        return None
+    print(f"  {label}: {ms:.4f} ms")
+    return ms
+
+
+def rel_err(got, want) -> float:
+    """||got - want|| / ||want|| in float64."""
+    want = want.double()
+    return ((got.double() - want).norm() / want.norm()).item()
+
+
+def cpu_timings(cases, title, key="impl") -> list:
+    """[{key: name, cpu_ms}] of (name, fn) cases timed with `bench_cpu_ms`, printed under `title`."""
+    rows = [{key: name, "cpu_ms": round(bench_cpu_ms(fn), 3)} for name, fn in cases]
+    print_table(rows, title=title)
+    return rows
+
+
+def main(args, gpu, cpu, missing):
+    """`gpu(args)` on a CUDA machine; else says what was not measured (`missing`) and runs `cpu(args)`."""
+    if has_gpu():
+        return gpu(args)
+    print(f"no CUDA GPU: {missing}")
+    return cpu(args)
 
 
 def peak_memory_mib(fn) -> float:
@@ -258,3 +327,164 @@ def _plot(path, op, rows, key, label_keys, device):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- the shared loop
+
+MODES = ("fwd", "bwd", "fwd+bwd")
+
+
+class Peer(NamedTuple):
+    """make(inputs, mode) -> the zero-arg callable to time, or None where the peer has no such mode;
+    context() -> a context manager held while it is built and timed (e.g. an SDPA backend)."""
+    make: Callable
+    context: Optional[Callable] = None
+
+
+def as_tuple(out):
+    return out if isinstance(out, tuple) else (out,)
+
+
+def autograd_mode(mode, fn, inputs, grads=None, no_grad_fwd=False):
+    """The callable timing `mode` of `fn(*inputs)`, differentiated w.r.t. the inputs that require grad:
+    "fwd" (autograd recording, or under no_grad with no_grad_fwd), "bwd" (the backward alone: one
+    forward kept, retain_graph), "fwd+bwd". grads: the outputs' gradients (default: randn like them)."""
+    if mode == "fwd":
+        if not no_grad_fwd:
+            return lambda: fn(*inputs)
+
+        def forward():
+            with torch.no_grad():
+                return fn(*inputs)
+        return forward
+    leaves = [t for t in inputs if isinstance(t, torch.Tensor) and t.requires_grad]
+    outs = as_tuple(fn(*inputs))
+    grads = list(grads) if grads is not None else [torch.randn_like(o) for o in outs]
+    if mode == "bwd":
+        return lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True)
+    if mode == "fwd+bwd":
+        return lambda: torch.autograd.grad(as_tuple(fn(*inputs)), leaves, grads)
+    raise ValueError(f"mode {mode!r}: expected one of {MODES}")
+
+
+def _round(row):
+    digits = {"ms": 4, "min_ms": 4, "max_ms": 4, "graph_ms": 4, "host_ms": 4, "peak_mib": 1, "tflops": 1,
+              "graph_tflops": 1, "gbps": 0, "graph_gbps": 0}
+    for key, value in row.items():
+        if isinstance(value, float):
+            row[key] = round(value, digits.get(key, 1 if "pct" in key else 3))
+    return row
+
+
+def _measure(label, fn, reps, measure):
+    """ms (median), min_ms, max_ms from do_bench; graph_ms (None: not capturable); host_ms, peak_mib if asked."""
+    found = bench_stats(fn, **reps)
+    found["graph_ms"] = graph_ms_or_none(label, fn, **reps)
+    if "host_ms" in measure:
+        found["host_ms"] = host_ms(fn)
+    if "peak_mib" in measure:
+        found["peak_mib"] = peak_memory_mib(fn)
+    return found
+
+
+def _throughput(row, work, ceiling, unit, pct):
+    """unit (TFLOP/s or GB/s) and % of the ceiling, as called and as kernels alone (graph_*)."""
+    for prefix in ("", "graph_"):
+        ms = row.get(prefix + "ms")
+        if isinstance(ms, float) and ms > 0 and work:
+            rate = work / ms / (1e9 if unit == "tflops" else 1e6)
+            row[prefix + unit] = rate
+            if ceiling:
+                row[prefix + pct] = 100 * rate / ceiling
+
+
+def add_ratios(rows, ratios, group=("shape", "mode")):
+    """For each (name, is_base) in `ratios`: row[name] = fastest base row's ms / the row's ms in the same
+    `group` (> 1: faster than every base), and graph_<name> the same on graph_ms; "n/a" without a base."""
+    groups = {}
+    for r in rows:
+        groups.setdefault(tuple(r.get(k) for k in group), []).append(r)
+    for name, is_base in ratios.items():
+        for members in groups.values():
+            for key, out in (("ms", name), ("graph_ms", "graph_" + name)):
+                timed = [r for r in members if isinstance(r.get(key), float)]
+                base = [r[key] for r in timed if is_base(r["impl"])]
+                for r in timed:
+                    r[out] = min(base) / r[key] if base else "n/a"
+    return rows
+
+
+def run_benchmark(op, cases, peers, modes=MODES, *, setup=None, flops=None, nbytes=None, ratios=None,
+                  measure=(), reps=None, derive=None, limit_row=False, after_case=None, columns=None,
+                  title=None, write=True, plot_key=None, label_keys=("shape", "impl", "mode"), extra=None):
+    """Every case x peer x mode, timed, as rows; printed as a table and (write=True) written as `op`'s files.
+
+    cases: dicts with "shape" (the row's label) and whatever `setup` and the peers read; "columns"
+      (a dict) adds columns to each of the case's rows. setup(case) -> the inputs handed to the peers,
+      made once per case (freed after it); default: the case itself.
+    peers: {name: Peer or make(inputs, mode)}, or a function case -> that dict.
+    flops / nbytes: (case, mode) -> the work of one call (or None): tflops and pct_peak of the matmul
+      ceiling, gbps and pct_copy of the copy ceiling, and graph_* of the same on graph_ms.
+    ratios: {column: impl -> bool}: the fastest such peer's time / each row's (`add_ratios`).
+    measure: also "host_ms" (`host_ms`), "peak_mib" (`peak_memory_mib`). reps: do_bench's warmup/rep.
+    derive(case, mode, row) -> more columns of a timed row. limit_row: a "bytes-moved limit" row per
+      case and mode with nbytes: the time at copy bandwidth. after_case(case): cleanup hook.
+    A peer or mode that fails is a row with ms "n/a" and its error, said when it happens.
+    Returns the rows.
+    """
+    reps = reps or {}
+    ceil = ceilings() if flops or nbytes else {}
+    rows = []
+    for case in cases:
+        inputs = setup(case) if setup else case
+        case_peers = peers(case) if callable(peers) else peers
+        case_rows = []
+        for impl, peer in case_peers.items():
+            peer = peer if isinstance(peer, Peer) else Peer(peer)
+            for mode in modes:
+                label = f"{case['shape']} {impl} {mode}"
+                row = {"shape": case["shape"], **case.get("columns", {}), "impl": impl, "mode": mode}
+                try:
+                    with peer.context() if peer.context else contextlib.nullcontext():
+                        fn = peer.make(inputs, mode)
+                        if fn is None:
+                            continue
+                        row.update(_measure(label, fn, reps, measure))
+                except Exception as e:  # a peer that refuses the shape, or runs out of memory: said, not fatal
+                    message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
+                    print(f"  {label}: n/a ({message})", flush=True)
+                    row.update(ms="n/a", graph_ms="n/a", error=message)
+                    case_rows.append(row)
+                    sync()
+                    continue
+                graph = row["graph_ms"] = row["graph_ms"] if row["graph_ms"] is not None else "n/a"
+                print(f"  {label}: {row['ms']:.4f} ms (min {row['min_ms']:.4f}, max {row['max_ms']:.4f}), graph "
+                      + (f"{graph:.4f} ms" if isinstance(graph, float) else graph), flush=True)
+                case_rows.append(row)
+        fn = None  # noqa: F841  (the last callable holds the case's tensors)
+        if limit_row and nbytes and ceil:
+            for mode in modes:
+                work = nbytes(case, mode)
+                if work and any(r["mode"] == mode for r in case_rows):
+                    case_rows.append({"shape": case["shape"], **case.get("columns", {}), "impl": "bytes-moved limit",
+                                      "mode": mode, "ms": work / ceil["copy_gbps"] / 1e6})
+        for row in case_rows:
+            if not isinstance(row.get("ms"), float):
+                continue
+            if flops:
+                _throughput(row, flops(case, row["mode"]), ceil.get("matmul_tflops"), "tflops", "pct_peak")
+            if nbytes:
+                _throughput(row, nbytes(case, row["mode"]), ceil.get("copy_gbps"), "gbps", "pct_copy")
+            if derive:
+                row.update(derive(case, row["mode"], row))
+        add_ratios(case_rows, ratios or {})
+        rows += [_round(r) for r in case_rows]
+        del inputs
+        if after_case:
+            after_case(case)
+        free()
+    print_table(rows, columns and [c for c in columns if any(c in r for r in rows)], title)
+    if write:
+        print("results in", write_results(op, rows, plot_key=plot_key, label_keys=label_keys, extra=extra))
+    return rows
+

@@ -2,8 +2,10 @@
 
     python benchmarks/layernorm.py             # 4 widths x bf16, fp32; every peer
     python benchmarks/layernorm.py --quick     # bf16; torch.compile peers at ViT-B only (short lease)
-    python benchmarks/layernorm.py --sweep [--widths 384,768,1024,1280]
-                                               # launch configs of both kernels (default [50432, 768] bf16)
+    python benchmarks/layernorm.py --sweep [--widths 384,768,1024,1280] [--sweep-kinds fwd,bwd,residual]
+                                               # launch configs (default C = 768 bf16): the forward and
+                                               # backward at [rows of SHAPES, C], and the residual
+                                               # forward (add + LN) at [50432, C]
 
 Peers in the same run: F.layer_norm (eager), torch.compile(F.layer_norm), Liger-Kernel and apex
 when importable; for add + LN: eager add then F.layer_norm, torch.compile of the same, and
@@ -15,6 +17,13 @@ their gradients once; the fp32 mean / rstd, 8 bytes a row, are not counted), as 
 device's measured copy bandwidth. Each mode is timed twice: `ms` as called (Python, autograd and
 launches included: what an eager caller sees) and `graph_ms` replayed from a CUDA graph (the kernels
 alone, which the bandwidth goals are about); where the two differ, the row is launch-bound.
+The residual sweep (add_layer_norm's forward: reads x and residual, writes y and s) times every
+launch config at ViT b256's 50432 rows per width, judged on graph_ms against copy bandwidth
+(bytes = 2 reads + 2 writes per element, in the dtype; target >= 85% of copy) and against add then
+LayerNorm unfused (eager, torch.compile, vit_fast's layer_norm after a torch add); the best config
+per width goes to layernorm_residual_sweep.json ("best") for kernels/layernorm.py's table. The
+loop, timing (median, min, max), table and files (benchmarks/results/<device>/, stamped) are
+harness.run_benchmark's.
 Without a GPU: says so, checks the kernels under Triton's interpreter, times the CPU PyTorch path
 (no files written), exits 0.
 """
@@ -46,6 +55,12 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # (2x F.layer_norm); add_layer_norm <= 0.110 ms (torch.compile's) and at most 4/5 of eager add + LN
 # (it moves 4 tensors to eager's 5).
 TARGET_FWD_PCT, TARGET_BWD_PCT, TARGET_FWD_BWD_MS, TARGET_ADD_LN_MS = 85.0, 70.0, 0.21, 0.110
+TARGET_SHAPE = "ViT-B b256"  # the shape those goals are judged at
+RESIDUAL_ROWS = 197 * 256  # ViT b256's rows, at every width of the residual sweep
+TARGET_RESIDUAL_PCT = 85.0  # of copy, graph_ms, at every width; and faster than every unfused add + LN
+UNFUSED = ("eager add + F.layer_norm", "torch.compile(add + F.layer_norm)", "vit_fast add + layer_norm (unfused)")
+CPU_CHECK_SHAPE, CPU_TIMING_ROWS = (2, 197, 768), 8 * 197  # the no-GPU check and CPU timing
+EAGER = ("F.layer_norm", "eager add + F.layer_norm")  # vs_eager's base, per op
 
 
 def layer_norm_peers(C, compile_peers):
@@ -84,81 +99,66 @@ def add_layer_norm_peers(C, compile_peers):
     return peers
 
 
-def _as_tuple(out):
-    return out if isinstance(out, tuple) else (out,)
+def _peer(fn):
+    return lambda inp, mode: harness.autograd_mode(mode, fn, inp["inputs"], inp["grads"], no_grad_fwd=True)
 
 
-def time_modes(label, fn, inputs, grads):
-    """{mode: (ms, graph ms or None)} for forward (no autograd), backward alone (retained graph) and
-    forward + backward, timed as called and replayed from a CUDA graph (kernels only, see
-    harness.bench_graph_ms); a mode a peer cannot run is reported and left out."""
-    leaves = [t.detach().requires_grad_() for t in inputs]
-
-    def forward():
-        with torch.no_grad():
-            return fn(*inputs)
-
-    def backward():
-        outs = _as_tuple(fn(*leaves))
-        return lambda: torch.autograd.grad(outs, leaves, grads, retain_graph=True)
-
-    modes = {"fwd": lambda: forward, "bwd": backward,
-             "fwd+bwd": lambda: lambda: torch.autograd.grad(_as_tuple(fn(*leaves)), leaves, grads)}
-    times = {}
-    for mode, make in modes.items():
-        try:
-            fn_mode = make()
-            times[mode] = harness.bench_ms(fn_mode), harness.graph_ms_or_none(f"{label} {mode}", fn_mode)
-        except Exception as e:  # a peer that cannot run here is reported, not fatal
-            print(f"{label} {mode}: failed: {type(e).__name__}: {e}"[:200])
-    return times
+def _setup(case):
+    """The case's leaves (x, [residual,] weight, bias; requiring grad) and output gradients."""
+    n_rows, C, dtype = case["n_rows"], case["C"], DTYPES[case["columns"]["dtype"]]
+    x, r, dy, ds = (torch.randn(n_rows, C, device=harness.DEVICE, dtype=dtype) for _ in range(4))
+    w, b = (torch.randn(C, device=harness.DEVICE, dtype=dtype) for _ in range(2))
+    inputs = [x, r, w, b] if case["columns"]["op"] == "add_layer_norm" else [x, w, b]
+    return {"inputs": [t.requires_grad_() for t in inputs],
+            "grads": [dy, ds] if case["columns"]["op"] == "add_layer_norm" else [dy]}
 
 
-def bench_shape(name, n_rows, C, dtype_name, compile_peers, copy_gbps):
-    dtype = DTYPES[dtype_name]
-    es = torch.finfo(dtype).bits // 8
-    x, r, dy, ds = (torch.randn(n_rows, C, device="cuda", dtype=dtype) for _ in range(4))
-    w, b = torch.randn(C, device="cuda", dtype=dtype), torch.randn(C, device="cuda", dtype=dtype)
-    act, par = n_rows * C * es, C * es  # one activation tensor, one parameter vector, in bytes
-    cases = [("layer_norm", layer_norm_peers(C, compile_peers), [x, w, b], [dy],
-              {"fwd": 2 * act + 2 * par, "bwd": 3 * act + 3 * par}, "F.layer_norm"),
-             ("add_layer_norm", add_layer_norm_peers(C, compile_peers), [x, r, w, b], [dy, ds],
-              {"fwd": 4 * act + 2 * par, "bwd": 4 * act + 3 * par}, "eager add + F.layer_norm")]
-    rows = []
-    for op, peers, inputs, grads, nbytes, eager in cases:
-        nbytes["fwd+bwd"] = nbytes["fwd"] + nbytes["bwd"]
-        times = {impl: time_modes(f"{impl} at {name} {dtype_name}", fn, inputs, grads) for impl, fn in peers.items()}
-        for impl, modes in times.items():
-            for mode, (ms, graph_ms) in modes.items():
-                gbps = nbytes[mode] / ms / 1e6
-                eager_ms, eager_graph_ms = times[eager].get(mode, (None, None))
-                row = dict(shape=f"{name} [{n_rows},{C}]", dtype=dtype_name, op=op, mode=mode, impl=impl,
-                           ms=round(ms, 4), gbps=round(gbps), pct_copy=round(100 * gbps / copy_gbps, 1),
-                           vs_eager=round(eager_ms / ms, 2) if eager_ms else None, graph_ms=None)
-                if graph_ms:  # the kernels alone: what the bandwidth goals are about
-                    row.update(graph_ms=round(graph_ms, 4),
-                               graph_pct_copy=round(100 * nbytes[mode] / graph_ms / 1e6 / copy_gbps, 1),
-                               graph_vs_eager=round(eager_graph_ms / graph_ms, 2) if eager_graph_ms else None)
-                rows.append(row)
-    torch._dynamo.reset()  # compiled peers: no recompile limit across shapes
-    return rows
+def _peers(case):
+    make = layer_norm_peers if case["columns"]["op"] == "layer_norm" else add_layer_norm_peers
+    return {impl: _peer(fn) for impl, fn in make(case["C"], case["compile"]).items()}
+
+
+def _nbytes(case, mode):
+    """Bytes that must move (see the module docstring): activations and parameters, in the dtype."""
+    es = torch.finfo(DTYPES[case["columns"]["dtype"]]).bits // 8
+    act, par = case["n_rows"] * case["C"] * es, case["C"] * es
+    fwd, bwd = ((2 * act + 2 * par, 3 * act + 3 * par) if case["columns"]["op"] == "layer_norm"
+                else (4 * act + 2 * par, 4 * act + 3 * par))
+    return {"fwd": fwd, "bwd": bwd, "fwd+bwd": fwd + bwd}[mode]
+
+
+def bench(dtypes, quick):
+    cases = [{"shape": f"{name} [{n_rows},{C}]", "columns": {"dtype": dtype, "op": op}, "n_rows": n_rows, "C": C,
+              "compile": not quick or name == COMPILE_PEERS_QUICK}
+             for dtype in dtypes for name, n_rows, C in SHAPES for op in ("layer_norm", "add_layer_norm")]
+    return harness.run_benchmark(
+        "layernorm", cases, _peers, harness.MODES, setup=_setup, nbytes=_nbytes,
+        ratios={"vs_eager": lambda impl: impl in EAGER}, after_case=lambda case: torch._dynamo.reset(), write=False,
+        columns=["shape", "dtype", "op", "impl", "mode", "ms", "min_ms", "max_ms", "gbps", "pct_copy", "vs_eager",
+                 "graph_ms", "graph_gbps", "graph_pct_copy", "graph_vs_eager", "error"],
+        title="LayerNorm / add + LayerNorm (GB/s of bytes that must move; vs_eager > 1: faster)")
+
+
+def _timed(row, key):
+    return isinstance(row.get(key), float)
 
 
 def report_targets(rows):
     """The TARGETS.md goals at ViT-B [50432, 768] bf16, met or missed, as called (eager, launch path
-    included) and as kernels alone (CUDA-graph replay)."""
+    included) and as kernels alone (CUDA-graph replay); returned as {timing: [{what, met, goal}]}."""
     pick = {(r["op"], r["mode"], r["impl"]): r for r in rows
-            if r["shape"].endswith("[50432,768]") and r["dtype"] == "bf16"}
+            if r["shape"].startswith(TARGET_SHAPE + " [") and r["dtype"] == "bf16"}
     fwd, bwd = pick.get(("layer_norm", "fwd", "vit_fast")), pick.get(("layer_norm", "bwd", "vit_fast"))
     fwd_bwd = pick.get(("layer_norm", "fwd+bwd", "vit_fast"))
     fused = pick.get(("add_layer_norm", "fwd", "vit_fast add_layer_norm"))
     eager = pick.get(("add_layer_norm", "fwd", "eager add + F.layer_norm"))
     if not (fwd and bwd and fwd_bwd and fused and eager):
-        return
-    print("\ntargets at ViT-B [50432, 768] bf16 (perf/TARGETS.md):")
+        return {}
+    print(f"\ntargets at {TARGET_SHAPE} bf16 (perf/TARGETS.md):")
+    judged = {}
     for timing, prefix in (("as called", ""), ("kernels alone (CUDA graph)", "graph_")):
         ms, pct = prefix + "ms", prefix + "pct_copy"
-        if not all(r.get(ms) for r in (fwd, bwd, fwd_bwd, fused, eager)):
+        if not all(_timed(r, ms) for r in (fwd, bwd, fwd_bwd, fused, eager)):
             print(f"  {timing}: not measured")
             continue
         checks = [(f"LN fwd {fwd[pct]}% of copy", fwd[pct] >= TARGET_FWD_PCT, f">= {TARGET_FWD_PCT}%"),
@@ -168,96 +168,184 @@ def report_targets(rows):
                   (f"add_layer_norm fwd / eager add + LN = {fused[ms] / eager[ms]:.2f}",
                    fused[ms] <= 0.8 * eager[ms], "<= 0.80 (the bytes it saves)")]
         print(f"  {timing}:")
-        for what, ok, goal in checks:
-            print(f"    {'met   ' if ok else 'MISSED'} {what} (goal {goal})")
+        judged[timing] = _say(checks)
+    return judged
+
+
+def _say(checks):
+    for what, ok, goal in checks:
+        print(f"    {'met   ' if ok else 'MISSED'} {what} (goal {goal})")
+    return [{"what": what, "met": bool(ok), "goal": goal} for what, ok, goal in checks]
 
 
 def _sweep_configs(block_c):
     """Candidate (rows per program, num_warps, programs per SM) per mode, spanning the elements per
     thread that fit in registers (the backward keeps about twice as many values live). One-warp
     backward rows need no block barriers (offline sm_90 compile at C = 768: 219 registers, no
-    spills, 9 programs per SM) against 14 barriers at 2 warps: both are candidates."""
+    spills, 9 programs per SM) against 14 barriers at 2 warps: both are candidates. The residual
+    forward takes the forward's."""
     fwd = [(r, nw, None) for r in (1, 2, 4, 8, 16) for nw in (1, 2, 4, 8, 16) if 4 <= r * block_c // (32 * nw) <= 128]
     bwd = [(r, nw, p) for r in (1, 2, 4) for nw in (1, 2, 4, 8, 16, 32) for p in (4, 8, 12, 16)
            if 2 <= r * block_c // (32 * nw) <= 32]
-    return {"fwd": fwd, "bwd": bwd}
+    return {"fwd": fwd, "bwd": bwd, "residual": fwd}
 
 
-def sweep(widths, copy_gbps):
-    """Every candidate forward and backward launch configuration at [rows, C] bf16; the best per width."""
-    rows, sm_count = [], torch.cuda.get_device_properties(0).multi_processor_count
+def _config_label(mode, cfg):
+    return f"rows {cfg[0]}, warps {cfg[1]}" + (f", programs/SM {cfg[2]}" if mode == "bwd" else "")
+
+
+def sweep_configs(shape, mode, configs, launch, want, nbytes, copy_gbps):
+    """Every config of one kernel: correctness against `want` and its kernels alone (graph replay);
+    prints the 5 fastest; returns (rows, the fastest correct row or None)."""
+    rows = []
+    for cfg in configs:
+        label, fn = _config_label(mode, cfg), functools.partial(launch, *cfg)
+        row = dict(shape=shape, mode=mode, config=label)
+        try:
+            err = max(harness.rel_err(g, w) for g, w in zip(harness.as_tuple(fn()), want))
+            ms = harness.time_config(f"{mode} {shape} {label}", fn, warmup=10, rep=50)
+        except Exception as e:  # a config that does not compile or fit: reported, not fatal
+            ms, err = None, f"{type(e).__name__}"
+        if ms is None:
+            rows.append({**row, "status": f"failed: {err if isinstance(err, str) else 'timing'}"})
+            continue
+        gbps = nbytes / ms / 1e6
+        rows.append({**row, "graph_ms": round(ms, 4), "gbps": round(gbps), "pct_copy": round(100 * gbps / copy_gbps, 1),
+                     "rel_err": f"{err:.1e}", "status": "ok" if err < 2e-2 else "WRONG", "cfg": cfg})
+    good = sorted((r for r in rows if r["status"] == "ok"), key=lambda r: r["graph_ms"])
+    harness.print_table([{k: v for k, v in r.items() if k != "cfg"} for r in good[:5]],
+                        title=f"{mode} {shape}: the 5 fastest of {len(configs)}")
+    return rows, (good[0] if good else None)
+
+
+def sweep_plain(C, kinds, copy_gbps, best):
+    """The forward and backward kernels' configs at [rows of SHAPES, C] bf16."""
+    n_rows = next((n for _, n, c in SHAPES if c == C), 256 * 197)
+    x, dy = (torch.randn(n_rows, C, device=harness.DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    w, b = (torch.randn(C, device=harness.DEVICE, dtype=torch.bfloat16) for _ in range(2))
+    y, dx = torch.empty_like(x), torch.empty_like(x)
+    _, _, mean, rstd = kernels.layer_norm_fwd(x, w, b, EPS)
+    xr = x.float().requires_grad_()
+    ref_y = F.layer_norm(xr, (C,), w.float(), b.float(), EPS)
+    ref_y.backward(dy.float())
+    sm_count = harness.sm_count()
+
+    def launch_fwd(r, nw, _):
+        return kernels.layer_norm_fwd(x, w, b, EPS, y=y, rows_per_program=r, num_warps=nw)[0]
+
+    def launch_bwd(r, nw, p):
+        return kernels.layer_norm_bwd(dy, x, w, mean, rstd, dx=dx, rows_per_program=r, num_warps=nw,
+                                      num_programs=p * sm_count)[0]
+
+    act, shape, rows = n_rows * C * 2, f"[{n_rows},{C}] bf16", []
+    modes = {"fwd": (launch_fwd, [ref_y.detach()], 2 * act), "bwd": (launch_bwd, [xr.grad], 3 * act)}
+    for mode, configs in _sweep_configs(1 << (C - 1).bit_length()).items():
+        if mode not in modes or mode not in kinds:
+            continue
+        found, top = sweep_configs(shape, mode, configs, *modes[mode], copy_gbps)
+        rows += found
+        if top:
+            r, nw, p = top["cfg"]
+            entry = f"({C}, {r}, {nw})" if mode == "fwd" else f"({C}, {r}, {nw}, {p})"
+            best.setdefault(str(C), {})[mode] = dict(config=top["config"], graph_ms=top["graph_ms"],
+                                                     pct_copy=top["pct_copy"], entry=entry)
+            print(f"best {mode} at C={C}: {top['config']}, {top['pct_copy']}% of copy -> "
+                  f"kernels/layernorm.py HOPPER_{mode.upper()}_CONFIGS entry {entry}")
+    return rows
+
+
+def sweep_residual(C, copy_gbps, best):
+    """add_layer_norm's forward at [50432, C] bf16: every config, then the unfused peers, judged on graph_ms."""
+    n_rows, dtype = RESIDUAL_ROWS, torch.bfloat16
+    x, res = (torch.randn(n_rows, C, device=harness.DEVICE, dtype=dtype) for _ in range(2))
+    w, b = (torch.randn(C, device=harness.DEVICE, dtype=dtype) for _ in range(2))
+    y, s = torch.empty_like(x), torch.empty_like(x)
+    ref_s = x.float() + res.float()
+    ref_y = F.layer_norm(ref_s, (C,), w.float(), b.float(), EPS)
+    nbytes, shape = 4 * n_rows * C * x.element_size(), f"[{n_rows},{C}] bf16"  # 2 reads + 2 writes
+
+    def launch(r, nw, _):
+        return kernels.layer_norm_fwd(x, w, b, EPS, residual=res, y=y, s=s, rows_per_program=r, num_warps=nw)[:2]
+
+    table = kernels.fwd_config(C, x.device, has_residual=True)
+    configs = _sweep_configs(1 << (C - 1).bit_length())["residual"]
+    configs += [] if (*table, None) in configs else [(*table, None)]
+    rows, top = sweep_configs(shape, "residual", configs, launch, [ref_y, ref_s], nbytes, copy_gbps)
+    peers = harness.run_benchmark(
+        "layernorm_residual", [{"shape": shape, "columns": {"op": "add_layer_norm"}}],
+        {impl: _peer(fn) for impl, fn in add_layer_norm_peers(C, True).items()}, ("fwd",),
+        setup=lambda case: {"inputs": [x, res, w, b], "grads": None}, nbytes=lambda case, mode: nbytes,
+        after_case=lambda case: torch._dynamo.reset(), write=False,
+        columns=["shape", "impl", "mode", "ms", "graph_ms", "graph_gbps", "graph_pct_copy", "error"],
+        title=f"add + LayerNorm {shape}, forward: the peers (graph_*: kernels alone)")
+    for row in peers:
+        row["mode"] = "residual peer"
+    unfused = {r["impl"]: r["graph_ms"] for r in peers if r["impl"] in UNFUSED and _timed(r, "graph_ms")}
+    table_row = next((r for r in rows if r.get("cfg") == (*table, None) and r["status"] == "ok"), None)
+    entry = dict(table_config=f"rows {table[0]}, warps {table[1]}",
+                 table_graph_ms=table_row and table_row["graph_ms"], unfused_graph_ms=unfused)
+    print(f"\nresidual forward at C={C} (graph_ms, kernels alone):")
+    if top:
+        fastest_unfused = min(unfused.values()) if unfused else None
+        entry.update(rows_per_program=top["cfg"][0], num_warps=top["cfg"][1], config=top["config"],
+                     graph_ms=top["graph_ms"], pct_copy=top["pct_copy"],
+                     entry=f"({C}, {top['cfg'][0]}, {top['cfg'][1]})")
+        checks = [(f"best {top['config']}: {top['pct_copy']}% of copy", top["pct_copy"] >= TARGET_RESIDUAL_PCT,
+                   f">= {TARGET_RESIDUAL_PCT}%")]
+        if fastest_unfused:
+            checks.append((f"best {top['graph_ms']} ms vs fastest unfused add + LN {fastest_unfused} ms",
+                           top["graph_ms"] < fastest_unfused, "faster"))
+        entry["judged"] = _say(checks)
+        print(f"  table's config ({entry['table_config']}): {entry['table_graph_ms']} ms; best -> "
+              f"fwd_config(C={C}, has_residual=True) = ({top['cfg'][0]}, {top['cfg'][1]})")
+    else:
+        print("  no config ran")
+    best[str(C)] = entry
+    return rows + peers
+
+
+def sweep(widths, kinds, copy_gbps):
+    """The launch-config sweeps; plain (fwd, bwd) and residual results go to separate files."""
+    plain, residual, best_plain, best_residual = [], [], {}, {}
     for C in widths:
-        n_rows = next((n for _, n, c in SHAPES if c == C), 256 * 197)
-        x, dy = (torch.randn(n_rows, C, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        w, b = (torch.randn(C, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        y, dx = torch.empty_like(x), torch.empty_like(x)
-        _, _, mean, rstd = kernels.layer_norm_fwd(x, w, b, EPS)
-        xr = x.float().requires_grad_()
-        ref_y = F.layer_norm(xr, (C,), w.float(), b.float(), EPS)
-        ref_y.backward(dy.float())
-
-        def launch_fwd(r, nw, _):
-            return kernels.layer_norm_fwd(x, w, b, EPS, y=y, rows_per_program=r, num_warps=nw)[0]
-
-        def launch_bwd(r, nw, p):
-            return kernels.layer_norm_bwd(dy, x, w, mean, rstd, dx=dx, rows_per_program=r, num_warps=nw,
-                                          num_programs=p * sm_count)[0]
-
-        act, shape = n_rows * C * 2, f"[{n_rows},{C}] bf16"
-        modes = {"fwd": (launch_fwd, ref_y.detach(), 2 * act), "bwd": (launch_bwd, xr.grad, 3 * act)}
-        for mode, configs in _sweep_configs(1 << (C - 1).bit_length()).items():
-            launch, want, nbytes = modes[mode]
-            for cfg in configs:
-                label = f"rows {cfg[0]}, warps {cfg[1]}" + (f", programs/SM {cfg[2]}" if mode == "bwd" else "")
-                fn = functools.partial(launch, *cfg)
-                try:
-                    err = ((fn().float() - want).norm() / want.norm()).item()
-                    ms = harness.bench_graph_ms(fn, warmup=10, rep=50)  # kernels alone: launch cost is no config's
-                except Exception as e:  # a config that does not compile or fit: reported, not fatal
-                    rows.append(dict(shape=shape, mode=mode, config=label, status=f"failed: {type(e).__name__}"))
-                    continue
-                gbps = nbytes / ms / 1e6
-                rows.append(dict(shape=shape, mode=mode, config=label, ms=round(ms, 4), gbps=round(gbps),
-                                 pct_copy=round(100 * gbps / copy_gbps, 1), rel_err=f"{err:.1e}",
-                                 status="ok" if err < 2e-2 else "WRONG", cfg=cfg))
-            good = sorted((row for row in rows if row["shape"] == shape and row["mode"] == mode
-                           and row.get("status") == "ok"), key=lambda row: row["ms"])
-            harness.print_table([{k: v for k, v in row.items() if k != "cfg"} for row in good[:5]],
-                                title=f"{mode} {shape}: the 5 fastest of {len(configs)}")
-            if good:
-                r, nw, p = good[0]["cfg"]
-                entry = f"({C}, {r}, {nw})" if mode == "fwd" else f"({C}, {r}, {nw}, {p})"
-                print(f"best {mode} at C={C}: {good[0]['config']}, {good[0]['pct_copy']}% of copy -> "
-                      f"kernels/layernorm.py HOPPER_{mode.upper()}_CONFIGS entry {entry}")
-    for row in rows:
-        row.pop("cfg", None)
-    harness.write_results("layernorm_sweep", rows)
+        if {"fwd", "bwd"} & set(kinds):
+            plain += sweep_plain(C, kinds, copy_gbps, best_plain)
+        if "residual" in kinds:
+            residual += sweep_residual(C, copy_gbps, best_residual)
+        harness.free()
+    for op, rows, best in (("layernorm_sweep", plain, best_plain),
+                           ("layernorm_residual_sweep", residual, best_residual)):
+        if rows:
+            for row in rows:
+                row.pop("cfg", None)
+            print("results in", harness.write_results(op, rows, extra={"best": best}))
 
 
-def cpu_check():
+def cpu_check(args=None):
     """No GPU: the kernels under Triton's interpreter against float64, and the CPU PyTorch path's times."""
-    x, r, dy, ds = (torch.randn(2, 197, 768) for _ in range(4))
-    w, b = torch.randn(768), torch.randn(768)
+    C = CPU_CHECK_SHAPE[-1]
+    x, r, dy, ds = (torch.randn(*CPU_CHECK_SHAPE) for _ in range(4))
+    w, b = torch.randn(C), torch.randn(C)
     rows, worst = [], 0.0
     for op, fn, ref_fn, inputs, grads in (
             ("layer_norm", VF.layer_norm, reference.layer_norm, [x, w, b], [dy]),
             ("add_layer_norm", VF.add_layer_norm, reference.add_layer_norm, [x, r, w, b], [dy, ds])):
         before = dispatch.kernel_launches[f"{op}_fwd"] + dispatch.kernel_launches[f"{op}_bwd"]
         leaves = [t.clone().requires_grad_() for t in inputs]
-        outs = _as_tuple(fn(*leaves))
+        outs = harness.as_tuple(fn(*leaves))
         got = [*outs, *torch.autograd.grad(outs, leaves, grads)]
         ran = dispatch.kernel_launches[f"{op}_fwd"] + dispatch.kernel_launches[f"{op}_bwd"] == before + 2
         ref_leaves = [t.double().requires_grad_() for t in inputs]
-        ref_outs = _as_tuple(ref_fn(*ref_leaves))
+        ref_outs = harness.as_tuple(ref_fn(*ref_leaves))
         want = [*ref_outs, *torch.autograd.grad(ref_outs, ref_leaves, [g.double() for g in grads])]
-        err = max(((g.double() - ref).norm() / ref.norm()).item() for g, ref in zip(got, want))
+        err = max(harness.rel_err(g, ref) for g, ref in zip(got, want))
         worst = max(worst, err)
-        rows.append(dict(shape="[394,768] fp32", impl=f"vit_fast {op} fwd+bwd, interpreter", kernel_ran=ran,
-                         max_rel_err=f"{err:.1e}"))
-    xc = torch.randn(8 * 197, 768)
-    for impl, fn in (("F.layer_norm fwd", lambda: F.layer_norm(xc, (768,), w, b, EPS)),
-                     ("eager add + F.layer_norm fwd", lambda: F.layer_norm(xc + xc, (768,), w, b, EPS))):
-        rows.append(dict(shape="[1576,768] fp32", impl=f"{impl}, CPU PyTorch path",
+        rows.append(dict(shape=f"[{x.numel() // C},{C}] fp32", impl=f"vit_fast {op} fwd+bwd, interpreter",
+                         kernel_ran=ran, max_rel_err=f"{err:.1e}"))
+    xc = torch.randn(CPU_TIMING_ROWS, C)
+    for impl, fn in (("F.layer_norm fwd", lambda: F.layer_norm(xc, (C,), w, b, EPS)),
+                     ("eager add + F.layer_norm fwd", lambda: F.layer_norm(xc + xc, (C,), w, b, EPS))):
+        rows.append(dict(shape=f"[{CPU_TIMING_ROWS},{C}] fp32", impl=f"{impl}, CPU PyTorch path",
                          cpu_ms=round(harness.bench_cpu_ms(fn), 3)))
     harness.print_table(rows, columns=["shape", "impl", "kernel_ran", "max_rel_err", "cpu_ms"],
                         title="CPU: interpreter correctness and the CPU PyTorch path (not GPU numbers)")
@@ -265,31 +353,27 @@ def cpu_check():
         raise SystemExit(f"vit_fast layer norm disagrees with float64 under the interpreter (rel err {worst:.1e})")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="bf16 only; torch.compile peers at ViT-B only")
-    parser.add_argument("--sweep", action="store_true", help="launch-config sweep of both kernels")
-    parser.add_argument("--widths", default="768", help="widths C for --sweep, comma-separated (default 768)")
-    args = parser.parse_args()
-    if not harness.has_gpu():
-        print("no CUDA GPU: LayerNorm / add + LayerNorm GPU timings not measured; "
-              "checking the kernels under Triton's interpreter instead")
-        cpu_check()
-        return
+def run_gpu(args):
     copy_gbps = harness.ceilings()["copy_gbps"]
     print(f"{harness.device_name()}: measured copy bandwidth {copy_gbps:.0f} GB/s")
     if args.sweep:
-        sweep([int(c) for c in args.widths.split(",")], copy_gbps)
-        return
-    rows = []
-    for dtype_name in ("bf16",) if args.quick else DTYPES:
-        for name, n_rows, C in SHAPES:
-            rows += bench_shape(name, n_rows, C, dtype_name, not args.quick or name == COMPILE_PEERS_QUICK, copy_gbps)
-            torch.cuda.empty_cache()
-    harness.print_table(rows, title="LayerNorm / add + LayerNorm (GB/s of bytes that must move; vs_eager > 1: faster)")
-    report_targets(rows)
-    print("results in", harness.write_results("layernorm", rows, plot_key="pct_copy",
+        return sweep([int(c) for c in args.widths.split(",")], args.sweep_kinds.split(","), copy_gbps)
+    rows = bench(("bf16",) if args.quick else tuple(DTYPES), args.quick)
+    targets = report_targets(rows)
+    print("results in", harness.write_results("layernorm", rows, plot_key="pct_copy", extra={"targets": targets},
                                               label_keys=("shape", "dtype", "op", "mode", "impl")))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="bf16 only; torch.compile peers at ViT-B only")
+    parser.add_argument("--sweep", action="store_true", help="launch-config sweep of the kernels")
+    parser.add_argument("--widths", default="768", help="widths C for --sweep, comma-separated (default 768)")
+    parser.add_argument("--sweep-kinds", default="fwd,bwd,residual",
+                        help="which kernels --sweep times: fwd, bwd, residual (add + LN forward), comma-separated")
+    harness.main(parser.parse_args(argv), run_gpu, cpu_check,
+                 "LayerNorm / add + LayerNorm GPU timings not measured; checking the kernels under Triton's "
+                 "interpreter instead")
 
 
 if __name__ == "__main__":
