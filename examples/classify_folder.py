@@ -22,7 +22,8 @@ import torch
 
 import vit_fast
 from vit_fast import data
-from vit_fast.train import device_problem, positive_int
+from vit_fast.cli import positive_int
+from vit_fast.devices import device_problem
 
 
 def main(argv=None):

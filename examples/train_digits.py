@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import vit_fast
-from vit_fast.train import warmup_cosine
+from vit_fast.optimization import warmup_cosine
 
 
 def load_digits(seed):

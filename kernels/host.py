@@ -30,3 +30,9 @@ def reject_bf16_dots_under_interpreter(op: str, kernel, dtype) -> None:
         raise RuntimeError(
             f"{op}: bfloat16 under TRITON_INTERPRET=1: Triton's interpreter computes tl.dot on bf16 wrongly; "
             "use float16/float32, or run without the interpreter (a GPU, or the PyTorch path on a CPU)")
+
+
+def unit_stride_param(t):
+    """A weight / bias vector [C] with unit stride (the kernels read it at ptr + c): a strided or
+    expanded (stride-0) view is copied, C values; a unit-stride one or None passes through."""
+    return t if t is None or t.stride(0) == 1 else t.contiguous()

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .host import cdiv, next_power_of_2
+from .host import cdiv, next_power_of_2, unit_stride_param
 
 MAX_C = 16384
 
@@ -257,12 +257,6 @@ def layer_norm_bwd_params_kernel(
         tl.store(dweight_ptr + cols, tl.sum(dweight_acc, axis=0).to(dweight_ptr.dtype.element_ty), mask=col_mask)
     if COMPUTE_DBIAS:
         tl.store(dbias_ptr + cols, tl.sum(dbias_acc, axis=0).to(dbias_ptr.dtype.element_ty), mask=col_mask)
-
-
-def unit_stride_param(t):
-    """weight / bias [C] with unit stride (the kernels read them at ptr + col): a strided or expanded
-    (stride-0) view is copied, C values; a contiguous one or None passes through."""
-    return t if t is None or t.stride(0) == 1 else t.contiguous()
 
 
 def rows_view(t: torch.Tensor) -> torch.Tensor:

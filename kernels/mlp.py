@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .host import cdiv, reject_bf16_dots_under_interpreter
+from .host import cdiv, reject_bf16_dots_under_interpreter, unit_stride_param
 
 try:  # host-side TMA descriptors (in Triton 3.6 and 3.9 alike)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -365,8 +365,7 @@ def linear_act(x, weight, bias, residual, out, pre_out, activation, kernel=None,
     N = weight.shape[0]
     if M == 0 or N == 0:
         return out
-    if bias is not None and bias.stride(0) != 1:  # the kernels read b[n] at b_ptr + n
-        bias = bias.contiguous()  # [N], cheap; a stride-0 (expanded) bias becomes N copies of its value
+    bias = unit_stride_param(bias)
     kernel = kernel or select_kernel(x, weight, out, pre_out)
     cfg = config or default_config(kernel, x)
     flags = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,

@@ -101,7 +101,7 @@ PACKAGE = os.path.dirname(os.path.abspath(vit_fast.__file__))
 # library modules that still import the oracle, each with where it should go instead: the patch-embedding
 # op's PyTorch fallback is vit_fast.ops' own to move (its pipeline is the oracle's patch_embed today);
 # train.py reads the named configs, which now live in vit_fast.configs
-STILL_IMPORT_REFERENCE = {"vit_fast.ops.patch_embed", "vit_fast.train"}
+STILL_IMPORT_REFERENCE = {"vit_fast.ops.patch_embed"}
 
 
 def _library_imports():

@@ -45,8 +45,8 @@ from vit_fast import data
 from vit_fast.cli import duration, float_in, nonnegative_int, positive_int, usage_error
 from vit_fast.devices import DEFAULT_DIST_TIMEOUT_S, device_problem, init_distributed, shutdown_distributed, world_size
 from vit_fast.fit import fit
-from vit_fast.optimization import OPTIMIZER_DEFAULTS, warmup_cosine  # noqa: F401 (examples import it from here)
-from vit_fast.reference import CONFIGS
+from vit_fast.configs import CONFIGS
+from vit_fast.optimization import OPTIMIZER_DEFAULTS
 from vit_fast.run_files import CheckpointError, SaveError, load_run
 
 # the arguments that fix the architecture: a resumed run must not change them
