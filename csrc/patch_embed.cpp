@@ -89,9 +89,11 @@ int64_t check_inputs(const at::Tensor& x, const at::Tensor& weight, const std::o
   const int64_t C = x.size(1), H = x.size(2), W = x.size(3), E = weight.size(0), p = weight.size(2);
   TORCH_CHECK_VALUE(C == weight.size(1), "patch_embed: x has ", C, " channels but weight [E, C, p, p] = ",
                     weight.sizes(), " expects ", weight.size(1));
-  TORCH_CHECK_VALUE(H > 0 && W > 0 && H % p == 0 && W % p == 0,
-                    "patch_embed: expected H and W to be positive multiples of the patch size ", p, ", got H = ", H,
-                    ", W = ", W);
+  // As Conv2d(kernel = stride = p): a remainder of H or W past the last whole patch is dropped (timm's
+  // PatchEmbed with strict_img_size, e.g. 384 = 27 * 14 + 6 pixels -> 27 patches); the module decides
+  // whether a size is allowed, the op takes any size holding at least one patch.
+  TORCH_CHECK_VALUE(H >= p && W >= p, "patch_embed: expected H and W of at least the patch size ", p,
+                    ", got H = ", H, ", W = ", W);
   const int64_t L = (H / p) * (W / p);
   const int64_t T = L + (cls_token.has_value() ? 1 : 0);
   check_param("bias", bias, {E}, x, weight);
@@ -185,10 +187,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_emb
   if (output_mask[0]) {
     TORCH_CHECK_VALUE(x.scalar_type() != at::kByte, "patch_embed_backward: uint8 x has no gradient");
     const int64_t C = x.size(1), grid_h = x.size(2) / p, grid_w = x.size(3) / p;
-    // col2im: patches do not overlap, so dx is the patch-matrix gradient permuted back to images.
+    // col2im: patches do not overlap, so dx is the patch-matrix gradient permuted back to images;
+    // the dropped remainder rows / columns (H or W not a multiple of p) read nothing: zero gradient.
     const auto grad_patches = at::mm(grad_rows, weight.reshape({E, K})).view({B, T, K}).narrow(1, cls_rows, L);
-    dx = at::empty(x.sizes(), x.options().memory_format(grad_memory_format(x)));
-    dx.view({B, C, grid_h, p, grid_w, p})
+    const bool remainder = x.size(2) != grid_h * p || x.size(3) != grid_w * p;
+    const auto dx_options = x.options().memory_format(grad_memory_format(x));
+    dx = remainder ? at::zeros(x.sizes(), dx_options) : at::empty(x.sizes(), dx_options);
+    // the covered part as a strided view (splitting H and W into (grid, p) needs no contiguity)
+    dx.narrow(2, 0, grid_h * p)
+        .narrow(3, 0, grid_w * p)
+        .view({B, C, grid_h, p, grid_w, p})
         .copy_(grad_patches.reshape({B, grid_h, grid_w, C, p, p}).permute({0, 3, 1, 4, 2, 5}));
   }
   if (output_mask[1]) {

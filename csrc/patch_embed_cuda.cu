@@ -63,7 +63,8 @@ bool aligned_to(const void* ptr, int64_t bytes) {
 }
 
 // patches[r, k] = x[b, c, gh*p + i, gw*p + j] (normalized if uint8) for r = b*T + cls_rows + gh*GW + gw,
-// k = (c*p + i)*p + j; class-token rows (t < cls_rows) are zero.
+// k = (c*p + i)*p + j; class-token rows (t < cls_rows) are zero. GW = W / p and GH = H / p round down: a
+// remainder past the last whole patch (H or W not a multiple of p) is never read, as Conv2d(stride = p).
 // Block: kGatherRows rows; thread: one column k at a time (stride blockDim.x), the same in every row, so
 // its (c, i, j) decomposition is paid once for kGatherRows elements. One element per thread keeps a
 // warp's loads on two image rows of a patch (p = 16) and its stores contiguous; wider per-thread

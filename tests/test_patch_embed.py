@@ -114,6 +114,10 @@ SHAPES = [  # B, C, H, W, p, E, x layout
     (2, 3, 64, 32, 32, 64, "sliced"),
     (1, 3, 42, 28, 14, 100, "transposed"),
     (2, 1, 16, 16, 16, 32, "contiguous"),  # a single patch
+    # H, W not multiples of p: the remainder dropped, as Conv2d(stride = p) (timm's so400m/14 at 384 px)
+    (2, 3, 34, 47, 14, 40, "contiguous"),
+    (2, 3, 33, 30, 16, 24, "channels_last"),
+    (1, 2, 31, 17, 16, 16, "sliced"),
 ]
 EXTRAS = [  # bias, cls, pos
     (True, True, True),
@@ -374,11 +378,11 @@ BAD_INPUTS = [
      "floating-point x of the weight's dtype Float, got Double"),
     ("channels", _bad(x=torch.zeros(2, 1, 32, 48, dtype=torch.uint8)), ValueError,
      r"x has 1 channels but weight \[E, C, p, p\] = \[64, 3, 16, 16\] expects 3"),
-    ("H not a multiple of p", _bad(x=torch.zeros(2, 3, 33, 48, dtype=torch.uint8)), ValueError,
-     "H and W to be positive multiples of the patch size 16, got H = 33, W = 48"),
-    ("W not a multiple of p", _bad(x=torch.zeros(2, 3, 32, 40, dtype=torch.uint8)), ValueError,
-     "multiples of the patch size 16, got H = 32, W = 40"),
-    ("empty image", _bad(x=torch.zeros(2, 3, 0, 48, dtype=torch.uint8)), ValueError, "positive multiples"),
+    ("H below p", _bad(x=torch.zeros(2, 3, 15, 48, dtype=torch.uint8)), ValueError,
+     "H and W of at least the patch size 16, got H = 15, W = 48"),
+    ("W below p", _bad(x=torch.zeros(2, 3, 32, 9, dtype=torch.uint8)), ValueError,
+     "at least the patch size 16, got H = 32, W = 9"),
+    ("empty image", _bad(x=torch.zeros(2, 3, 0, 48, dtype=torch.uint8)), ValueError, "at least the patch size"),
     ("uint8 without mean", _bad(mean=None), ValueError, r"uint8 x needs mean and std, one value per channel \(3\).*mean is missing"),
     ("uint8 without std", _bad(std=None), ValueError, "uint8 x needs mean and std.*std is missing"),
     ("mean of 2 values", _bad(mean=(0.5, 0.5)), ValueError, r"mean with one value per channel \(3\), got shape \[2\]"),
@@ -414,6 +418,41 @@ def test_bad_backward_inputs_raise_clear_errors():
                                                 [True] * 5)
     with pytest.raises(ValueError, match="a cls_token gradient needs grad_out with the class row"):
         torch.ops.vit_fast.patch_embed_backward(torch.zeros(2, 6, 64), x, w, None, None, [False] * 3 + [True, False])
+
+
+@pytest.mark.parametrize("path", ["extension", "torch"])
+def test_remainder_dropped_as_conv2d_on_both_paths(monkeypatch, path):
+    """H, W not multiples of p: the same tokens and gradients as F.conv2d(stride = p), which drops the
+    last H % p rows and W % p columns (their gradient is zero), on the C++ op and the PyTorch path."""
+    if path == "torch":
+        monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
+    before = dispatch.kernel_launches["patch_embed_fwd"]
+    x = torch.randn(2, 3, 384 // 8 + 2, 39, dtype=torch.float64, requires_grad=True)  # 50 x 39, p = 14: 3 x 2
+    w = torch.randn(16, 3, 14, 14, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(16, dtype=torch.float64, requires_grad=True)
+    pos = torch.randn(1, 6, 16, dtype=torch.float64, requires_grad=True)
+    out = VF.patch_embed(x, w, b, pos_embed=pos)
+    expected = F.conv2d(x, w, b, stride=14).flatten(2).transpose(1, 2) + pos
+    assert out.shape == (2, 6, 16)
+    torch.testing.assert_close(out, expected)
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (x, w, b, pos), g)
+    for got, want in zip(grads, torch.autograd.grad(expected, (x, w, b, pos), g)):
+        torch.testing.assert_close(got, want)
+    assert grads[0][:, :, 42:].abs().max() == 0 and grads[0][:, :, :, 28:].abs().max() == 0
+    assert dispatch.kernel_launches["patch_embed_fwd"] - before == (1 if path == "extension" else 0)
+
+
+def test_module_strict_size_drops_the_remainder_as_timm():
+    """timm's PatchEmbed: img_size 384, p 14, strict_img_size -> 27 x 27 patches (the conv drops 6 pixels);
+    strict_img_size=False without dynamic_img_pad asserts divisibility; dynamic_img_pad pads."""
+    module = PatchEmbed(img_size=384, patch_size=14, embed_dim=8).double()
+    assert module.grid_size == (27, 27) and module.num_patches == 729
+    x = torch.randn(1, 3, 384, 384, dtype=torch.float64)
+    torch.testing.assert_close(module(x), module.proj(x).flatten(2).transpose(1, 2))
+    loose = PatchEmbed(img_size=384, patch_size=14, embed_dim=8, strict_img_size=False)
+    with pytest.raises(ValueError, match="divisible by the patch size 14"):
+        loose(x.float())
 
 
 # ----------------------------------------------------------------------------- nn.PatchEmbed
@@ -492,6 +531,7 @@ GPU_SHAPES = [  # B, C, H, W, p, E, layout; E = 100 takes narrower epilogue vect
     (4, 3, 224, 224, 14, 1280, "contiguous"),
     (3, 3, 28, 35, 7, 100, "sliced"),
     (2, 1, 64, 96, 32, 192, "transposed"),
+    (2, 3, 384, 384, 14, 1152, "contiguous"),  # SigLIP so400m/14: 27 x 27 patches, 6 pixels dropped
 ]
 GPU_DTYPES = [  # weight dtype, uint8 x
     (torch.float32, False), (torch.float16, False), (torch.bfloat16, False),
