@@ -620,13 +620,16 @@ def launches_per_forward(depth, backward=False):
     """vit_fast op calls (``dispatch.kernel_launches``) per forward of a ViT with the default config
     (class token, no layer scale) in eval mode or training without dropout: fc2 adds the residual in
     its epilogue, so each block starts with a plain LayerNorm and its second norm adds the attention
-    branch; one final LayerNorm. The README's "Where an op runs" gives these for ViT-B/16 (depth 12)."""
-    counts = {"patch_embed_fwd": 1, "attention_packed_fwd": depth, "layer_norm_fwd": depth + 1,
-              "add_layer_norm_fwd": depth, "linear_act_fwd": 2 * depth}  # fc1 + GELU, fc2 + bias + residual
+    branch; one final LayerNorm. ``forward`` (class-token pooling): the last block's attention runs
+    the class token's query alone against every key (``attention_fwd``, N_q = 1), not the packed op.
+    The README's "Where an op runs" gives these for ViT-B/16 (depth 12)."""
+    counts = {"patch_embed_fwd": 1, "attention_packed_fwd": depth - 1, "attention_fwd": 1,
+              "layer_norm_fwd": depth + 1, "add_layer_norm_fwd": depth,
+              "linear_act_fwd": 2 * depth}  # fc1 + GELU, fc2 + bias + residual
     if backward:  # fc2's backward runs torch's matmuls (its epilogue has no activation to undo)
-        counts.update({"patch_embed_bwd": 1, "attention_packed_bwd": depth, "layer_norm_bwd": depth + 1,
-                       "add_layer_norm_bwd": depth, "linear_act_bwd": depth})
-    return counts
+        counts.update({"patch_embed_bwd": 1, "attention_packed_bwd": depth - 1, "attention_bwd": 1,
+                       "layer_norm_bwd": depth + 1, "add_layer_norm_bwd": depth, "linear_act_bwd": depth})
+    return {op: n for op, n in counts.items() if n}
 
 
 def launches_during(call):
@@ -650,9 +653,13 @@ def test_kernel_launches_per_forward_are_exact(images, device):
     _, counts = launches_during(lambda: out.sum().backward())
     assert counts == {op: n for op, n in launches_per_forward(SMALL["depth"], backward=True).items()
                       if op.endswith("_bwd")}  # uint8 images too: patch_embed_bwd gives the weight's gradient
-    assert launches_per_forward(12) == {"patch_embed_fwd": 1, "attention_packed_fwd": 12, "layer_norm_fwd": 13,
-                                        "add_layer_norm_fwd": 12, "linear_act_fwd": 24}  # ViT-B/16: README
+    assert launches_per_forward(12) == {"patch_embed_fwd": 1, "attention_packed_fwd": 11, "attention_fwd": 1,
+                                        "layer_norm_fwd": 13, "add_layer_norm_fwd": 12,
+                                        "linear_act_fwd": 24}  # ViT-B/16: README
     assert sum(launches_per_forward(12).values()) == 62
+    with torch.no_grad():  # forward_features: every token through every block (timm's semantics)
+        _, counts = launches_during(lambda: model.eval().forward_features(x))
+    assert counts["attention_packed_fwd"] == SMALL["depth"] and "attention_fwd" not in counts
 
 
 @pytest.mark.parametrize("variant", ["token", "init_values_gelu_tanh", "representation_size"])
@@ -850,3 +857,40 @@ def test_layer_norm_forward_fused_is_the_add_then_the_norm(device):
     wide = vit_fast.nn.LayerNorm((17, 96)).to(device)  # several normalized dims: the add, then forward
     y, s = wide.forward_fused(x, residual)
     torch.testing.assert_close(y, wide(x + residual), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("path", ["kernels", "torch"])
+@pytest.mark.parametrize("variant", ["token", "init_values_gelu_tanh"])
+def test_last_block_computes_the_class_row_only(variant, path, monkeypatch):
+    """forward() with global_pool='token': the last block's attention takes the class token's query
+    alone (qkv, keys and values from every token), then proj, norm2, the MLP and the final norm run
+    on that row; the logits and every parameter's gradient match the reference, on the interpreter's
+    kernels and on the PyTorch path (VIT_FAST_FORCE_TORCH=1)."""
+    if path == "torch":
+        monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
+    elif not dispatch.interpreter_enabled():
+        pytest.skip("the kernel path on the CPU needs TRITON_INTERPRET=1")
+    model, ref, ref64 = models("cpu", **VARIANTS[variant])
+    rows = []
+    real = model.blocks[-1].mlp.forward_fused
+
+    def spy(h, *args, **kwargs):
+        rows.append(h.shape[1])
+        return real(h, *args, **kwargs)
+
+    monkeypatch.setattr(model.blocks[-1].mlp, "forward_fused", spy)
+    if variant != "token":
+        monkeypatch.setattr(model.blocks[-1].mlp, "forward", spy)
+    x = torch.randn(2, 3, 64, 64)
+    g = torch.randn(2, SMALL["num_classes"])
+    out, grads = run(model, x, g)
+    assert rows == [1]  # the last block's MLP on the class token's row only
+    ref_out, ref_grads = run(ref, x, g)
+    out64, grads64 = run(ref64, x.double(), g.double())
+    assert_close_to_ref(f"{path} {variant} logits", out, ref_out, out64, DTYPE_BOUND[torch.float32])
+    assert grads.keys() == grads64.keys()
+    for name, grad in grads.items():
+        assert_close_to_ref(f"{path} {variant} grad {name}", grad, ref_grads[name], grads64[name],
+                            DTYPE_BOUND[torch.float32], factor=3)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(x), model.forward_head(model.forward_features(x)), rtol=1e-5, atol=1e-5)

@@ -184,8 +184,9 @@ class VisionTransformer(nn.Module):
         second forward through them."""
         self.grad_checkpointing = enable
 
-    def _forward_stream(self, x, attn_mask):
-        """Images [B, C, H, W] -> the residual stream after the last block, as (x, delta): x + delta."""
+    def _forward_stream(self, x, attn_mask, rows=None):
+        """Images [B, C, H, W] -> the residual stream after the last block, as (x, delta): x + delta.
+        ``rows`` r: the last block computes (and this returns) the first r tokens' stream only."""
         proj = self.patch_embed.proj
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
@@ -202,12 +203,16 @@ class VisionTransformer(nn.Module):
         x = self.pos_drop(x)  # [B, N, E]
         delta = None
         checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
-        for block in self.blocks:
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            block_rows = rows if i == last else None  # the last block: only the rows the head reads
             if checkpointed:
-                x, delta = torch.utils.checkpoint.checkpoint(block.forward_fused, x, delta, attn_mask,
+                x, delta = torch.utils.checkpoint.checkpoint(block.forward_fused, x, delta, attn_mask, block_rows,
                                                              use_reentrant=False)
             else:
-                x, delta = block.forward_fused(x, delta, attn_mask=attn_mask)
+                x, delta = block.forward_fused(x, delta, attn_mask=attn_mask, rows=block_rows)
+        if rows is not None and x.shape[1] > rows:  # depth 0: no block to take the rows
+            x, delta = x[:, :rows], (None if delta is None else delta[:, :rows])
         return x, delta
 
     def _final_norm(self, x, delta):
@@ -233,9 +238,9 @@ class VisionTransformer(nn.Module):
     def forward(self, x, attn_mask=None):
         """Images [B, C, H, W] -> logits [B, num_classes] (timm's ``forward(x, attn_mask=None)``):
         ``forward_head(forward_features(x))``, with the final norm on the rows the head reads."""
-        x, delta = self._forward_stream(x, attn_mask)
-        if self.global_pool == "token":  # the head reads the class token's row alone: norm only that
-            x, delta = x[:, :1], (None if delta is None else delta[:, :1])  # [B, 1, E] views
+        # global_pool='token': the head reads the class token's row alone, so the last block computes
+        # only that row's output (its keys and values still from every token), and the final norm too
+        x, delta = self._forward_stream(x, attn_mask, rows=1 if self.global_pool == "token" else None)
         return self.forward_head(self._final_norm(x, delta))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -51,7 +51,11 @@ class Attention(nn.Module):
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
-    def forward(self, x, attn_mask=None):  # [B, N, dim] -> [B, N, dim]
+    def forward(self, x, attn_mask=None, query_rows=None):  # [B, N, dim] -> [B, N (or query_rows), dim]
+        """timm's forward; ``query_rows`` r: only the first r tokens' outputs ([B, r, dim]): qkv on
+        every token (the keys and values need them), the attention for r queries against all N
+        keys (``VF.attention``, N_q = r), proj on r rows. What a model's last block needs when the
+        head reads the prefix tokens only."""
         C = self.qkv.in_features
         check_tokens("Attention", x, C)
         if self.training and self.attn_drop.p > 0:
@@ -64,7 +68,23 @@ class Attention(nn.Module):
             raise NotImplementedError(
                 f"attn_mask: the fused attention kernels apply no mask (got {shape}); pass attn_mask=None, or "
                 "run on the PyTorch path (a CPU tensor without TRITON_INTERPRET=1, or VIT_FAST_FORCE_TORCH=1)")
+        if query_rows is not None:
+            check_positive_int("query_rows", query_rows)
+            if query_rows > N:
+                raise ValueError(f"query_rows: {query_rows} is more than the {N} tokens of x")
+            if query_rows == N:
+                query_rows = None
         qkv = self.qkv(x)  # [B, N, 3*H*D]
+        if query_rows is not None:
+            q, k, v = qkv.unflatten(-1, (3, self.num_heads, self.head_dim)).permute(2, 0, 3, 1, 4).unbind(0)
+            q, k = self.q_norm(q[:, :, :query_rows]), self.k_norm(k)  # [B, H, r, D], [B, H, N, D]
+            if attn_mask is None:
+                x = VF.attention(q, k, v, self.scale)
+            else:  # PyTorch path only (checked above): the mask's rows of those queries
+                if attn_mask.dim() >= 2 and attn_mask.shape[-2] == N:
+                    attn_mask = attn_mask[..., :query_rows, :]
+                x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=self.scale)
+            return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, query_rows, C)))
         if attn_mask is None and isinstance(self.q_norm, nn.Identity):
             x = VF.attention_packed(qkv, self.num_heads, self.scale)  # [B, N, H*D], no transposes
         else:

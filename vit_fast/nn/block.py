@@ -110,18 +110,26 @@ class Block(nn.Module):
             return False
         return not self.training or (self.mlp.drop2.p == 0.0 and isinstance(self.drop_path2, nn.Identity))
 
-    def forward_fused(self, x, delta=None, attn_mask=None):
+    def forward_fused(self, x, delta=None, attn_mask=None, rows=None):
         """The block on the residual stream ``x + delta`` ([B, N, C]); returns the stream the same way.
 
         The returned ``delta`` is None when fc2 already added the residual, else the MLP branch,
         which the next LayerNorm adds in its fused add + norm. ``attn_mask``: see ``Attention``.
+        ``rows`` r: the stream of the first r tokens only ([B, r, C]): norm1 and qkv on every token,
+        the attention for r queries, then proj, norm2 and the MLP on r rows (a model's last block
+        when its head reads the prefix tokens alone).
         """
         check_tokens("Block", x, self.attn.qkv.in_features)
         if delta is not None and delta.shape != x.shape:
             raise ValueError(f"delta: expected the shape of x {tuple(x.shape)}, got {tuple(delta.shape)}")
         to_linear = linear_input_dtype(x)  # norm1 feeds attn.qkv, norm2 feeds mlp.fc1
         h, x = norm_stream(self.norm1, x, delta, to_linear)
-        h, x = norm_stream(self.norm2, x, self.drop_path1(self.ls1(self.attn(h, attn_mask=attn_mask))), to_linear)
+        if rows is not None and rows < x.shape[1]:
+            branch = self.attn(h, attn_mask=attn_mask, query_rows=rows)  # [B, rows, C]
+            x = x[:, :rows]
+        else:
+            branch = self.attn(h, attn_mask=attn_mask)
+        h, x = norm_stream(self.norm2, x, self.drop_path1(self.ls1(branch)), to_linear)
         if self._fc2_adds_residual():
             return self.mlp.forward_fused(h, residual=x), None  # the add in fc2's epilogue
         return x, self.drop_path2(self.ls2(self.mlp(h)))
