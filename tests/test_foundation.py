@@ -2,6 +2,7 @@
 import ast
 import importlib
 import os
+import sys
 
 import pytest
 import torch
@@ -20,8 +21,13 @@ PARAM_COUNTS = {
 
 
 def test_kernels_installed_inside_the_package():
-    mod = importlib.import_module("vit_fast.kernels")
-    assert mod.__name__ == "vit_fast.kernels"
+    """The kernels import as vit_fast.kernels from inside the package folder (a checkout reaches them
+    through the vit_fast/kernels link, an install through the copied files), never as a top-level
+    `kernels` module that would shadow or be shadowed by another project's."""
+    for op in ("attention", "layernorm", "mlp"):
+        mod = importlib.import_module(f"vit_fast.kernels.{op}")
+        assert os.path.dirname(mod.__file__) == os.path.join(os.path.dirname(vit_fast.__file__), "kernels"), mod.__file__
+    assert "kernels" not in sys.modules
 
 
 @pytest.mark.parametrize("name,count", sorted(PARAM_COUNTS.items()))
