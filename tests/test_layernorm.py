@@ -162,6 +162,54 @@ def test_only_s_used_gives_ds_as_the_gradient(device):
     torch.testing.assert_close(r.grad, ds, rtol=0, atol=0)
 
 
+# shape, dtype, layout, which outputs feed the loss
+STREAM_CASES = [
+    ((2, 197, 768), FP32, "contiguous", "both"),
+    ((394, 100), FP16, "rowstride", "both"),
+    ((394, 100), FP32, "contiguous", "y"),
+    ((394, 100), FP32, "contiguous", "s"),
+]
+
+
+@pytest.mark.parametrize("shape,dtype,layout,used", STREAM_CASES)
+@pytest.mark.parametrize("path", PATHS)
+def test_add_layer_norm_without_residual_passes_the_stream(device, monkeypatch, path, shape, dtype, layout, used):
+    """residual None: (LN(x), x) with the stream's gradient added to dx by the LayerNorm backward
+    itself (one layer_norm_bwd launch, no add_layer_norm launches); the same numbers as torch's
+    LN(x) beside x used twice."""
+    device = select_path(path, monkeypatch, device)
+    x = make_x(shape, dtype, device, 0.0, layout)
+    weight, bias = make_affine(shape[-1], "both", dtype, device)
+    dy = torch.randn(shape, device=device).to(dtype) if used in ("both", "y") else None
+    ds = torch.randn(shape, device=device).to(dtype) if used in ("both", "s") else None
+    before = dispatch.kernel_launches.copy()
+
+    def ln_and_stream(x, w, b):
+        return F.layer_norm(x, (shape[-1],), w, b, 1e-6), x * 1  # x * 1: a second consumer of x, as a later op
+
+    results = check_against_float64(
+        ["y", "s", "dx", "dweight", "dbias"], lambda x, w, b: VF.add_layer_norm(x, None, w, b),
+        ln_and_stream, ln_and_stream, [x, weight, bias], [dy, ds])
+    if path == "kernel" and used != "s":
+        assert dispatch.kernel_launches["layer_norm_fwd"] == before["layer_norm_fwd"] + 1
+        assert dispatch.kernel_launches["layer_norm_bwd"] == before["layer_norm_bwd"] + 1
+        assert dispatch.kernel_launches["add_layer_norm_fwd"] == before["add_layer_norm_fwd"]
+    torch.testing.assert_close(results["s"][0], x, rtol=0, atol=0)
+
+
+def test_stream_gradient_joins_dx_in_the_kernel(device):
+    """On the kernel path the stream comes back as x itself (a view, no copy) and x has one autograd
+    consumer: its gradient is formed inside the LayerNorm backward, with no accumulation pass."""
+    x = torch.randn(4, 64, device=device, requires_grad=True)
+    y, s = VF.add_layer_norm(x, None, None, None)
+    assert s.data_ptr() == x.data_ptr()
+    assert y.grad_fn is s.grad_fn  # one node produces both, so x feeds autograd once
+    (y.sum() + (s * 2).sum()).backward()
+    x64 = x.detach().double().requires_grad_()
+    (F.layer_norm(x64, (64,), eps=1e-6).sum() + (x64 * 2).sum()).backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-5, atol=1e-5)
+
+
 def test_mixed_precision_reads_each_dtype_and_rounds_once(device):
     """fp16 x + fp32 residual with fp32 weights, y asked in fp16 (what a block under autocast feeds
     its next Linear): the numbers of torch upcasting first, s = x.float() + residual exactly and

@@ -39,10 +39,11 @@ def _layer_norm_fwd_launch(x, weight, bias, eps, y_dtype):
     return y, mean, rstd
 
 
-def _layer_norm_bwd_launch(dy, x, weight, mean, rstd, compute_dweight, compute_dbias):
+def _layer_norm_bwd_launch(dy, x, weight, mean, rstd, compute_dweight, compute_dbias, dx_extra=None):
+    """dx_extra: a gradient the kernel adds to dx (the stream's, see _LayerNormStream)."""
     dispatch.record_launch("layer_norm_bwd")
     with dispatch.device_of(x):
-        return kernels.layer_norm_bwd(dy, x, weight, mean, rstd, None, compute_dweight, compute_dbias)
+        return kernels.layer_norm_bwd(dy, x, weight, mean, rstd, dx_extra, compute_dweight, compute_dbias)
 
 
 def _add_layer_norm_fwd_launch(x, residual, weight, bias, eps, y_dtype):
@@ -204,6 +205,28 @@ class _LayerNorm(torch.autograd.Function):
         return _layer_norm_grads(ctx, dy, _layer_norm_bwd_launch)
 
 
+class _LayerNormStream(torch.autograd.Function):
+    """(LN(x), x), the second output x itself: where the stream also feeds a later op (the next add +
+    LayerNorm), its gradient joins dx inside the LayerNorm backward kernel instead of autograd adding
+    two [rows, C] gradients in a pass of its own. Eager only: a custom op cannot return its input."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps, y_dtype):
+        y, mean, rstd = _layer_norm_fwd_launch(x, weight, bias, eps, y_dtype)
+        ctx.save_for_backward(x, weight, mean, rstd)
+        ctx.set_materialize_grads(False)  # an unused output's gradient comes as None: nothing to read
+        return y, x
+
+    @staticmethod
+    def backward(ctx, dy, ds):
+        if dy is None:  # only the stream was used
+            return ds, None, None, None, None
+        x, weight, mean, rstd = ctx.saved_tensors
+        compute_dweight, compute_dbias = _wanted(ctx, 1)
+        dx, dweight, dbias = _layer_norm_bwd_launch(dy, x, weight, mean, rstd, compute_dweight, compute_dbias, ds)
+        return dx, dweight if compute_dweight else None, dbias if compute_dbias else None, None, None
+
+
 class _AddLayerNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, y_dtype):
@@ -312,8 +335,19 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-6, out_dtype=None
     read of x and residual, one write of y and s (both contiguous on the kernel path). The gradient
     of x and of residual is the same: ds + dLN/ds. Under CUDA autocast y is computed and returned
     in fp32, as torch's layer_norm would; ``out_dtype`` as in `layer_norm`.
+
+    ``residual`` None: (LayerNorm(x), x), nothing added and nothing written but y; in eager mode on
+    the kernel path the stream's gradient is added to dx inside the LayerNorm backward (one pass
+    fewer than autograd summing the gradients of x's two consumers).
     """
     autocast = _under_autocast(x)
+    if residual is None:
+        if not _check_inputs(x, weight, bias, None, out_dtype, autocast):
+            return _torch_layer_norm(x, weight, bias, eps, out_dtype, autocast), x
+        y_dtype = _y_dtype(x.dtype, out_dtype, autocast)
+        if torch.compiler.is_compiling():  # the compiler fuses the gradient sum itself
+            return layer_norm_fwd(x, weight, bias, float(eps), y_dtype)[0], x
+        return _LayerNormStream.apply(x, weight, bias, float(eps), y_dtype)
     check_tensor("residual", residual)  # required here: _check_inputs reads None as "no residual"
     if _check_inputs(x, weight, bias, residual, out_dtype, autocast):
         y_dtype = _y_dtype(torch.promote_types(x.dtype, residual.dtype), out_dtype, autocast)
