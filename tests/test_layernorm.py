@@ -545,7 +545,7 @@ _X = torch.randn(4, 100)
     (lambda: VF.add_layer_norm(_X.half(), _X.half(), torch.ones(100)), ValueError,
      r"weight: expected dtype torch.float16 \(that of x \+ residual\)"),
     (lambda: VF.layer_norm(_X, out_dtype=torch.int32), ValueError, "out_dtype: expected one of"),
-    (lambda: VF.add_layer_norm(_X, None), TypeError, "residual: expected a torch.Tensor"),
+    (lambda: VF.add_layer_norm(_X, [0.0]), TypeError, "residual: expected a torch.Tensor"),
     (lambda: VF.add_layer_norm(_X, _X, torch.ones(100), torch.ones(101)), ValueError, r"bias: expected shape"),
 ])
 def test_bad_inputs_raise_clear_errors(call, error, match):
