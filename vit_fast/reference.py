@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vit_fast.configs import CONFIGS  # the library's named configs (the oracle may read the library's data)
+from vit_fast.configs import CONFIGS, MODEL_CLASSES  # the library's named configs (the oracle may read its data)
 
 # ----------------------------------------------------------------------------- functions
 
@@ -95,6 +95,7 @@ class PatchEmbed(nn.Module):
 
     def __init__(self, img_size=224, patch_size=16, in_chans=3, embed_dim=768, bias=True):
         super().__init__()
+        # an image size that is no multiple of the patch: the conv drops the remainder
         self.img_size = (img_size, img_size)
         self.patch_size = (patch_size, patch_size)
         self.grid_size = (img_size // patch_size, img_size // patch_size)
@@ -124,13 +125,20 @@ class Attention(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
+class QuickGELU(nn.Module):
+    """CLIP's x * sigmoid(1.702 x)."""
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
 class Mlp(nn.Module):
     def __init__(self, in_features, hidden_features=None, out_features=None, act_layer="gelu", drop=0.0):
         super().__init__()
         hidden_features = hidden_features or in_features
         out_features = out_features or in_features
         self.fc1 = nn.Linear(in_features, hidden_features)
-        self.act = nn.GELU(approximate=ACT_APPROXIMATE[act_layer])
+        self.act = QuickGELU() if act_layer == "quick_gelu" else nn.GELU(approximate=ACT_APPROXIMATE[act_layer])
         self.drop1 = nn.Dropout(drop)
         self.fc2 = nn.Linear(hidden_features, out_features)
         self.drop2 = nn.Dropout(drop)
@@ -152,12 +160,12 @@ class Block(nn.Module):
     """Pre-norm encoder block: x + attn(norm1(x)), then + mlp(norm2(x))."""
 
     def __init__(self, dim, num_heads, mlp_ratio=4.0, qkv_bias=False, proj_drop=0.0, attn_drop=0.0,
-                 init_values=None, act_layer="gelu"):
+                 init_values=None, act_layer="gelu", norm_eps=1e-6):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias, attn_drop, proj_drop)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
 
@@ -166,29 +174,63 @@ class Block(nn.Module):
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
+class AttentionPoolLatent(nn.Module):
+    """Multi-head attention pooling with one learned latent query (SigLIP's MAP head), then
+    x + mlp(norm(x)) on the pooled token; timm's names (latent, q, kv, proj, norm, mlp)."""
+
+    def __init__(self, dim, num_heads=8, mlp_ratio=4.0, act_layer="gelu", norm_eps=1e-6):
+        super().__init__()
+        self.num_heads = num_heads
+        self.latent = nn.Parameter(torch.randn(1, 1, dim) * dim**-0.5)
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        H = self.num_heads
+        q = self.q(self.latent.expand(B, -1, -1)).reshape(B, 1, H, C // H).transpose(1, 2)  # [B, H, 1, D]
+        k, v = self.kv(x).reshape(B, N, 2, H, C // H).permute(2, 0, 3, 1, 4).unbind(0)
+        x = attention(q, k, v).transpose(1, 2).reshape(B, 1, C)
+        x = self.proj(x)
+        x = x + self.mlp(self.norm(x))
+        return x[:, 0]
+
+
 class VisionTransformer(nn.Module):
     def __init__(self, img_size=224, patch_size=16, in_chans=3, num_classes=1000, global_pool="token",
                  embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0, qkv_bias=True, class_token=True,
                  drop_rate=0.0, attn_drop_rate=0.0, init_values=None, act_layer="gelu", fc_norm=None,
-                 representation_size=None):
+                 representation_size=None, reg_tokens=0, no_embed_class=False, pre_norm=False, final_norm=True,
+                 norm_eps=1e-6):
         super().__init__()
-        if global_pool not in ("token", "avg"):
-            raise ValueError(f"global_pool: expected 'token' or 'avg', got {global_pool!r}")
+        if global_pool not in ("token", "avg", "map"):
+            raise ValueError(f"global_pool: expected 'token', 'avg' or 'map', got {global_pool!r}")
         # timm: with average pooling the final LayerNorm moves after the pool (`fc_norm`) unless fc_norm=False
         use_fc_norm = global_pool == "avg" if fc_norm is None else fc_norm
         self.global_pool = global_pool
-        self.num_prefix_tokens = 1 if class_token else 0
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.num_prefix_tokens = (1 if class_token else 0) + reg_tokens
+        self.no_embed_class = no_embed_class
+        # CLIP (pre_norm): a LayerNorm after the embedding and no bias in the patch projection
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, bias=not pre_norm)
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        self.pos_embed = nn.Parameter(torch.randn(1, num_patches + self.num_prefix_tokens, embed_dim) * 0.02)
+        self.reg_token = nn.Parameter(torch.randn(1, reg_tokens, embed_dim) * 0.02) if reg_tokens else None
+        pos_rows = num_patches + (0 if no_embed_class else self.num_prefix_tokens)
+        self.pos_embed = nn.Parameter(torch.randn(1, pos_rows, embed_dim) * 0.02)
         self.pos_drop = nn.Dropout(drop_rate)
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
         self.blocks = nn.Sequential(*[
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, init_values, act_layer)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias, drop_rate, attn_drop_rate, init_values, act_layer,
+                  norm_eps)
             for _ in range(depth)
         ])
-        self.norm = nn.Identity() if use_fc_norm else nn.LayerNorm(embed_dim, eps=1e-6)
-        self.fc_norm = nn.LayerNorm(embed_dim, eps=1e-6) if use_fc_norm else nn.Identity()
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm and not use_fc_norm else nn.Identity()
+        self.attn_pool = (AttentionPoolLatent(embed_dim, num_heads, mlp_ratio, act_layer, norm_eps)
+                          if global_pool == "map" else None)
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps) if final_norm and use_fc_norm else nn.Identity()
         # the original ImageNet-21k checkpoints' pre-logits layer (Dense + tanh), named as timm < 0.6 did
         self.pre_logits = nn.Identity()
         if representation_size:
@@ -200,15 +242,24 @@ class VisionTransformer(nn.Module):
         if self.cls_token is not None:
             nn.init.normal_(self.cls_token, std=1e-6)
 
+    def prefix_tokens(self):
+        return [t for t in (self.cls_token, self.reg_token) if t is not None]
+
     def forward_features(self, x):
         x = self.patch_embed(x)  # [B, L, E]
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # [B, 1+L, E]
-        x = self.pos_drop(x + self.pos_embed)
+        prefix = [t.expand(x.shape[0], -1, -1) for t in self.prefix_tokens()]
+        if self.no_embed_class:  # the position embedding covers the patches only: add, then prepend
+            x = torch.cat(prefix + [x + self.pos_embed], dim=1)
+        else:  # prepend (class token [, registers]), then add
+            x = torch.cat(prefix + [x], dim=1) + self.pos_embed
+        x = self.norm_pre(self.pos_drop(x))
         return self.norm(self.blocks(x))
 
     def forward_head(self, x, pre_logits=False):
-        x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
+        if self.attn_pool is not None:
+            x = self.attn_pool(x[:, self.num_prefix_tokens:])
+        else:
+            x = x[:, self.num_prefix_tokens:].mean(dim=1) if self.global_pool == "avg" else x[:, 0]
         x = self.head_drop(self.pre_logits(self.fc_norm(x)))
         return x if pre_logits else self.head(x)
 
@@ -216,8 +267,38 @@ class VisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+class VisionTransformerDistilled(VisionTransformer):
+    """DeiT with distillation (Touvron et al., arXiv 2012.12877): a distillation token after the
+    class token (both with position rows), a second head on it; the output is the mean of the two
+    heads (the pair in training when ``distilled_training`` is set)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        E = self.pos_embed.shape[-1]
+        self.num_prefix_tokens = 2
+        self.dist_token = nn.Parameter(torch.randn(1, 1, E) * 0.02)
+        self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches + 2, E) * 0.02)
+        num_classes = self.head.out_features if isinstance(self.head, nn.Linear) else 0
+        self.head_dist = nn.Linear(E, num_classes) if num_classes > 0 else nn.Identity()
+        self.distilled_training = False
+
+    def prefix_tokens(self):
+        return [self.cls_token, self.dist_token]
+
+    def forward_head(self, x, pre_logits=False):
+        x, x_dist = x[:, 0], x[:, 1]
+        if pre_logits:
+            return (x + x_dist) / 2
+        x, x_dist = self.head(x), self.head_dist(x_dist)
+        if self.distilled_training and self.training:
+            return x, x_dist
+        return (x + x_dist) / 2
+
+
 def create_reference(name, **kwargs):
     """The reference model for a factory name, e.g. ``create_reference('vit_base_patch16_224')``."""
     if name not in CONFIGS:
         raise ValueError(f"name: expected one of {sorted(CONFIGS)}, got {name!r}")
-    return VisionTransformer(**{**CONFIGS[name], **kwargs})
+    config = {k: v for k, v in CONFIGS[name].items() if k not in ("pixel_mean", "pixel_std")}  # uint8 only
+    cls = VisionTransformerDistilled if MODEL_CLASSES.get(name) == "distilled" else VisionTransformer
+    return cls(**{**config, **kwargs})

@@ -22,6 +22,28 @@ def _module_approximate(module):
     return None
 
 
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): CLIP's activation (timm's ``QuickGELU``, act_layer='quick_gelu')."""
+
+    def forward(self, x):
+        return quick_gelu(x)
+
+
+def quick_gelu(x):
+    return x * torch.sigmoid(1.702 * x)
+
+
+def is_quick_gelu(act_layer) -> bool:
+    """Whether ``act_layer`` asks for quick-GELU: 'quick_gelu', a QuickGELU class (timm's or
+    vit_fast's, matched by class name) or partial of one, or such a module instance."""
+    if isinstance(act_layer, str):
+        return act_layer.lower() == "quick_gelu"
+    target = act_layer.func if isinstance(act_layer, functools.partial) else act_layer
+    if isinstance(target, nn.Module):
+        target = type(target)
+    return isinstance(target, type) and target.__name__ == "QuickGELU"
+
+
 def _is_module_factory(act_layer):
     target = act_layer.func if isinstance(act_layer, functools.partial) else act_layer
     return isinstance(target, type) and issubclass(target, nn.Module)
@@ -60,6 +82,10 @@ def _pair(v):
 class Mlp(nn.Module):
     """timm's ``Mlp``: fc1 -> act -> drop1 -> norm -> fc2 -> drop2, with fc1 + bias + GELU fused.
 
+    ``act_layer`` quick-GELU (CLIP's 'quick_gelu', ``QuickGELU``): the fused Linear has no quick-GELU
+    epilogue yet, so fc1 runs as the fused Linear without activation (``VF.linear``), then torch's
+    x * sigmoid(1.702 x), then the fused fc2 (``quick_gelu`` True, ``approximate`` None).
+
     Same constructor, submodule names (``fc1``, ``act``, ``drop1``, ``norm``, ``fc2``, ``drop2``) and
     state_dict (``fc1.weight``, ``fc1.bias``, ``fc2.weight``, ``fc2.bias``) as timm. ``act`` is an
     ``nn.GELU`` of the chosen flavour, kept for the repr and for code that inspects it; forward runs
@@ -82,9 +108,10 @@ class Mlp(nn.Module):
         hidden_features = hidden_features or in_features
         bias1, bias2 = _pair(bias)
         drop1, drop2 = _pair(drop)
-        self.approximate = gelu_approximate(act_layer)
+        self.quick_gelu = is_quick_gelu(act_layer)
+        self.approximate = None if self.quick_gelu else gelu_approximate(act_layer)
         self.fc1 = nn.Linear(in_features, hidden_features, bias=bias1)
-        self.act = nn.GELU(approximate=self.approximate)
+        self.act = QuickGELU() if self.quick_gelu else nn.GELU(approximate=self.approximate)
         self.drop1 = nn.Dropout(drop1)
         self.norm = norm_layer(hidden_features) if norm_layer is not None else nn.Identity()
         self.fc2 = nn.Linear(hidden_features, out_features, bias=bias2)
@@ -101,7 +128,10 @@ class Mlp(nn.Module):
             raise TypeError(f"x: Mlp expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.fc1.in_features:
             raise ValueError(f"x: Mlp expected [..., {self.fc1.in_features}], got shape {tuple(x.shape)}")
-        h = VF.linear_gelu(x, self.fc1.weight, self.fc1.bias, self.approximate)  # [..., hidden]
+        if self.quick_gelu:  # no quick-GELU epilogue in the fused Linear: fc1 fused, the activation in torch
+            h = quick_gelu(VF.linear(x, self.fc1.weight, self.fc1.bias))
+        else:
+            h = VF.linear_gelu(x, self.fc1.weight, self.fc1.bias, self.approximate)  # [..., hidden]
         h = self.norm(self.drop1(h))
         if residual is not None and not _active(self.drop2):
             return VF.linear(h, self.fc2.weight, self.fc2.bias, residual=residual)
