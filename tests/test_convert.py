@@ -1,4 +1,5 @@
 """vit_fast.convert: a reference (or timm) ViT converted in place keeps its tensors and its outputs."""
+import collections
 import copy
 import logging
 
@@ -109,7 +110,7 @@ def test_convert_timm_model(variant, device):
 
 
 class QuickGELU(nn.Module):
-    """Stands in for timm.layers.QuickGELU (CLIP's x * sigmoid(1.702 x)): no fused kernel for it."""
+    """Stands in for timm.layers.QuickGELU (CLIP's x * sigmoid(1.702 x)), recognised by its class name."""
 
     def forward(self, x):
         return x * torch.sigmoid(1.702 * x)
@@ -162,13 +163,14 @@ def _attn_masks(n, device):
     return {"bool": keep, "additive": torch.zeros(2, 1, n, n, device=device).masked_fill(~keep, float("-inf"))}
 
 
-@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+@pytest.mark.parametrize("act", ["relu", "quick_gelu", "gelu"])
 def test_converted_modules_take_timms_call_signatures(act, device, monkeypatch):
-    """A timm Block that convert keeps (CLIP's quick-GELU MLP has no fused kernel) calls its
+    """A timm Block that convert keeps (a ReLU MLP has no fused kernel) calls its
     converted Attention as self.attn(x, attn_mask=attn_mask); a fully fused one is called as timm's
     Block(x, attn_mask=...). Both run and match; a mask is applied on the PyTorch path and refused
     by name on the kernel path, never ignored."""
-    block = timm_like.Block(96, 3, QuickGELU() if act == "quick_gelu" else nn.GELU()).to(device).eval()
+    act_module = {"relu": nn.ReLU(), "quick_gelu": QuickGELU(), "gelu": nn.GELU()}[act]
+    block = timm_like.Block(96, 3, act_module).to(device).eval()
     before = copy.deepcopy(block)
     x = torch.randn(2, 17, 96, device=device)
     masks = _attn_masks(17, device)
@@ -179,10 +181,10 @@ def test_converted_modules_take_timms_call_signatures(act, device, monkeypatch):
                                                               else m.double()) for kind, m in masks.items()}}
     converted = vit_fast.convert(block)
     assert type(converted.attn) is vit_fast.nn.Attention and type(converted.norm1) is vit_fast.nn.LayerNorm
-    if act == "quick_gelu":
+    if act == "relu":
         assert converted is block and type(block.mlp) is timm_like.Mlp  # kept: timm's Block and Mlp
-    else:
-        assert type(converted) is vit_fast.nn.Block
+    else:  # CLIP's quick-GELU too: fc1 / fc2 fused Linears, the activation in torch
+        assert type(converted) is vit_fast.nn.Block and converted.mlp.quick_gelu == (act == "quick_gelu")
     with torch.no_grad():
         for out in (converted(x), converted(x, attn_mask=None)):
             assert_close_to_ref(f"{act} block", out, expected[None], expected64[None], fp32_bound(device), factor=3)
@@ -193,3 +195,44 @@ def test_converted_modules_take_timms_call_signatures(act, device, monkeypatch):
         for kind, mask in masks.items():
             assert_close_to_ref(f"{act} block, {kind} mask", converted(x, attn_mask=mask), expected[kind],
                                 expected64[kind], fp32_bound(device), factor=3)
+
+
+# ----------------------------------------------------------------------------- the family
+
+FAMILY_KINDS = ("Attention", "Mlp", "LayerNorm", "PatchEmbed", "Block", "AttentionPoolLatent")
+
+
+@pytest.mark.parametrize("name", ["deit_tiny_distilled_patch16_224", "vit_small_patch14_reg4_dinov2",
+                                  "vit_base_patch16_clip_quickgelu_224", "vit_base_patch16_siglip_224",
+                                  "vit_so400m_patch14_siglip_384", "vit_base_patch16_siglip_gap_224"])
+def test_convert_family(name, device, caplog):
+    """convert() on the oracle's family models (stand-ins of timm's: the same class names and
+    structure, QuickGELU and AttentionPoolLatent included): every block's attention and MLP and the
+    MAP head fused, the same parameter objects, the same outputs; the heads (nn.Linear) kept."""
+    from test_family import TINY, tiny_models
+    _, model, _ = tiny_models(name)
+    model = model.to(device).eval()
+    before = copy.deepcopy(model)
+    params = dict(model.named_parameters())
+    size = TINY[name]["img_size"]
+    x = torch.randn(2, 3, size, size, device=device)
+    with caplog.at_level(logging.DEBUG, logger="vit_fast.convert"):
+        assert vit_fast.convert(model) is model
+    check_converted(model, FAMILY_KINDS)
+    assert all(p is params[n] for n, p in model.named_parameters()) and len(params) == len(list(model.parameters()))
+    assert "head (Linear)" in caplog.text
+    if "quickgelu" in name:
+        assert all(block.mlp.quick_gelu for block in model.blocks)
+    if "siglip_2" in name or "so400m" in name:
+        assert type(model.attn_pool) is vit_fast.nn.AttentionPoolLatent and model.attn_pool.mlp is not None
+    before_launches = collections.Counter(dispatch.kernel_launches)
+    with torch.no_grad():
+        out = model(x)
+        with torch_in_tf32(device):
+            ref_out, out64 = before(x), copy.deepcopy(before).double()(x.double())
+    ran = {op for op, n in dispatch.kernel_launches.items() if n > before_launches[op]}
+    if device == "cuda" or dispatch.interpreter_enabled():
+        assert {"attention_packed_fwd", "linear_act_fwd", "add_layer_norm_fwd"} <= ran, ran
+        if "siglip_2" in name or "so400m" in name:
+            assert "attention_fwd" in ran  # the MAP head's latent query
+    assert_close_to_ref(f"converted {name}", out, ref_out, out64, fp32_bound(device), factor=3)

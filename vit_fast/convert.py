@@ -6,30 +6,38 @@ optimizer built before the conversion still steps them) and the same training mo
     nn.LayerNorm (any subclass, e.g. timm's)  -> vit_fast.nn.LayerNorm
     Attention (qkv, proj)                     -> vit_fast.nn.Attention
     Mlp (fc1, GELU erf or tanh, fc2)          -> vit_fast.nn.Mlp, keeping the GELU flavour
+    Mlp (fc1, QuickGELU, fc2: CLIP)           -> vit_fast.nn.Mlp, fc1 / fc2 fused Linears, quick-GELU in torch
+    AttentionPoolLatent (SigLIP's MAP head)   -> vit_fast.nn.AttentionPoolLatent (VF.attention, fused norm + MLP)
     PatchEmbed (conv with stride = kernel)    -> vit_fast.nn.PatchEmbed
     Block (norm1, attn, norm2, mlp, ...)      -> vit_fast.nn.Block, once its parts are vit_fast's
 
 Modules are recognised by class name and structure, so timm need not be importable here. A module
 that does not fit (another activation, a norm inside the Mlp, gated attention, ...) is left as it
-is; everything left alone is listed at debug level on the ``vit_fast.convert`` logger. Every
+is; everything left alone is listed at debug level on the ``vit_fast.convert`` logger. Kept as they
+are because no kernel of vit_fast's does them: classifier heads (``head``, DeiT's ``head_dist``:
+nn.Linear, cuBLAS like vit_fast's own models), dropouts, LayerScale multiplies and the model's own
+forward (its token concatenation and position-embedding add, timm's ``_pos_embed``). Every
 replacement takes the call of the timm 1.0 module it replaces (``Attention(x, attn_mask=None)``,
 ``Block(x, attn_mask=None)``, ``Mlp(x)``, ``LayerNorm(x)``, ``PatchEmbed(x)``), so a timm module left
-alone (e.g. a Block around CLIP's quick-GELU Mlp) still calls its converted parts as it did.
+alone (e.g. a Block around a ReLU Mlp) still calls its converted parts as it did.
 """
 import logging
 
 import torch
 import torch.nn as nn
 
+import functools
+
 from vit_fast.nn.attention import Attention
+from vit_fast.nn.attention_pool import AttentionPoolLatent
 from vit_fast.nn.block import Block
 from vit_fast.nn.layernorm import LayerNorm
-from vit_fast.nn.mlp import Mlp, gelu_approximate
+from vit_fast.nn.mlp import Mlp, gelu_approximate, is_quick_gelu
 from vit_fast.nn.patch_embed import PatchEmbed
 
 logger = logging.getLogger(__name__)
 
-VIT_FAST_MODULES = (Attention, Block, LayerNorm, Mlp, PatchEmbed)
+VIT_FAST_MODULES = (Attention, AttentionPoolLatent, Block, LayerNorm, Mlp, PatchEmbed)
 UNREMARKABLE = (nn.Identity, nn.Sequential, nn.ModuleList, nn.ModuleDict)  # not worth listing as left alone
 
 
@@ -95,10 +103,11 @@ def _mlp(old):
     drop = _dropout_p(old, "drop1"), _dropout_p(old, "drop2")
     if None in drop:
         return None
-    try:
-        gelu_approximate(act)  # the GELU flavour the new Mlp keeps; the fused kernels do GELU only
-    except ValueError:
-        return None
+    if not is_quick_gelu(act):  # quick-GELU: fc1 and fc2 fused, the activation in torch (see vit_fast.nn.Mlp)
+        try:
+            gelu_approximate(act)  # the GELU flavour the new Mlp keeps; the fused kernels do GELU only
+        except ValueError:
+            return None
     return _twin(old, lambda: Mlp(fc1.in_features, fc1.out_features, fc2.out_features, act_layer=act,
                                   bias=(fc1.bias is not None, fc2.bias is not None), drop=drop))
 
@@ -116,6 +125,35 @@ def _patch_embed(old):
         getattr(old, "img_size", None), p, conv.in_channels, conv.out_channels, flatten=flatten,
         output_fmt=output_fmt, bias=conv.bias is not None, strict_img_size=getattr(old, "strict_img_size", True),
         dynamic_img_pad=getattr(old, "dynamic_img_pad", False)))
+
+
+def _attention_pool(old):
+    """timm's AttentionPoolLatent with its ViT defaults (q projection, no qk norm, no position
+    embedding, embed = out features), once its norm and MLP are vit_fast's."""
+    latent, q, kv, proj = (getattr(old, name, None) for name in ("latent", "q", "kv", "proj"))
+    norm, mlp = getattr(old, "norm", None), getattr(old, "mlp", None)
+    if not (isinstance(latent, nn.Parameter) and latent.dim() == 3 and hasattr(old, "num_heads")
+            and all(isinstance(m, nn.Linear) for m in (q, kv, proj))
+            and isinstance(norm, LayerNorm) and isinstance(mlp, Mlp)):
+        return None
+    dim = kv.in_features
+    shapes = (q.in_features, q.out_features, kv.out_features, proj.in_features, proj.out_features)
+    if shapes != (dim, dim, 2 * dim, dim, dim) or getattr(old, "pos_embed", None) is not None:
+        return None
+    if not (_is_identity(getattr(old, "q_norm", None)) and _is_identity(getattr(old, "k_norm", None))):
+        return None
+    pool = getattr(old, "pool", "token")
+    if pool not in ("token", "avg", "") or (q.bias is None) != (kv.bias is None):
+        return None
+    drop = _dropout_p(old, "proj_drop")
+    act = "quick_gelu" if mlp.quick_gelu else {"none": "gelu", "tanh": "gelu_tanh"}[mlp.approximate]
+    new = _twin(old, lambda: AttentionPoolLatent(
+        dim, num_heads=old.num_heads, mlp_ratio=(mlp.fc1.out_features + 0.5) / dim, qkv_bias=q.bias is not None,
+        latent_len=latent.shape[1], pool_type=pool, norm_layer=functools.partial(LayerNorm, eps=norm.eps),
+        act_layer=act, drop=drop or 0.0))
+    if new is not None:
+        new.norm, new.mlp = norm, mlp  # the converted modules themselves (their eps, their dropouts)
+    return new
 
 
 def _block(old):
@@ -144,6 +182,8 @@ def _replacement(module):
         return _patch_embed(module)
     if kind == "Block":
         return _block(module)
+    if kind == "AttentionPoolLatent":
+        return _attention_pool(module)
     return None
 
 
@@ -164,7 +204,7 @@ def _convert(module, path, left_alone):
 
 
 def convert(model):
-    """Replace ``model``'s Attention, Mlp, LayerNorm, PatchEmbed and Block modules in place with
+    """Replace ``model``'s Attention, Mlp, LayerNorm, PatchEmbed, Block and AttentionPoolLatent modules in place with
     vit_fast's, sharing their parameter tensors; returns the model (a new module only when
     ``model`` itself is one of those kinds)."""
     left_alone = []
