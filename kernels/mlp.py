@@ -29,7 +29,25 @@ Backward, two ways:
   dy * act'(pre) as an elementwise pass after a separate dy @ W GEMM, and, per program, the column
   sums of dpre (fp32) for the bias gradient, reduced afterwards by the caller in a fixed order.
 
-Activations (constexpr strings): "none", "gelu" (exact, erf) and "gelu_tanh" (tanh approximation).
+SwiGLU (EVA-02's MLP input half, timm's ``SwiGLU``: fc1_g and fc1_x, two nn.Linear over the same x):
+- ``swiglu_kernel``: h = silu(x @ Wg^T + bg) * (x @ Wx^T + bx) as ONE pointer-kernel matmul with two
+  fp32 accumulators: each K step loads the x tile once and the matching Wg and Wx tiles (both read
+  in nn.Linear's [N, K] layout through their own strides), and the epilogue forms the gated product
+  before the only store of h. timm's two parameters stay as they are: a single GEMM over a packed
+  [Wg; Wx] weight would need that concatenation copied on every call (or a re-laid-out parameter,
+  which breaks state_dict compatibility); two accumulators read the two tensors in place, and x,
+  the big operand (M = B * N rows), is read once either way. With a gradient the epilogue also
+  writes g and u (the two pre-activations) into one [M, 2N] buffer (g in columns [0, N), u in
+  [N, 2N)) for the backward: what eager autograd saves, no recomputed GEMM.
+- ``swiglu_backward_kernel``: from dh and that buffer, one elementwise pass writes d = [dg | du]
+  ([M, 2N], dg = dh * u * silu'(g), du = dh * silu(g)) and per-row-program fp32 column sums of it
+  (both bias gradients, reduced afterwards in a fixed order: deterministic). The weight gradients
+  are then ONE GEMM d^T @ x ([2N, K]: rows [0, N) are dWg, [N, 2N) dWx) and dx = dg @ Wg + du @ Wx.
+  No TMA variant yet (the pointer kernel on every GPU).
+
+Activations (constexpr strings): "none", "gelu" (exact, erf), "gelu_tanh" (tanh approximation) and
+"quick_gelu" (OpenAI CLIP's x * sigmoid(1.702 x)); the public spellings map onto these in
+``vit_fast.ops.mlp`` (``resolve_activation``).
 """
 import dataclasses
 import functools
@@ -45,13 +63,16 @@ try:  # host-side TMA descriptors (in Triton 3.6 and 3.9 alike)
 except ImportError:
     TensorDescriptor = None
 
-ACTIVATIONS = ("none", "gelu", "gelu_tanh")
+ACTIVATIONS = ("none", "gelu", "gelu_tanh", "quick_gelu")
+GRAD_ACTIVATIONS = ACTIVATIONS[1:]  # the ones with a derivative kernel ("none" has none)
 
 SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1 / sqrt(2)
 INV_SQRT_2PI = tl.constexpr(0.3989422804014327)  # 1 / sqrt(2 pi)
 SQRT_2_OVER_PI = tl.constexpr(0.7978845608028654)  # sqrt(2 / pi)
 GELU_TANH_CUBIC = tl.constexpr(0.044715)
 TWO_LOG2E = tl.constexpr(2.8853900817779268)  # 2 / ln 2: exp(-2|z|) = exp2(-TWO_LOG2E |z|)
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(z) = exp2(z * LOG2E)
+QUICK_GELU_ALPHA = tl.constexpr(1.702)  # quick_gelu(x) = x * sigmoid(1.702 x)
 
 
 # ----------------------------------------------------------------------------- elementwise math
@@ -63,6 +84,12 @@ def _tanh(z):
     e = tl.exp2(tl.abs(z) * -TWO_LOG2E)
     t = (1.0 - e) / (1.0 + e)
     return tl.where(z < 0, -t, t)
+
+
+@triton.jit
+def _sigmoid(z):
+    # 1 / (1 + exp(-z)) on fp32: exp(-z) overflows to inf for z < ~-88 and gives exactly 0, never NaN
+    return 1.0 / (1.0 + tl.exp2(z * -LOG2E))
 
 
 @triton.jit
@@ -78,6 +105,8 @@ def _activation(pre, ACTIVATION: tl.constexpr):
         return 0.5 * pre * (1.0 + tl.math.erf(pre * SQRT_HALF))
     elif ACTIVATION == "gelu_tanh":
         return 0.5 * pre * (1.0 + _tanh(_gelu_tanh_inner(pre)))
+    elif ACTIVATION == "quick_gelu":
+        return pre * _sigmoid(pre * QUICK_GELU_ALPHA)
     else:
         return pre
 
@@ -88,6 +117,10 @@ def _activation_grad(pre, ACTIVATION: tl.constexpr):
     if ACTIVATION == "gelu":
         cdf = 0.5 * (1.0 + tl.math.erf(pre * SQRT_HALF))
         return cdf + pre * INV_SQRT_2PI * tl.exp(-0.5 * pre * pre)
+    elif ACTIVATION == "quick_gelu":
+        # d/dx x s(a x) = s + a x s (1 - s); s (1 - s) -> 0 faster than x grows: 0 or 1 at the tails
+        s = _sigmoid(pre * QUICK_GELU_ALPHA)
+        return s + pre * QUICK_GELU_ALPHA * s * (1.0 - s)
     else:
         t = _tanh(_gelu_tanh_inner(pre))
         dinner = (pre * pre * (3.0 * GELU_TANH_CUBIC) + 1.0) * SQRT_2_OVER_PI
@@ -277,6 +310,106 @@ def activation_backward_kernel(
         tl.store(db_partial_ptr + pid_m * N + offs_n, tl.sum(db, axis=0), mask=mask_n)
 
 
+# ----------------------------------------------------------------------------- SwiGLU
+
+
+@triton.jit
+def swiglu_kernel(
+    x_ptr,  # [M, K]
+    wg_ptr,  # [N, K] fc1_g.weight, read through its strides
+    bg_ptr,  # [N] fc1_g.bias (read only if HAS_BIAS_G)
+    wx_ptr,  # [N, K] fc1_x.weight, read through its strides
+    bx_ptr,  # [N] fc1_x.bias (read only if HAS_BIAS_X)
+    h_ptr,  # [M, N] out: silu(g) * u
+    pre_ptr,  # [M, 2N] out (only if SAVE_PRE): g in columns [0, N), u in [N, 2N); unit column stride
+    M, N, K,
+    stride_xm, stride_xk, stride_wgn, stride_wgk, stride_wxn, stride_wxk, stride_hm, stride_hn, stride_pm,
+    HAS_BIAS_G: tl.constexpr, HAS_BIAS_X: tl.constexpr, SAVE_PRE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)  # clamped loads past the edge, masked stores
+    cols = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
+    wg_ptrs = wg_ptr + offs_k[:, None] * stride_wgk + cols[None, :] * stride_wgn  # [BLOCK_K, BLOCK_N]
+    wx_ptrs = wx_ptr + offs_k[:, None] * stride_wxk + cols[None, :] * stride_wxn
+
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        if EVEN_K:
+            a = tl.load(x_ptrs)
+            bg = tl.load(wg_ptrs)
+            bx = tl.load(wx_ptrs)
+        else:
+            k_left = K - k * BLOCK_K
+            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
+            bg = tl.load(wg_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+            bx = tl.load(wx_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        acc_g = tl.dot(a, bg, acc_g, input_precision=DOT_PRECISION)  # one x tile, two products
+        acc_x = tl.dot(a, bx, acc_x, input_precision=DOT_PRECISION)
+        x_ptrs += BLOCK_K * stride_xk
+        wg_ptrs += BLOCK_K * stride_wgk
+        wx_ptrs += BLOCK_K * stride_wxk
+
+    mask_n = offs_n < N
+    if HAS_BIAS_G:
+        acc_g += tl.load(bg_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS_X:
+        acc_x += tl.load(bx_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    mask = (offs_m[:, None] < M) & mask_n[None, :]
+    if SAVE_PRE:
+        pre_offs = offs_m.to(tl.int64)[:, None] * stride_pm + offs_n[None, :]
+        tl.store(pre_ptr + pre_offs, acc_g.to(pre_ptr.dtype.element_ty), mask=mask)
+        tl.store(pre_ptr + pre_offs + N, acc_x.to(pre_ptr.dtype.element_ty), mask=mask)
+    h = acc_g * _sigmoid(acc_g) * acc_x
+    h_offs = offs_m.to(tl.int64)[:, None] * stride_hm + offs_n[None, :] * stride_hn
+    tl.store(h_ptr + h_offs, h.to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def swiglu_backward_kernel(
+    dh_ptr,  # [M, N] gradient of h
+    pre_ptr,  # [M, 2N] the forward's g | u, unit column stride
+    d_ptr,  # [M, 2N] out: dg | du, unit column stride
+    db_partial_ptr,  # [cdiv(M, ROWS_PER_PROGRAM), 2N] fp32 out (if HAS_BIAS): column sums of d per row program
+    M, N, stride_dhm, stride_dhn, stride_pm, stride_dm,
+    HAS_BIAS: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pid_m = tl.program_id(0) // num_pid_n
+    pid_n = tl.program_id(0) % num_pid_n
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    db_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)  # elementwise sums, reduced once after the loop
+    db_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for start in tl.static_range(0, ROWS_PER_PROGRAM, BLOCK_M):
+        offs_m = (pid_m * ROWS_PER_PROGRAM + start + tl.arange(0, BLOCK_M)).to(tl.int64)
+        mask = (offs_m[:, None] < M) & mask_n[None, :]
+        dh = tl.load(dh_ptr + offs_m[:, None] * stride_dhm + offs_n[None, :] * stride_dhn, mask=mask,
+                     other=0.0).to(tl.float32)
+        pre_ptrs = pre_ptr + offs_m[:, None] * stride_pm + offs_n[None, :]
+        g = tl.load(pre_ptrs, mask=mask, other=0.0).to(tl.float32)
+        u = tl.load(pre_ptrs + N, mask=mask, other=0.0).to(tl.float32)
+        s = _sigmoid(g)
+        dg = dh * u * (s + g * s * (1.0 - s))  # silu'(g) = s + g s (1 - s); 0 where masked (dh = 0)
+        du = dh * (g * s)
+        d_ptrs = d_ptr + offs_m[:, None] * stride_dm + offs_n[None, :]
+        tl.store(d_ptrs, dg.to(d_ptr.dtype.element_ty), mask=mask)
+        tl.store(d_ptrs + N, du.to(d_ptr.dtype.element_ty), mask=mask)
+        if HAS_BIAS:
+            db_g += dg
+            db_x += du
+    if HAS_BIAS:
+        partial_ptrs = db_partial_ptr + pid_m * 2 * N + offs_n
+        tl.store(partial_ptrs, tl.sum(db_g, axis=0), mask=mask_n)
+        tl.store(partial_ptrs + N, tl.sum(db_x, axis=0), mask=mask_n)
+
+
 # ----------------------------------------------------------------------------- launchers
 
 
@@ -415,11 +548,11 @@ def linear_act_grad(dy, weight, pre, dpre, activation, bias_grad=True, config=No
 
     dy [M, K] (any strides), weight [N, K] read through its strides: for an MLP's fc2 weight W2
     [C, hidden] pass ``W2.t()`` ([hidden, C], strides (1, hidden): no copy); pre and dpre [M, N]
-    with the same strides; activation "gelu" or "gelu_tanh". Always the pointer kernel (module
+    with the same strides; activation one of ``GRAD_ACTIVATIONS``. Always the pointer kernel (module
     docstring); ``config`` defaults to the pointer kernel's table entry.
     """
-    if activation not in ("gelu", "gelu_tanh"):
-        raise ValueError(f"activation: expected 'gelu' or 'gelu_tanh', got {activation!r}")
+    if activation not in GRAD_ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {GRAD_ACTIVATIONS}, got {activation!r}")
     reject_bf16_dots_under_interpreter("mlp backward", linear_act_kernel, dy.dtype)
     if pre.stride() != dpre.stride():
         raise ValueError("linear_act_grad: pre and dpre must have the same strides")
@@ -449,10 +582,10 @@ def activation_backward(dy, pre, dpre, activation, db_partial=None):
     """dpre = dy * act'(pre); db_partial [db_partial_rows(M), N] fp32 (optional) gets the column
     sums of dpre per row program (the bias gradient is ``db_partial.sum(0)``).
 
-    dy, pre, dpre [M, N] with unit last stride; activation "gelu" or "gelu_tanh".
+    dy, pre, dpre [M, N] with unit last stride; activation one of ``GRAD_ACTIVATIONS``.
     """
-    if activation not in ("gelu", "gelu_tanh"):
-        raise ValueError(f"activation: expected 'gelu' or 'gelu_tanh', got {activation!r}")
+    if activation not in GRAD_ACTIVATIONS:
+        raise ValueError(f"activation: expected one of {GRAD_ACTIVATIONS}, got {activation!r}")
     M, N = dy.shape
     if M == 0 or N == 0:
         if db_partial is not None:
@@ -465,3 +598,71 @@ def activation_backward(dy, pre, dpre, activation, db_partial=None):
         ACTIVATION=activation, HAS_BIAS=db_partial is not None,
         ROWS_PER_PROGRAM=BWD_ROWS_PER_PROGRAM, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=BWD_NUM_WARPS)
     return dpre
+
+
+# SwiGLU's two-accumulator matmul: twice linear_act_kernel's accumulator registers per tile (and two
+# weight tiles per stage in shared memory), so the 16-bit tile is 128 x 64 (x 2 products: the work
+# of a 128 x 128 tile), the fp32 one 64 x 64. UNMEASURED on a GPU; both compile for sm_90 within an
+# H100's shared memory (tests/test_mlp.py, where the registers and spills are printed).
+SWIGLU_CONFIGS = {
+    2: MatmulConfig(128, 64, 64, GROUP_M=8, num_warps=8, num_stages=3),
+    4: MatmulConfig(64, 64, 32, GROUP_M=8, num_warps=4, num_stages=3),
+}
+# swiglu_backward: two inputs of [M, N] and one of [M, 2N] per element pair, two accumulators: half
+# activation_backward's block width (64 x 64 blocks over 256-row slabs)
+SWIGLU_BWD_BLOCK_N = 64
+
+
+def swiglu_config(x: torch.Tensor) -> MatmulConfig:
+    if x.device.type != "cuda":
+        return INTERPRETER_CONFIG
+    return SWIGLU_CONFIGS[min(x.element_size(), 4)]
+
+
+def swiglu(x, wg, bg, wx, bx, out, pre_out=None, config=None):
+    """out = silu(x @ wg^T + bg) * (x @ wx^T + bx); pre_out [M, 2N] (optional, unit column stride)
+    gets g | u, the two pre-activations.
+
+    x [M, K], wg and wx [N, K] (any strides), bg / bx [N] or None (strided ones are copied), out
+    [M, N] (any strides). ``config`` defaults to ``swiglu_config``.
+    """
+    reject_bf16_dots_under_interpreter("swiglu", swiglu_kernel, x.dtype)
+    M, K = x.shape
+    N = wg.shape[0]
+    if M == 0 or N == 0:
+        return out
+    if pre_out is not None and (tuple(pre_out.shape) != (M, 2 * N) or pre_out.stride(1) != 1):
+        raise ValueError(f"swiglu: pre_out must be [{M}, {2 * N}] with a unit column stride")
+    bg, bx = unit_stride_param(bg), unit_stride_param(bx)
+    cfg = config or swiglu_config(x)
+    grid = (cdiv(M, cfg.BLOCK_M) * cdiv(N, cfg.BLOCK_N),)
+    swiglu_kernel[grid](
+        x, wg, bg if bg is not None else out, wx, bx if bx is not None else out, out,
+        pre_out if pre_out is not None else out, M, N, K,
+        x.stride(0), x.stride(1), wg.stride(0), wg.stride(1), wx.stride(0), wx.stride(1), out.stride(0),
+        out.stride(1), pre_out.stride(0) if pre_out is not None else 0,
+        HAS_BIAS_G=bg is not None, HAS_BIAS_X=bx is not None, SAVE_PRE=pre_out is not None,
+        DOT_PRECISION=dot_precision(x.dtype), EVEN_K=K % cfg.BLOCK_K == 0,
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, GROUP_M=cfg.GROUP_M,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return out
+
+
+def swiglu_backward(dh, pre, d, db_partial=None):
+    """d = [dg | du] ([M, 2N]) from dh [M, N] (any strides) and pre = the forward's [g | u] ([M, 2N]);
+    db_partial [db_partial_rows(M), 2N] fp32 (optional) gets per-row-program column sums of d (the
+    two bias gradients are ``db_partial.sum(0)`` split at N). pre and d: unit column stride."""
+    M, N = dh.shape
+    if pre.stride(1) != 1 or d.stride(1) != 1:
+        raise ValueError("swiglu_backward: pre and d need a unit column stride")
+    if M == 0 or N == 0:
+        if db_partial is not None:
+            db_partial.zero_()
+        return d
+    grid = (db_partial_rows(M) * cdiv(N, SWIGLU_BWD_BLOCK_N),)
+    swiglu_backward_kernel[grid](
+        dh, pre, d, db_partial if db_partial is not None else d, M, N,
+        dh.stride(0), dh.stride(1), pre.stride(0), d.stride(0),
+        HAS_BIAS=db_partial is not None, ROWS_PER_PROGRAM=BWD_ROWS_PER_PROGRAM, BLOCK_M=BWD_BLOCK_M,
+        BLOCK_N=SWIGLU_BWD_BLOCK_N, num_warps=BWD_NUM_WARPS)
+    return d

@@ -5,7 +5,7 @@ Ops (x is 2-D here: the public functions flatten the leading dims):
   vit_fast::linear_act_fwd(x [M,K], weight [N,K], bias [N]?, residual [M,N]?, activation, save_pre)
       -> (y [M,N], pre [M,N] or [0])      y = act(x @ weight^T + bias + residual)
   vit_fast::linear_act_bwd(dy [M,N], pre [M,N], x, weight, activation, has_bias) -> (dx, dw, db or [0])
-``activation`` is "gelu" (erf), "gelu_tanh" or "none" (plain linear; its backward is four torch
+``activation`` is "gelu" (erf), "gelu_tanh", "quick_gelu" or "none" (plain linear; its backward is four torch
 ops: dresidual = dy, dx = dy @ W, dw = dy^T @ x, db = dy.sum(0)).
 
 The whole MLP, fc2(GELU(fc1(x))) (+ residual), as one op pair with its own backward:
@@ -50,7 +50,42 @@ from vit_fast import dispatch
 from vit_fast.kernels import mlp as kernels
 from vit_fast.ops.checks import ANY_FLOAT_DTYPES, check_kernel_dtypes, check_same, check_tensor
 
+# Activation spellings, the library's one map. The kernels' names (``kernels.ACTIVATIONS``: "gelu"
+# (erf), "gelu_tanh", "quick_gelu" (x * sigmoid(1.702 x), OpenAI CLIP's), "none") are the
+# ``activation=`` spelling of every op (VF.linear_act, VF.mlp); ``approximate=`` is F.gelu's
+# spelling ("none" | "tanh"), kept for the GELU-only calls (VF.linear_gelu, VF.mlp's default), and
+# maps onto those names here.
+ACTIVATIONS = kernels.ACTIVATIONS
 APPROXIMATE_TO_ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}
+QUICK_GELU_ALPHA = 1.702
+
+
+def resolve_activation(activation=None, approximate="none", allow_identity=True) -> str:
+    """The kernels' activation name from either spelling: ``activation`` (one of ACTIVATIONS; "none"
+    only with ``allow_identity``) when given, else GELU with F.gelu's ``approximate``. Giving both
+    (``approximate`` other than its default) is an error: one call, one spelling."""
+    if activation is None:
+        if approximate not in APPROXIMATE_TO_ACTIVATION:
+            raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
+        return APPROXIMATE_TO_ACTIVATION[approximate]
+    allowed = ACTIVATIONS if allow_identity else kernels.GRAD_ACTIVATIONS
+    if activation not in allowed:
+        raise ValueError(f"activation: expected one of {allowed}, got {activation!r}")
+    if approximate != "none":
+        raise ValueError(f"activation={activation!r} and approximate={approximate!r}: pass one of them "
+                         "(activation='gelu_tanh' is approximate='tanh')")
+    return activation
+
+
+def torch_activation(pre, activation: str):
+    """The activation by torch ops (the PyTorch path and the torch backend), any dtype."""
+    if activation == "gelu":
+        return F.gelu(pre)
+    if activation == "gelu_tanh":
+        return F.gelu(pre, approximate="tanh")
+    if activation == "quick_gelu":
+        return pre * torch.sigmoid(QUICK_GELU_ALPHA * pre)
+    return pre
 
 
 def _linear_act_forward(x, weight, bias, residual, activation, save_pre):
@@ -218,7 +253,7 @@ def _mlp_forward(x, w1, b1, w2, b2, residual, activation, save, backend):
         return y, pre, h
     dispatch.record_launch("mlp_torch_fwd")
     pre = F.linear(x, w1, b1)  # cuBLAS (bias in its epilogue)
-    h = F.gelu(pre, approximate="tanh" if activation == "gelu_tanh" else "none")
+    h = torch_activation(pre, activation)
     y = F.linear(h, w2, b2)
     if residual is not None:
         y = y + residual
@@ -398,12 +433,32 @@ def linear_gelu(x, weight, bias=None, approximate="none"):
     Triton matmul on the kernel path (bias and GELU on the fp32 accumulator). ``approximate``:
     "none" (erf) or "tanh".
     """
-    if approximate not in APPROXIMATE_TO_ACTIVATION:
-        raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
+    activation = resolve_activation(None, approximate)
     x, weight, bias = _check_and_autocast(x, weight, bias)
     if not dispatch.use_kernels(x):
         return F.gelu(F.linear(x, weight, bias), approximate=approximate)
-    return _linear_act(x, weight, bias, None, APPROXIMATE_TO_ACTIVATION[approximate])
+    return _linear_act(x, weight, bias, None, activation)
+
+
+def linear_act(x, weight, bias=None, activation="gelu", residual=None):
+    """act(x @ weight^T + bias) (+ residual): x [..., K], weight [N, K], bias [N] -> [..., N].
+
+    ``activation``: "gelu" (erf), "gelu_tanh", "quick_gelu" (x * sigmoid(1.702 x), OpenAI CLIP's
+    QuickGELU) or "none"; one Triton matmul on the kernel path, the activation (and its derivative,
+    in the backward) on the fp32 accumulator. ``residual`` [..., N] only with activation "none"
+    (it is then ``VF.linear``): after an activation it would be ambiguous (added before or after?),
+    and the model adds residuals after fc2, which has none.
+    """
+    activation = resolve_activation(activation)
+    if residual is not None and activation != "none":
+        raise ValueError(f"residual: only with activation='none' (got activation={activation!r}); "
+                         "VF.mlp(..., residual=) adds it after fc2")
+    if activation == "none":
+        return linear(x, weight, bias, residual)
+    x, weight, bias = _check_and_autocast(x, weight, bias)
+    if not dispatch.use_kernels(x):
+        return torch_activation(F.linear(x, weight, bias), activation)
+    return _linear_act(x, weight, bias, None, activation)
 
 
 def linear(x, weight, bias=None, residual=None):
@@ -421,18 +476,20 @@ def linear(x, weight, bias=None, residual=None):
     return _linear_act(x, weight, bias, residual, "none")
 
 
-def mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=None, approximate="none"):
-    """fc2(GELU(fc1(x))) (+ residual): x [..., C], fc1_weight [H, C], fc1_bias [H] or None,
+def mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=None, approximate="none", activation=None):
+    """fc2(act(fc1(x))) (+ residual): x [..., C], fc1_weight [H, C], fc1_bias [H] or None,
     fc2_weight [C2, H], fc2_bias [C2] or None, residual [..., C2] (x's dtype or float32) -> [..., C2].
+
+    The activation is GELU with F.gelu's ``approximate`` ("none" | "tanh"), or ``activation`` when
+    given: "gelu", "gelu_tanh" or "quick_gelu" (CLIP's x * sigmoid(1.702 x)); not both.
 
     The same numbers as ``F.linear(F.gelu(F.linear(x, w1, b1), approximate=...), w2, b2) + residual``.
     On the kernel path: two Triton matmuls with fused epilogues forward, and a backward whose
     dpre = (dy @ W2) * GELU'(pre) and fc1 bias gradient come out of one matmul's epilogue
     (module docstring); ``VIT_FAST_MLP_BACKEND=torch`` runs the GEMMs as torch matmuls instead.
-    Weights and inputs of any strides are read as they are. ``approximate``: "none" (erf) or "tanh".
+    Weights and inputs of any strides are read as they are.
     """
-    if approximate not in APPROXIMATE_TO_ACTIVATION:
-        raise ValueError(f"approximate: expected 'none' or 'tanh', got {approximate!r}")
+    activation = resolve_activation(activation, approximate, allow_identity=False)
     check_tensor("x", x)
     if x.dim() < 1:
         raise ValueError(f"x: expected at least 1 dim [..., C], got shape {tuple(x.shape)}")
@@ -446,10 +503,9 @@ def mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=None, approximat
     if residual is not None:
         _check_residual(residual, x, N)
     if not dispatch.use_kernels(x):
-        y = F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2)
+        y = F.linear(torch_activation(F.linear(x, w1, b1), activation), w2, b2)
         return y if residual is None else y + residual
     check_kernel_dtypes(x=x)
-    activation = APPROXIMATE_TO_ACTIVATION[approximate]
     backend = mlp_backend(x, activation)
     x2d = x.reshape(-1, x.shape[-1])
     r2d = residual.reshape(-1, N) if residual is not None else None
@@ -459,3 +515,139 @@ def mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=None, approximat
     else:
         y, _, _ = MlpFunction.apply(x2d, w1, b1, w2, b2, r2d, activation, save, backend)
     return y.view(*x.shape[:-1], N)
+
+
+# ----------------------------------------------------------------------------- SwiGLU
+#   vit_fast::swiglu_fwd(x [M,K], wg [N,K], bg [N]?, wx [N,K], bx [N]?, save) -> (h [M,N], pre [M,2N] or [0])
+#       h = silu(x @ wg^T + bg) * (x @ wx^T + bx); pre = g | u (the two pre-activations) when ``save``
+#   vit_fast::swiglu_bwd(dh [M,N], x, wg, wx, pre, has_bias) -> (dx [M,K], dw [2N,K], db [2N] or [0])
+#       dw rows [0, N) are dWg, [N, 2N) dWx (one GEMM, split by the autograd code: a custom op's
+#       outputs must not alias each other); db likewise (fp32 partials summed in a fixed order, in
+#       the weights' dtype).
+
+
+def _swiglu_forward(x, wg, bg, wx, bx, save):
+    dispatch.record_launch("swiglu_fwd")
+    M, N = x.shape[0], wg.shape[0]
+    h = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    pre = torch.empty((M, 2 * N) if save else (0,), dtype=x.dtype, device=x.device)
+    with dispatch.device_of(x):
+        kernels.swiglu(x, wg, bg, wx, bx, h, pre if save else None)
+    return h, pre
+
+
+def _swiglu_backward(dh, x, wg, wx, pre, has_bias):
+    dispatch.record_launch("swiglu_bwd")
+    M, N = dh.shape
+    d = torch.empty((M, 2 * N), dtype=x.dtype, device=x.device)  # dg | du
+    db_partial = (torch.empty((kernels.db_partial_rows(M), 2 * N), dtype=torch.float32, device=x.device)
+                  if has_bias else None)
+    with dispatch.device_of(x):
+        kernels.swiglu_backward(dh, pre, d, db_partial)
+    dw = d.t() @ x  # [2N, K]: dWg and dWx in one GEMM
+    dx = d[:, :N] @ wg  # [M, K]
+    dx.addmm_(d[:, N:], wx)  # + du @ Wx, accumulated into the same buffer
+    db = db_partial.sum(0).to(wg.dtype) if has_bias else dh.new_empty((0,), dtype=wg.dtype)
+    return dx, dw, db
+
+
+@torch.library.custom_op("vit_fast::swiglu_fwd", mutates_args=())
+def swiglu_fwd(x: torch.Tensor, wg: torch.Tensor, bg: Optional[torch.Tensor], wx: torch.Tensor,
+               bx: Optional[torch.Tensor], save: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _swiglu_forward(x, wg, bg, wx, bx, save)
+
+
+@swiglu_fwd.register_fake
+def _swiglu_fwd_fake(x, wg, bg, wx, bx, save):
+    M, N = x.shape[0], wg.shape[0]
+    return x.new_empty((M, N)), x.new_empty((M, 2 * N) if save else (0,))
+
+
+@torch.library.custom_op("vit_fast::swiglu_bwd", mutates_args=())
+def swiglu_bwd(dh: torch.Tensor, x: torch.Tensor, wg: torch.Tensor, wx: torch.Tensor, pre: torch.Tensor,
+               has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _swiglu_backward(dh, x, wg, wx, pre, has_bias)
+
+
+@swiglu_bwd.register_fake
+def _swiglu_bwd_fake(dh, x, wg, wx, pre, has_bias):
+    N, K = wg.shape
+    return x.new_empty(x.shape), wg.new_empty((2 * N, K)), wg.new_empty((2 * N,) if has_bias else (0,))
+
+
+def _swiglu_setup_context(ctx, inputs, output):
+    x, wg, bg, wx, bx, save = inputs
+    ctx.mark_non_differentiable(output[1])  # pre: a saved intermediate
+    ctx.set_materialize_grads(False)
+    ctx.has_bg, ctx.has_bx = bg is not None, bx is not None
+    ctx.save_for_backward(x, wg, wx, output[1])
+
+
+def _swiglu_gradients(ctx, dh, backward_op):
+    if dh is None:  # h unused by the loss
+        return (None,) * 6
+    x, wg, wx, pre = ctx.saved_tensors
+    N = wg.shape[0]
+    if pre.numel() != 2 * dh.numel():
+        raise RuntimeError("vit_fast::swiglu_fwd: backward needs the forward called with save=True")
+    dx, dw, db = backward_op(dh, x, wg, wx, pre, ctx.has_bg or ctx.has_bx)  # dh: any strides
+    dbg = db[:N] if ctx.has_bg else None
+    dbx = db[N:] if ctx.has_bx else None
+    return dx, dw[:N], dbg, dw[N:], dbx, None
+
+
+def _swiglu_autograd_backward(ctx, dh, _dpre):
+    return _swiglu_gradients(ctx, dh, torch.ops.vit_fast.swiglu_bwd)
+
+
+swiglu_fwd.register_autograd(_swiglu_autograd_backward, setup_context=_swiglu_setup_context)
+
+
+class SwigluFunction(torch.autograd.Function):
+    """swiglu_fwd's eager twin (as LinearActFunction is linear_act_fwd's)."""
+
+    @staticmethod
+    def forward(ctx, x, wg, bg, wx, bx, save):
+        output = _swiglu_forward(x, wg, bg, wx, bx, save)
+        _swiglu_setup_context(ctx, (x, wg, bg, wx, bx, save), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dh, _dpre):
+        return _swiglu_gradients(ctx, dh, _swiglu_backward)
+
+
+def swiglu(x, fc1_g_weight, fc1_g_bias, fc1_x_weight, fc1_x_bias):
+    """silu(fc1_g(x)) * fc1_x(x), timm's SwiGLU up to its norm and fc2: x [..., C], fc1_g_weight and
+    fc1_x_weight [H, C], fc1_g_bias / fc1_x_bias [H] or None -> hidden [..., H] (x's dtype).
+
+    The same numbers as ``F.silu(F.linear(x, wg, bg)) * F.linear(x, wx, bx)``. On the kernel path one
+    Triton matmul computes both products over each x tile (two fp32 accumulators) and the gated
+    product in its epilogue; the backward is one elementwise kernel (dg, du and both bias gradients,
+    deterministic) and cuBLAS GEMMs. The two weights are read as they are (any strides: a packed
+    [2H, C] fc1 passes as its two row-halves, no copy). Follow it with the norm (if any) and
+    ``VF.linear(h, fc2.weight, fc2.bias, residual=...)``.
+    """
+    check_tensor("x", x)
+    if x.dim() < 1:
+        raise ValueError(f"x: expected at least 1 dim [..., C], got shape {tuple(x.shape)}")
+    _check_weight_bias(x, fc1_g_weight, fc1_g_bias, x.shape[-1], ("fc1_g_weight", "fc1_g_bias"))
+    check_tensor("fc1_x_weight", fc1_x_weight, ndim=2)
+    if fc1_x_weight.shape != fc1_g_weight.shape:
+        raise ValueError(f"fc1_x_weight: expected the shape of fc1_g_weight {list(fc1_g_weight.shape)}, "
+                         f"got {list(fc1_x_weight.shape)}")
+    _check_weight_bias(x, fc1_x_weight, fc1_x_bias, x.shape[-1], ("fc1_x_weight", "fc1_x_bias"))
+    x, wg, bg, wx, bx = _autocast(x, fc1_g_weight, fc1_g_bias, fc1_x_weight, fc1_x_bias)
+    check_tensor("x", x, dtypes=ANY_FLOAT_DTYPES)
+    check_same("x", x, fc1_g_weight=wg, fc1_g_bias=bg, fc1_x_weight=wx, fc1_x_bias=bx)
+    if not dispatch.use_kernels(x):
+        return F.silu(F.linear(x, wg, bg)) * F.linear(x, wx, bx)
+    check_kernel_dtypes(x=x)
+    N = wg.shape[0]
+    x2d = x.reshape(-1, x.shape[-1])
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, wg, bg, wx, bx))
+    if torch.compiler.is_compiling():
+        h, _ = torch.ops.vit_fast.swiglu_fwd(x2d, wg, bg, wx, bx, save)
+    else:
+        h, _ = SwigluFunction.apply(x2d, wg, bg, wx, bx, save)
+    return h.view(*x.shape[:-1], N)
