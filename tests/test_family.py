@@ -31,7 +31,8 @@ TINY = {
     "vit_base_patch16_siglip_gap_224": dict(img_size=32, patch_size=8, embed_dim=48, num_heads=3),
 }
 
-# timm 1.0's parameter counts (its model table), at the factories' default num_classes
+# timm 1.0's parameter counts (its model table), at its default configs' num_classes: 1000 for DeiT,
+# 0 (no head) for DINOv2 and SigLIP
 PARAM_COUNTS = {
     "deit_tiny_distilled_patch16_224": 5_910_800, "deit_small_distilled_patch16_224": 22_436_432,
     "deit_base_distilled_patch16_224": 87_338_192,
@@ -122,8 +123,9 @@ def test_state_dict_keys_are_the_oracles(name):
 @pytest.mark.parametrize("name", FAMILY)
 def test_full_size_keys_shapes_and_counts(name):
     """Full-size configs on the meta device: the oracle's keys and shapes; timm's parameter counts."""
+    headless = "dinov2" in name or "siglip" in name
     with torch.device("meta"):
-        model = vit_fast.MODELS[name]()
+        model = vit_fast.MODELS[name](**({"num_classes": 0} if headless else {}))
         ref = reference.create_reference(name, num_classes=model.num_classes)
     assert list(model.state_dict()) == list(ref.state_dict())
     assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
@@ -148,7 +150,7 @@ def test_timm_key_names_and_shapes_by_family():
     assert list(sd)[:3] == ["cls_token", "reg_token", "pos_embed"]
     assert sd["reg_token"].shape == (1, 4, 384) and sd["pos_embed"].shape == (1, 37 * 37, 384)  # 518 / 14
     assert dino.state_dict()["pos_embed"].shape == (1, 1 + 37 * 37, 384) and "blocks.0.ls1.gamma" in dino.state_dict()
-    assert dino.num_classes == 0 and "head.weight" not in dino.state_dict()
+    assert dino.num_classes == 1000 and vit_fast.vit_small_patch14_dinov2(num_classes=0).num_classes == 0
     sd = clip.state_dict()
     assert "patch_embed.proj.bias" not in sd and list(sd)[3:5] == ["norm_pre.weight", "norm_pre.bias"]
     assert clip.norm_pre.eps == clip.blocks[0].norm1.eps == clip.norm.eps == 1e-5 and clip.blocks[0].mlp.quick_gelu

@@ -25,7 +25,9 @@ def create_model(name, checkpoint=None, num_classes=None, img_size=None, **kwarg
     (``pos_resample`` is taken here, every other keyword goes to the factory). ``num_classes``
     None takes the checkpoint's head (and its pre-logits layer, as ``representation_size``);
     another ``num_classes`` gets a fresh head, said in one warning. ``img_size`` other than the
-    checkpoint's resamples the position embeddings. Returns the model.
+    checkpoint's resamples the position embeddings. A ``.pth``-family checkpoint without ``head.weight``
+    (timm's DINOv2 and SigLIP: features only) builds a model without a head (``num_classes=0``)
+    unless ``num_classes`` is given. Returns the model.
     """
     factory = _factory(name)
     pos_resample = kwargs.pop("pos_resample", None)
@@ -47,6 +49,8 @@ def create_model(name, checkpoint=None, num_classes=None, img_size=None, **kwarg
         state = _read_torch_checkpoint(checkpoint)
     kwargs.setdefault("act_layer", "gelu_tanh" if is_npz else "gelu")
     pos_resample = pos_resample or ("google" if is_npz else "bicubic")
+    if "head.weight" not in state and not is_npz:
+        kwargs.setdefault("num_classes", 0)  # a headless checkpoint (timm's DINOv2, SigLIP): a headless model
     if "head.weight" in state:
         kwargs.setdefault("num_classes", state["head.weight"].shape[0])
         if kwargs["num_classes"] == state["head.weight"].shape[0] and "pre_logits.fc.weight" in state:

@@ -445,7 +445,8 @@ def vit_large_patch16_384(num_classes=1000, **kwargs):
 
 
 # ----------------------------------------------------------------------------- the family (timm's names)
-# num_classes defaults: timm's default pretrained config for the name (DINOv2 and SigLIP: 0, no head)
+# num_classes: 1000 by default as every factory here (timm's DINOv2 / SigLIP configs say 0: pass num_classes=0,
+# or load their headless checkpoints with vit_fast.create_model, which then builds no head)
 
 
 def deit_tiny_distilled_patch16_224(num_classes=1000, **kwargs):
@@ -463,33 +464,33 @@ def deit_base_distilled_patch16_224(num_classes=1000, **kwargs):
     return _build("deit_base_distilled_patch16_224", num_classes, kwargs)
 
 
-def vit_small_patch14_dinov2(num_classes=0, **kwargs):
-    """DINOv2 ViT-S/14, 518x518 (embed 384, depth 12, 6 heads, LayerScale 1e-5; no head by default), as timm's vit_small_patch14_dinov2."""
+def vit_small_patch14_dinov2(num_classes=1000, **kwargs):
+    """DINOv2 ViT-S/14, 518x518 (embed 384, depth 12, 6 heads, LayerScale 1e-5), as timm's vit_small_patch14_dinov2."""
     return _build("vit_small_patch14_dinov2", num_classes, kwargs)
 
 
-def vit_base_patch14_dinov2(num_classes=0, **kwargs):
-    """DINOv2 ViT-B/14, 518x518 (embed 768, depth 12, 12 heads, LayerScale 1e-5; no head by default), as timm's vit_base_patch14_dinov2."""
+def vit_base_patch14_dinov2(num_classes=1000, **kwargs):
+    """DINOv2 ViT-B/14, 518x518 (embed 768, depth 12, 12 heads, LayerScale 1e-5), as timm's vit_base_patch14_dinov2."""
     return _build("vit_base_patch14_dinov2", num_classes, kwargs)
 
 
-def vit_large_patch14_dinov2(num_classes=0, **kwargs):
-    """DINOv2 ViT-L/14, 518x518 (embed 1024, depth 24, 16 heads, LayerScale 1e-5; no head by default), as timm's vit_large_patch14_dinov2."""
+def vit_large_patch14_dinov2(num_classes=1000, **kwargs):
+    """DINOv2 ViT-L/14, 518x518 (embed 1024, depth 24, 16 heads, LayerScale 1e-5), as timm's vit_large_patch14_dinov2."""
     return _build("vit_large_patch14_dinov2", num_classes, kwargs)
 
 
-def vit_small_patch14_reg4_dinov2(num_classes=0, **kwargs):
-    """DINOv2 ViT-S/14 with 4 registers, 518x518 (no_embed_class; no head by default), as timm's vit_small_patch14_reg4_dinov2."""
+def vit_small_patch14_reg4_dinov2(num_classes=1000, **kwargs):
+    """DINOv2 ViT-S/14 with 4 registers, 518x518 (no_embed_class), as timm's vit_small_patch14_reg4_dinov2."""
     return _build("vit_small_patch14_reg4_dinov2", num_classes, kwargs)
 
 
-def vit_base_patch14_reg4_dinov2(num_classes=0, **kwargs):
-    """DINOv2 ViT-B/14 with 4 registers, 518x518 (no_embed_class; no head by default), as timm's vit_base_patch14_reg4_dinov2."""
+def vit_base_patch14_reg4_dinov2(num_classes=1000, **kwargs):
+    """DINOv2 ViT-B/14 with 4 registers, 518x518 (no_embed_class), as timm's vit_base_patch14_reg4_dinov2."""
     return _build("vit_base_patch14_reg4_dinov2", num_classes, kwargs)
 
 
-def vit_large_patch14_reg4_dinov2(num_classes=0, **kwargs):
-    """DINOv2 ViT-L/14 with 4 registers, 518x518 (no_embed_class; no head by default), as timm's vit_large_patch14_reg4_dinov2."""
+def vit_large_patch14_reg4_dinov2(num_classes=1000, **kwargs):
+    """DINOv2 ViT-L/14 with 4 registers, 518x518 (no_embed_class), as timm's vit_large_patch14_reg4_dinov2."""
     return _build("vit_large_patch14_reg4_dinov2", num_classes, kwargs)
 
 
@@ -513,32 +514,32 @@ def vit_large_patch14_clip_quickgelu_224(num_classes=1000, **kwargs):
     return _build("vit_large_patch14_clip_quickgelu_224", num_classes, kwargs)
 
 
-def vit_base_patch16_siglip_224(num_classes=0, **kwargs):
-    """SigLIP ViT-B/16, 224x224 (no class token, MAP attention-pool head; no classifier by default), as timm's vit_base_patch16_siglip_224."""
+def vit_base_patch16_siglip_224(num_classes=1000, **kwargs):
+    """SigLIP ViT-B/16, 224x224 (no class token, MAP attention-pool head), as timm's vit_base_patch16_siglip_224."""
     return _build("vit_base_patch16_siglip_224", num_classes, kwargs)
 
 
-def vit_base_patch16_siglip_384(num_classes=0, **kwargs):
+def vit_base_patch16_siglip_384(num_classes=1000, **kwargs):
     """SigLIP ViT-B/16, 384x384 (no class token, MAP attention-pool head), as timm's vit_base_patch16_siglip_384."""
     return _build("vit_base_patch16_siglip_384", num_classes, kwargs)
 
 
-def vit_so400m_patch14_siglip_384(num_classes=0, **kwargs):
+def vit_so400m_patch14_siglip_384(num_classes=1000, **kwargs):
     """SigLIP SoViT-400m/14, 384x384 (27x27 patches, head dim 72, MAP head), as timm's vit_so400m_patch14_siglip_384."""
     return _build("vit_so400m_patch14_siglip_384", num_classes, kwargs)
 
 
-def vit_base_patch16_siglip_gap_224(num_classes=0, **kwargs):
+def vit_base_patch16_siglip_gap_224(num_classes=1000, **kwargs):
     """SigLIP ViT-B/16, 224x224, global average pooling (no MAP head), as timm's vit_base_patch16_siglip_gap_224."""
     return _build("vit_base_patch16_siglip_gap_224", num_classes, kwargs)
 
 
-def vit_base_patch16_siglip_gap_384(num_classes=0, **kwargs):
+def vit_base_patch16_siglip_gap_384(num_classes=1000, **kwargs):
     """SigLIP ViT-B/16, 384x384, global average pooling, as timm's vit_base_patch16_siglip_gap_384."""
     return _build("vit_base_patch16_siglip_gap_384", num_classes, kwargs)
 
 
-def vit_so400m_patch14_siglip_gap_384(num_classes=0, **kwargs):
+def vit_so400m_patch14_siglip_gap_384(num_classes=1000, **kwargs):
     """SigLIP SoViT-400m/14, 384x384, global average pooling, as timm's vit_so400m_patch14_siglip_gap_384."""
     return _build("vit_so400m_patch14_siglip_gap_384", num_classes, kwargs)
 
