@@ -183,7 +183,7 @@ def test_converted_modules_take_timms_call_signatures(act, device, monkeypatch):
     assert type(converted.attn) is vit_fast.nn.Attention and type(converted.norm1) is vit_fast.nn.LayerNorm
     if act == "relu":
         assert converted is block and type(block.mlp) is timm_like.Mlp  # kept: timm's Block and Mlp
-    else:  # CLIP's quick-GELU too: fc1 / fc2 fused Linears, the activation in torch
+    else:  # CLIP's quick-GELU too: in fc1's fused epilogue
         assert type(converted) is vit_fast.nn.Block and converted.mlp.quick_gelu == (act == "quick_gelu")
     with torch.no_grad():
         for out in (converted(x), converted(x, attn_mask=None)):

@@ -6,7 +6,7 @@ optimizer built before the conversion still steps them) and the same training mo
     nn.LayerNorm (any subclass, e.g. timm's)  -> vit_fast.nn.LayerNorm
     Attention (qkv, proj)                     -> vit_fast.nn.Attention
     Mlp (fc1, GELU erf or tanh, fc2)          -> vit_fast.nn.Mlp, keeping the GELU flavour
-    Mlp (fc1, QuickGELU, fc2: CLIP)           -> vit_fast.nn.Mlp, fc1 / fc2 fused Linears, quick-GELU in torch
+    Mlp (fc1, QuickGELU, fc2: CLIP)           -> vit_fast.nn.Mlp, quick-GELU in fc1's fused epilogue
     AttentionPoolLatent (SigLIP's MAP head)   -> vit_fast.nn.AttentionPoolLatent (VF.attention, fused norm + MLP)
     PatchEmbed (conv with stride = kernel)    -> vit_fast.nn.PatchEmbed
     Block (norm1, attn, norm2, mlp, ...)      -> vit_fast.nn.Block, once its parts are vit_fast's
@@ -103,7 +103,7 @@ def _mlp(old):
     drop = _dropout_p(old, "drop1"), _dropout_p(old, "drop2")
     if None in drop:
         return None
-    if not is_quick_gelu(act):  # quick-GELU: fc1 and fc2 fused, the activation in torch (see vit_fast.nn.Mlp)
+    if not is_quick_gelu(act):  # quick-GELU: in fc1's epilogue (see vit_fast.nn.Mlp)
         try:
             gelu_approximate(act)  # the GELU flavour the new Mlp keeps; the fused kernels do GELU only
         except ValueError:

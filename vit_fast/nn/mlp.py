@@ -82,9 +82,9 @@ def _pair(v):
 class Mlp(nn.Module):
     """timm's ``Mlp``: fc1 -> act -> drop1 -> norm -> fc2 -> drop2, with fc1 + bias + GELU fused.
 
-    ``act_layer`` quick-GELU (CLIP's 'quick_gelu', ``QuickGELU``): the fused Linear has no quick-GELU
-    epilogue yet, so fc1 runs as the fused Linear without activation (``VF.linear``), then torch's
-    x * sigmoid(1.702 x), then the fused fc2 (``quick_gelu`` True, ``approximate`` None).
+    ``act_layer`` quick-GELU (CLIP's 'quick_gelu', ``QuickGELU``): fc1 + bias + x * sigmoid(1.702 x) in
+    the fused Linear's quick-GELU epilogue (``VF.linear_act(..., 'quick_gelu')``), its derivative in
+    the fused backward, as the GELUs (``quick_gelu`` True, ``approximate`` None).
 
     Same constructor, submodule names (``fc1``, ``act``, ``drop1``, ``norm``, ``fc2``, ``drop2``) and
     state_dict (``fc1.weight``, ``fc1.bias``, ``fc2.weight``, ``fc2.bias``) as timm. ``act`` is an
@@ -128,8 +128,8 @@ class Mlp(nn.Module):
             raise TypeError(f"x: Mlp expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.fc1.in_features:
             raise ValueError(f"x: Mlp expected [..., {self.fc1.in_features}], got shape {tuple(x.shape)}")
-        if self.quick_gelu:  # no quick-GELU epilogue in the fused Linear: fc1 fused, the activation in torch
-            h = quick_gelu(VF.linear(x, self.fc1.weight, self.fc1.bias))
+        if self.quick_gelu:  # CLIP's activation in fc1's epilogue
+            h = VF.linear_act(x, self.fc1.weight, self.fc1.bias, "quick_gelu")
         else:
             h = VF.linear_gelu(x, self.fc1.weight, self.fc1.bias, self.approximate)  # [..., hidden]
         h = self.norm(self.drop1(h))
