@@ -31,6 +31,20 @@ ragged last block of the loop. fp32 inputs: every `tl.dot` takes input_precision
 products, CUDA-core FMA on a GPU, not tf32: fp32 results are fp32-accurate, ~1e-7, like torch's fp32
 matmuls, at a fraction of the 16-bit speed, and spilling registers in offline sm_90 compiles: see
 benchmarks/NOTES.md); fp16/bf16 inputs use the tensor cores.
+
+Rotary position embedding (EVA-02; ``rope=(sin, cos)``, ``ROPE`` constexpr, self-attention only):
+timm's EVA attention rotates q and k of the tokens past ``num_prefix_tokens`` (class / register
+tokens stay as they are) with apply_rot_embed_cat, interleaved layout (rotate_half=False, EVA-02's):
+x * cos + rot(x) * sin, rot(x) = [-x1, x0, -x3, x2, ...], tables [N - num_prefix_tokens, D]. Here
+every q / k tile is rotated as it is loaded (``_load_roped``: the pair swap is a register
+reshape/split/join, the tables' rows ``token - num_prefix_tokens`` loaded beside it, fp32 math,
+rounded to the input dtype as timm's ``.type_as(v)``): no pass over q / k in memory, no rotated copy.
+The forward rotates its q tile once and each key tile it visits. The backward recomputes the same
+rotated tiles; its dQ / dK accumulators are then gradients of the rotated q / k, and each is mapped
+back by the rotation's transpose, g * cos - rot(g * sin) (``_unrope``, exact for any tables),
+right before its store (dV needs nothing). Pairs never straddle the two column chunks (both are
+even), so two-chunk heads rotate chunk by chunk. The cost is the extra table loads (L2-resident: one
+[N, D] pair shared by every batch and head) and registers: ``ROPE_CONFIGS``.
 """
 from typing import NamedTuple
 
@@ -81,6 +95,14 @@ CONFIGS = {
     ("dq", 64): (Config(128, 32, 4, 3), Config(64, 32, 4, 3)),
     ("dq", 128): (Config(128, 32, 8, 3), Config(64, 32, 4, 2)),
 }
+# With RoPE (16-bit inputs): the rotation's sin / cos tiles and the rotated copies raise register
+# pressure; the 4-warp D=64 backward tiles spill there (dK/dV 1,024 B of stack, dQ 16 B, offline
+# sm_90 compile), the same tiles on 8 warps do not. UNMEASURED on a GPU. Other head dims take CONFIGS
+# (D=80's dK/dV spills 48 B with ROPE: printed by the compile test).
+ROPE_CONFIGS = {
+    ("dkdv", 64): Config(32, 128, 8, 3),
+    ("dq", 64): Config(128, 32, 8, 3),
+}
 # Single-pass backward (the dK/dV kernel writes dQ too), used when N_KV <= block_n; 16-bit inputs.
 # Empty until measured: at D=64, Config(32, 256, 8, 3) compiles for sm_90 without spills (255 regs)
 # and is among the sweep's candidates.
@@ -113,17 +135,19 @@ def dot_precision(dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def config(kernel: str, head_dim: int, dtype) -> Config:
-    """The table's config for kernel 'fwd', 'dkdv' or 'dq'."""
+def config(kernel: str, head_dim: int, dtype, rope: bool = False) -> Config:
+    """The table's config for kernel 'fwd', 'dkdv' or 'dq' (``ROPE_CONFIGS`` first with ``rope``, 16 bits)."""
+    if rope and dtype != torch.float32 and (kernel, block_d(head_dim)) in ROPE_CONFIGS:
+        return ROPE_CONFIGS[kernel, block_d(head_dim)]
     return CONFIGS[kernel, block_d(head_dim)][dtype == torch.float32]
 
 
-def bwd_configs(head_dim: int, n_kv: int, dtype):
+def bwd_configs(head_dim: int, n_kv: int, dtype, rope: bool = False):
     """(dK/dV config, dQ config), or (single-pass config, None) when one key block covers N_KV."""
     single = SINGLE_PASS_CONFIGS.get(block_d(head_dim))
-    if single is not None and n_kv <= single.block_n and dtype != torch.float32:
+    if single is not None and n_kv <= single.block_n and dtype != torch.float32 and not rope:
         return single, None
-    return config("dkdv", head_dim, dtype), config("dq", head_dim, dtype)
+    return config("dkdv", head_dim, dtype, rope), config("dq", head_dim, dtype, rope)
 
 
 # ----------------------------------------------------------------------------- tile helpers
@@ -167,19 +191,71 @@ def _store_rows(ptrs, tile, rows, n_rows, cols, n_cols, PAD_D: tl.constexpr):
         tl.store(ptrs, tile, mask=(rows < n_rows)[:, None])
 
 
+@triton.jit
+def _rotate_pairs(x, R: tl.constexpr, C: tl.constexpr):
+    # timm's rot() on a [R, C] tile in registers: [x0, x1, x2, x3, ...] -> [-x1, x0, -x3, x2, ...]
+    even, odd = tl.split(tl.reshape(x, (R, C // 2, 2)))
+    return tl.reshape(tl.join(-odd, even), (R, C))
+
+
+@triton.jit
+def _rope(x, rows, cols, n_rows, head_dim, SIN, COS, stride_sn, stride_cn, n_prefix, INVERSE: tl.constexpr,
+          R: tl.constexpr, C: tl.constexpr):
+    """fp32 [R, C] tile x at token rows `rows`, head-dim columns `cols`: x * cos + rot(x) * sin, timm's
+    apply_rot_embed_cat (interleaved pairs), with the tables' row ``row - n_prefix``; prefix rows
+    (row < n_prefix), rows past n_rows and padded columns keep x (cos = 1, sin = 0 there).
+    INVERSE: the transpose, g * cos - rot(g * sin): the gradient through the rotation."""
+    t = rows - n_prefix
+    inside = (rows >= n_prefix) & (rows < n_rows)
+    mask = inside[:, None] & (cols < head_dim)[None, :]
+    t = tl.where(inside, t, 0).to(tl.int64)
+    sin = tl.load(SIN + t[:, None] * stride_sn + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    cos = tl.load(COS + t[:, None] * stride_cn + cols[None, :], mask=mask, other=1.0).to(tl.float32)
+    x = x.to(tl.float32)
+    if INVERSE:
+        return x * cos - _rotate_pairs(x * sin, R, C)
+    else:
+        return x * cos + _rotate_pairs(x, R, C) * sin
+
+
+@triton.jit
+def _load_roped(ptrs, rows, n_rows, cols, head_dim, MASK_ROWS: tl.constexpr, PAD: tl.constexpr,
+                SIN, COS, stride_sn, stride_cn, n_prefix, ROPE: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    # a q or k tile as _load_tile loads it, rotated (ROPE) in fp32 and rounded back to its dtype, as
+    # timm's .type_as(v): the tile the dots read, rotated where it is loaded (no pass over q / k)
+    tile = _load_tile(ptrs, rows, n_rows, cols, head_dim, MASK_ROWS, PAD)
+    if ROPE:
+        tile = _rope(tile, rows, cols, n_rows, head_dim, SIN, COS, stride_sn, stride_cn, n_prefix, False, R,
+                     C).to(tile.dtype)
+    return tile
+
+
+@triton.jit
+def _unrope(g, rows, cols, n_rows, head_dim, SIN, COS, stride_sn, stride_cn, n_prefix, ROPE: tl.constexpr,
+            R: tl.constexpr, C: tl.constexpr):
+    # an fp32 gradient with respect to the rotated q / k -> with respect to q / k (identity without ROPE)
+    if ROPE:
+        g = _rope(g, rows, cols, n_rows, head_dim, SIN, COS, stride_sn, stride_cn, n_prefix, True, R, C)
+    return g
+
+
 # ----------------------------------------------------------------------------- forward
 
 
 @triton.jit
 def _fwd_key_block(acc, acc_t, m_i, l_i, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, keys, n_kv, offs_d, offs_dt,
-                   head_dim, qk_scale, MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr, PAD_D_TAIL: tl.constexpr,
-                   BLOCK_D_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   head_dim, qk_scale, SIN, COS, stride_sn, stride_cn, n_prefix,
+                   MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr, PAD_D_TAIL: tl.constexpr,
+                   BLOCK_D_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr, ROPE: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # acc [BLOCK_M, BLOCK_D] (+ acc_t [BLOCK_M, BLOCK_D_TAIL]) fp32, m_i / l_i [BLOCK_M] running max
     # (log2 units) and sum
-    k = _load_tile(k_ptrs, keys, n_kv, offs_d, head_dim, MASK_KEYS, PAD_D)  # [BLOCK_N, BLOCK_D]
+    k = _load_roped(k_ptrs, keys, n_kv, offs_d, head_dim, MASK_KEYS, PAD_D, SIN, COS, stride_sn, stride_cn,
+                    n_prefix, ROPE, BLOCK_N, BLOCK_D)  # [BLOCK_N, BLOCK_D]
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     if BLOCK_D_TAIL > 0:
-        k_t = _load_tile(kt_ptrs, keys, n_kv, offs_dt, head_dim, MASK_KEYS, PAD_D_TAIL)
+        k_t = _load_roped(kt_ptrs, keys, n_kv, offs_dt, head_dim, MASK_KEYS, PAD_D_TAIL, SIN, COS, stride_sn,
+                          stride_cn, n_prefix, ROPE, BLOCK_N, BLOCK_D_TAIL)
         s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
     s = s * qk_scale  # log2 units
     if MASK_KEYS:
@@ -201,29 +277,35 @@ def attention_fwd_kernel(
     Q, K, V,  # [B, H, N_Q | N_KV, D] through strides
     O,  # [B, H, N_Q, D] through strides, input dtype
     LSE,  # [B*H, N_Q] fp32, contiguous
+    SIN, COS,  # ROPE: [N - n_prefix, D] tables through row strides (unit stride on D); else placeholders
     qk_scale,  # scale * log2(e)
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn,
     stride_ob, stride_oh, stride_on,
+    stride_sn, stride_cn,
     H, N_Q, N_KV, head_dim,
+    n_prefix,  # ROPE: the first n_prefix tokens (class / register tokens) are not rotated
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_TAIL: tl.constexpr,
     PAD_D: tl.constexpr, PAD_D_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROPE: tl.constexpr = False,  # rotary embedding of q and k (self-attention, N_Q == N_KV)
 ):
     b, h, bh, offs_m = _program_rows(N_Q, H, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
     q_ptrs = _tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn)
-    q = _load_tile(q_ptrs, offs_m, N_Q, offs_d, head_dim, True, PAD_D)  # [BLOCK_M, BLOCK_D]
+    q = _load_roped(q_ptrs, offs_m, N_Q, offs_d, head_dim, True, PAD_D, SIN, COS, stride_sn, stride_cn, n_prefix,
+                    ROPE, BLOCK_M, BLOCK_D)  # [BLOCK_M, BLOCK_D]
     k_ptrs = _tile_ptrs(K, b, h, offs_n, offs_d, stride_kb, stride_kh, stride_kn)
     v_ptrs = _tile_ptrs(V, b, h, offs_n, offs_d, stride_vb, stride_vh, stride_vn)
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     if BLOCK_D_TAIL > 0:  # the head dim's second column chunk (D = 80: 64 + 16, not 80 padded to 128)
         offs_dt = BLOCK_D + tl.arange(0, BLOCK_D_TAIL)
-        q_t = _load_tile(_tile_ptrs(Q, b, h, offs_m, offs_dt, stride_qb, stride_qh, stride_qn),
-                         offs_m, N_Q, offs_dt, head_dim, True, PAD_D_TAIL)  # [BLOCK_M, BLOCK_D_TAIL]
+        q_t = _load_roped(_tile_ptrs(Q, b, h, offs_m, offs_dt, stride_qb, stride_qh, stride_qn),
+                          offs_m, N_Q, offs_dt, head_dim, True, PAD_D_TAIL, SIN, COS, stride_sn, stride_cn,
+                          n_prefix, ROPE, BLOCK_M, BLOCK_D_TAIL)  # [BLOCK_M, BLOCK_D_TAIL]
         kt_ptrs = _tile_ptrs(K, b, h, offs_n, offs_dt, stride_kb, stride_kh, stride_kn)
         vt_ptrs = _tile_ptrs(V, b, h, offs_n, offs_dt, stride_vb, stride_vh, stride_vn)
         acc_t = tl.zeros([BLOCK_M, BLOCK_D_TAIL], dtype=tl.float32)
@@ -234,8 +316,9 @@ def attention_fwd_kernel(
     n_full = N_KV - N_KV % BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         acc, acc_t, m_i, l_i = _fwd_key_block(acc, acc_t, m_i, l_i, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs,
-                                              start_n + offs_n, N_KV, offs_d, offs_dt, head_dim, qk_scale, False,
-                                              PAD_D, PAD_D_TAIL, BLOCK_D_TAIL, DOT_PRECISION)
+                                              start_n + offs_n, N_KV, offs_d, offs_dt, head_dim, qk_scale, SIN, COS,
+                                              stride_sn, stride_cn, n_prefix, False, PAD_D, PAD_D_TAIL,
+                                              BLOCK_D_TAIL, DOT_PRECISION, ROPE, BLOCK_N, BLOCK_D)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
         if BLOCK_D_TAIL > 0:
@@ -243,8 +326,9 @@ def attention_fwd_kernel(
             vt_ptrs += BLOCK_N * stride_vn
     if n_full < N_KV:  # the ragged last key block
         acc, acc_t, m_i, l_i = _fwd_key_block(acc, acc_t, m_i, l_i, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs,
-                                              n_full + offs_n, N_KV, offs_d, offs_dt, head_dim, qk_scale, True,
-                                              PAD_D, PAD_D_TAIL, BLOCK_D_TAIL, DOT_PRECISION)
+                                              n_full + offs_n, N_KV, offs_d, offs_dt, head_dim, qk_scale, SIN, COS,
+                                              stride_sn, stride_cn, n_prefix, True, PAD_D, PAD_D_TAIL,
+                                              BLOCK_D_TAIL, DOT_PRECISION, ROPE, BLOCK_N, BLOCK_D)
 
     acc = acc / l_i[:, None]
     o_ptrs = _tile_ptrs(O, b, h, offs_m, offs_d, stride_ob, stride_oh, stride_on)
@@ -268,15 +352,18 @@ def _row_delta(o, do):
 @triton.jit
 def _dkdv_query_block(dk, dv, dk_t, dv_t, k, v, k_t, v_t, keys, n_kv,
                       q_ptrs, do_ptrs, o_ptrs, dq_ptrs, qt_ptrs, dot_ptrs, ot_ptrs, dqt_ptrs, lse_ptrs, delta_ptrs,
-                      queries, n_q, offs_d, offs_dt, head_dim, qk_scale, scale,
-                      MASK_QUERIES: tl.constexpr, PAD_D: tl.constexpr, PAD_D_TAIL: tl.constexpr,
-                      BLOCK_D_TAIL: tl.constexpr, WRITE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                      queries, n_q, offs_d, offs_dt, head_dim, qk_scale, scale, SIN, COS, stride_sn, stride_cn,
+                      n_prefix, MASK_QUERIES: tl.constexpr, PAD_D: tl.constexpr, PAD_D_TAIL: tl.constexpr,
+                      BLOCK_D_TAIL: tl.constexpr, WRITE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                      ROPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
     # dk, dv [BLOCK_N, BLOCK_D] (+ dk_t, dv_t [BLOCK_N, BLOCK_D_TAIL]) fp32 accumulators for the keys
-    # k, v (+ k_t, v_t)
-    q = _load_tile(q_ptrs, queries, n_q, offs_d, head_dim, MASK_QUERIES, PAD_D)  # [BLOCK_M, BLOCK_D]
+    # k, v (+ k_t, v_t) (rotated with ROPE: dk, dk_t are then gradients of the rotated keys)
+    q = _load_roped(q_ptrs, queries, n_q, offs_d, head_dim, MASK_QUERIES, PAD_D, SIN, COS, stride_sn, stride_cn,
+                    n_prefix, ROPE, BLOCK_M, BLOCK_D)  # [BLOCK_M, BLOCK_D]
     do = _load_tile(do_ptrs, queries, n_q, offs_d, head_dim, MASK_QUERIES, PAD_D)
     if BLOCK_D_TAIL > 0:
-        q_t = _load_tile(qt_ptrs, queries, n_q, offs_dt, head_dim, MASK_QUERIES, PAD_D_TAIL)
+        q_t = _load_roped(qt_ptrs, queries, n_q, offs_dt, head_dim, MASK_QUERIES, PAD_D_TAIL, SIN, COS, stride_sn,
+                          stride_cn, n_prefix, ROPE, BLOCK_M, BLOCK_D_TAIL)
         do_t = _load_tile(dot_ptrs, queries, n_q, offs_dt, head_dim, MASK_QUERIES, PAD_D_TAIL)
     if MASK_QUERIES:  # masked queries: q = dO = delta = 0 and P = 0, so they add nothing
         lse = tl.load(lse_ptrs, mask=queries < n_q, other=float("inf"))
@@ -308,19 +395,24 @@ def _dkdv_query_block(dk, dv, dk_t, dv_t, k, v, k_t, v_t, keys, n_kv,
         dk_t = tl.dot(ds_t.to(q_t.dtype), q_t, dk_t, input_precision=DOT_PRECISION)
     if WRITE_DQ:  # this program holds every key of the head: dQ of these queries is complete
         dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * scale  # [BLOCK_M, BLOCK_D]
+        dq = _unrope(dq, queries, offs_d, n_q, head_dim, SIN, COS, stride_sn, stride_cn, n_prefix, ROPE, BLOCK_M,
+                     BLOCK_D)
         _store_rows(dq_ptrs, dq.to(dq_ptrs.dtype.element_ty), queries, n_q, offs_d, head_dim, PAD_D)
         if BLOCK_D_TAIL > 0:
             dq_t = tl.dot(tl.trans(ds_t.to(k_t.dtype)), k_t, input_precision=DOT_PRECISION) * scale
+            dq_t = _unrope(dq_t, queries, offs_dt, n_q, head_dim, SIN, COS, stride_sn, stride_cn, n_prefix, ROPE,
+                           BLOCK_M, BLOCK_D_TAIL)
             _store_rows(dqt_ptrs, dq_t.to(dqt_ptrs.dtype.element_ty), queries, n_q, offs_dt, head_dim, PAD_D_TAIL)
     return dk, dv, dk_t, dv_t
 
 
 @triton.jit
 def _key_tiles(K, V, b, h, keys, n_kv, cols, head_dim, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh,
-               stride_vn, PAD: tl.constexpr):
-    # K and V of this program's keys, columns `cols`: two [len(keys), len(cols)] tiles
-    k = _load_tile(_tile_ptrs(K, b, h, keys, cols, stride_kb, stride_kh, stride_kn), keys, n_kv, cols, head_dim,
-                   True, PAD)
+               stride_vn, PAD: tl.constexpr, SIN, COS, stride_sn, stride_cn, n_prefix, ROPE: tl.constexpr,
+               R: tl.constexpr, C: tl.constexpr):
+    # K (rotated with ROPE) and V of this program's keys, columns `cols`: two [R, C] tiles
+    k = _load_roped(_tile_ptrs(K, b, h, keys, cols, stride_kb, stride_kh, stride_kn), keys, n_kv, cols, head_dim,
+                    True, PAD, SIN, COS, stride_sn, stride_cn, n_prefix, ROPE, R, C)
     v = _load_tile(_tile_ptrs(V, b, h, keys, cols, stride_vb, stride_vh, stride_vn), keys, n_kv, cols, head_dim,
                    True, PAD)
     return k, v
@@ -350,6 +442,7 @@ def attention_bwd_dkdv_kernel(
     DK, DV,  # [B, H, N_KV, D] through strides
     DQ,  # [B, H, N_Q, D] through strides; written only when WRITE_DQ
     LSE, DELTA,  # [B*H, N_Q] fp32; DELTA (from attention_bwd_dq_kernel) read only when not WRITE_DQ
+    SIN, COS,  # as in attention_fwd_kernel
     qk_scale, scale,  # scale * log2(e), scale
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -359,16 +452,20 @@ def attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn,
     stride_dvb, stride_dvh, stride_dvn,
     stride_dqb, stride_dqh, stride_dqn,
+    stride_sn, stride_cn,
     H, N_Q, N_KV, head_dim,
+    n_prefix,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_TAIL: tl.constexpr,
     PAD_D: tl.constexpr, PAD_D_TAIL: tl.constexpr, WRITE_DQ: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROPE: tl.constexpr = False,  # q and k rotated where loaded; dk (and dq) rotated back before the stores
 ):
     b, h, bh, offs_n = _program_rows(N_KV, H, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
 
     k, v = _key_tiles(K, V, b, h, offs_n, N_KV, offs_d, head_dim, stride_kb, stride_kh, stride_kn, stride_vb,
-                      stride_vh, stride_vn, PAD_D)  # [BLOCK_N, BLOCK_D] each
+                      stride_vh, stride_vn, PAD_D, SIN, COS, stride_sn, stride_cn, n_prefix, ROPE, BLOCK_N,
+                      BLOCK_D)  # [BLOCK_N, BLOCK_D] each
     q_ptrs, do_ptrs, o_ptrs, dq_ptrs = _query_side_ptrs(
         Q, DO, O, DQ, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
         stride_ob, stride_oh, stride_on, stride_dqb, stride_dqh, stride_dqn)
@@ -380,7 +477,8 @@ def attention_bwd_dkdv_kernel(
     if BLOCK_D_TAIL > 0:  # the head dim's second column chunk (see attention_fwd_kernel)
         offs_dt = BLOCK_D + tl.arange(0, BLOCK_D_TAIL)
         k_t, v_t = _key_tiles(K, V, b, h, offs_n, N_KV, offs_dt, head_dim, stride_kb, stride_kh, stride_kn,
-                              stride_vb, stride_vh, stride_vn, PAD_D_TAIL)  # [BLOCK_N, BLOCK_D_TAIL] each
+                              stride_vb, stride_vh, stride_vn, PAD_D_TAIL, SIN, COS, stride_sn, stride_cn, n_prefix,
+                              ROPE, BLOCK_N, BLOCK_D_TAIL)  # [BLOCK_N, BLOCK_D_TAIL] each
         qt_ptrs, dot_ptrs, ot_ptrs, dqt_ptrs = _query_side_ptrs(
             Q, DO, O, DQ, b, h, offs_m, offs_dt, stride_qb, stride_qh, stride_qn, stride_dob, stride_doh, stride_don,
             stride_ob, stride_oh, stride_on, stride_dqb, stride_dqh, stride_dqn)
@@ -394,7 +492,8 @@ def attention_bwd_dkdv_kernel(
         dk, dv, dk_t, dv_t = _dkdv_query_block(
             dk, dv, dk_t, dv_t, k, v, k_t, v_t, offs_n, N_KV, q_ptrs, do_ptrs, o_ptrs, dq_ptrs,
             qt_ptrs, dot_ptrs, ot_ptrs, dqt_ptrs, lse_ptrs, delta_ptrs, start_m + offs_m, N_Q, offs_d, offs_dt,
-            head_dim, qk_scale, scale, False, PAD_D, PAD_D_TAIL, BLOCK_D_TAIL, WRITE_DQ, DOT_PRECISION)
+            head_dim, qk_scale, scale, SIN, COS, stride_sn, stride_cn, n_prefix, False, PAD_D, PAD_D_TAIL,
+            BLOCK_D_TAIL, WRITE_DQ, DOT_PRECISION, ROPE, BLOCK_M, BLOCK_D)
         q_ptrs, do_ptrs, o_ptrs, dq_ptrs = _next_query_block(q_ptrs, do_ptrs, o_ptrs, dq_ptrs, BLOCK_M, stride_qn,
                                                              stride_don, stride_on, stride_dqn)
         if BLOCK_D_TAIL > 0:
@@ -406,29 +505,38 @@ def attention_bwd_dkdv_kernel(
         dk, dv, dk_t, dv_t = _dkdv_query_block(
             dk, dv, dk_t, dv_t, k, v, k_t, v_t, offs_n, N_KV, q_ptrs, do_ptrs, o_ptrs, dq_ptrs,
             qt_ptrs, dot_ptrs, ot_ptrs, dqt_ptrs, lse_ptrs, delta_ptrs, m_full + offs_m, N_Q, offs_d, offs_dt,
-            head_dim, qk_scale, scale, True, PAD_D, PAD_D_TAIL, BLOCK_D_TAIL, WRITE_DQ, DOT_PRECISION)
+            head_dim, qk_scale, scale, SIN, COS, stride_sn, stride_cn, n_prefix, True, PAD_D, PAD_D_TAIL,
+            BLOCK_D_TAIL, WRITE_DQ, DOT_PRECISION, ROPE, BLOCK_M, BLOCK_D)
 
+    dk = _unrope(dk * scale, offs_n, offs_d, N_KV, head_dim, SIN, COS, stride_sn, stride_cn, n_prefix, ROPE,
+                 BLOCK_N, BLOCK_D)
     dk_ptrs = _tile_ptrs(DK, b, h, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkn)
-    _store_rows(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), offs_n, N_KV, offs_d, head_dim, PAD_D)
+    _store_rows(dk_ptrs, dk.to(DK.dtype.element_ty), offs_n, N_KV, offs_d, head_dim, PAD_D)
     dv_ptrs = _tile_ptrs(DV, b, h, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn)
     _store_rows(dv_ptrs, dv.to(DV.dtype.element_ty), offs_n, N_KV, offs_d, head_dim, PAD_D)
     if BLOCK_D_TAIL > 0:
+        dk_t = _unrope(dk_t * scale, offs_n, offs_dt, N_KV, head_dim, SIN, COS, stride_sn, stride_cn, n_prefix,
+                       ROPE, BLOCK_N, BLOCK_D_TAIL)
         _store_rows(_tile_ptrs(DK, b, h, offs_n, offs_dt, stride_dkb, stride_dkh, stride_dkn),
-                    (dk_t * scale).to(DK.dtype.element_ty), offs_n, N_KV, offs_dt, head_dim, PAD_D_TAIL)
+                    dk_t.to(DK.dtype.element_ty), offs_n, N_KV, offs_dt, head_dim, PAD_D_TAIL)
         _store_rows(_tile_ptrs(DV, b, h, offs_n, offs_dt, stride_dvb, stride_dvh, stride_dvn),
                     dv_t.to(DV.dtype.element_ty), offs_n, N_KV, offs_dt, head_dim, PAD_D_TAIL)
 
 
 @triton.jit
 def _dq_key_block(dq, dq_t, q, q_t, do, do_t, lse, delta, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, keys, n_kv,
-                  offs_d, offs_dt, head_dim, qk_scale, MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr,
-                  PAD_D_TAIL: tl.constexpr, BLOCK_D_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                  offs_d, offs_dt, head_dim, qk_scale, SIN, COS, stride_sn, stride_cn, n_prefix,
+                  MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr,
+                  PAD_D_TAIL: tl.constexpr, BLOCK_D_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                  ROPE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     # dq [BLOCK_M, BLOCK_D] (+ dq_t [BLOCK_M, BLOCK_D_TAIL]) fp32 accumulators for the queries q (+ q_t)
-    k = _load_tile(k_ptrs, keys, n_kv, offs_d, head_dim, MASK_KEYS, PAD_D)  # [BLOCK_N, BLOCK_D]
+    k = _load_roped(k_ptrs, keys, n_kv, offs_d, head_dim, MASK_KEYS, PAD_D, SIN, COS, stride_sn, stride_cn,
+                    n_prefix, ROPE, BLOCK_N, BLOCK_D)  # [BLOCK_N, BLOCK_D]
     v = _load_tile(v_ptrs, keys, n_kv, offs_d, head_dim, MASK_KEYS, PAD_D)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N]
     if BLOCK_D_TAIL > 0:
-        k_t = _load_tile(kt_ptrs, keys, n_kv, offs_dt, head_dim, MASK_KEYS, PAD_D_TAIL)
+        k_t = _load_roped(kt_ptrs, keys, n_kv, offs_dt, head_dim, MASK_KEYS, PAD_D_TAIL, SIN, COS, stride_sn,
+                          stride_cn, n_prefix, ROPE, BLOCK_N, BLOCK_D_TAIL)
         v_t = _load_tile(vt_ptrs, keys, n_kv, offs_dt, head_dim, MASK_KEYS, PAD_D_TAIL)
         s = tl.dot(q_t, tl.trans(k_t), s, input_precision=DOT_PRECISION)
     s = s * qk_scale  # log2 units
@@ -452,6 +560,7 @@ def attention_bwd_dq_kernel(
     DQ,  # [B, H, N_Q, D] through strides
     LSE,  # [B*H, N_Q] fp32, read
     DELTA,  # [B*H, N_Q] fp32, written here for attention_bwd_dkdv_kernel
+    SIN, COS,  # as in attention_fwd_kernel
     qk_scale, scale,  # scale * log2(e), scale
     stride_qb, stride_qh, stride_qn,
     stride_kb, stride_kh, stride_kn,
@@ -459,17 +568,21 @@ def attention_bwd_dq_kernel(
     stride_dob, stride_doh, stride_don,
     stride_ob, stride_oh, stride_on,
     stride_dqb, stride_dqh, stride_dqn,
+    stride_sn, stride_cn,
     H, N_Q, N_KV, head_dim,
+    n_prefix,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_D_TAIL: tl.constexpr,
     PAD_D: tl.constexpr, PAD_D_TAIL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    ROPE: tl.constexpr = False,  # q and k rotated where loaded; dq rotated back before its store
 ):
     b, h, bh, offs_m = _program_rows(N_Q, H, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
 
     # padding query rows load q = dO = O = 0, lse = 0 (so delta = 0): finite, and never stored
-    q = _load_tile(_tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn),
-                   offs_m, N_Q, offs_d, head_dim, True, PAD_D)  # [BLOCK_M, BLOCK_D]
+    q = _load_roped(_tile_ptrs(Q, b, h, offs_m, offs_d, stride_qb, stride_qh, stride_qn),
+                    offs_m, N_Q, offs_d, head_dim, True, PAD_D, SIN, COS, stride_sn, stride_cn, n_prefix, ROPE,
+                    BLOCK_M, BLOCK_D)  # [BLOCK_M, BLOCK_D]
     do = _load_tile(_tile_ptrs(DO, b, h, offs_m, offs_d, stride_dob, stride_doh, stride_don),
                     offs_m, N_Q, offs_d, head_dim, True, PAD_D)
     lse = tl.load(LSE + bh * N_Q + offs_m, mask=offs_m < N_Q, other=0.0)
@@ -477,8 +590,9 @@ def attention_bwd_dq_kernel(
                                   offs_m, N_Q, offs_d, head_dim, True, PAD_D), do)
     if BLOCK_D_TAIL > 0:  # the head dim's second column chunk (see attention_fwd_kernel)
         offs_dt = BLOCK_D + tl.arange(0, BLOCK_D_TAIL)
-        q_t = _load_tile(_tile_ptrs(Q, b, h, offs_m, offs_dt, stride_qb, stride_qh, stride_qn),
-                         offs_m, N_Q, offs_dt, head_dim, True, PAD_D_TAIL)  # [BLOCK_M, BLOCK_D_TAIL]
+        q_t = _load_roped(_tile_ptrs(Q, b, h, offs_m, offs_dt, stride_qb, stride_qh, stride_qn),
+                          offs_m, N_Q, offs_dt, head_dim, True, PAD_D_TAIL, SIN, COS, stride_sn, stride_cn,
+                          n_prefix, ROPE, BLOCK_M, BLOCK_D_TAIL)  # [BLOCK_M, BLOCK_D_TAIL]
         do_t = _load_tile(_tile_ptrs(DO, b, h, offs_m, offs_dt, stride_dob, stride_doh, stride_don),
                           offs_m, N_Q, offs_dt, head_dim, True, PAD_D_TAIL)
         delta += _row_delta(_load_tile(_tile_ptrs(O, b, h, offs_m, offs_dt, stride_ob, stride_oh, stride_on),
@@ -496,8 +610,9 @@ def attention_bwd_dq_kernel(
     n_full = N_KV - N_KV % BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
         dq, dq_t = _dq_key_block(dq, dq_t, q, q_t, do, do_t, lse, delta, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs,
-                                 start_n + offs_n, N_KV, offs_d, offs_dt, head_dim, qk_scale, False, PAD_D,
-                                 PAD_D_TAIL, BLOCK_D_TAIL, DOT_PRECISION)
+                                 start_n + offs_n, N_KV, offs_d, offs_dt, head_dim, qk_scale, SIN, COS, stride_sn,
+                                 stride_cn, n_prefix, False, PAD_D, PAD_D_TAIL, BLOCK_D_TAIL, DOT_PRECISION, ROPE,
+                                 BLOCK_N, BLOCK_D)
         k_ptrs += BLOCK_N * stride_kn
         v_ptrs += BLOCK_N * stride_vn
         if BLOCK_D_TAIL > 0:
@@ -505,14 +620,19 @@ def attention_bwd_dq_kernel(
             vt_ptrs += BLOCK_N * stride_vn
     if n_full < N_KV:  # the ragged last key block
         dq, dq_t = _dq_key_block(dq, dq_t, q, q_t, do, do_t, lse, delta, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs,
-                                 n_full + offs_n, N_KV, offs_d, offs_dt, head_dim, qk_scale, True, PAD_D,
-                                 PAD_D_TAIL, BLOCK_D_TAIL, DOT_PRECISION)
+                                 n_full + offs_n, N_KV, offs_d, offs_dt, head_dim, qk_scale, SIN, COS, stride_sn,
+                                 stride_cn, n_prefix, True, PAD_D, PAD_D_TAIL, BLOCK_D_TAIL, DOT_PRECISION, ROPE,
+                                 BLOCK_N, BLOCK_D)
 
+    dq = _unrope(dq * scale, offs_m, offs_d, N_Q, head_dim, SIN, COS, stride_sn, stride_cn, n_prefix, ROPE,
+                 BLOCK_M, BLOCK_D)
     dq_ptrs = _tile_ptrs(DQ, b, h, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn)
-    _store_rows(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), offs_m, N_Q, offs_d, head_dim, PAD_D)
+    _store_rows(dq_ptrs, dq.to(DQ.dtype.element_ty), offs_m, N_Q, offs_d, head_dim, PAD_D)
     if BLOCK_D_TAIL > 0:
+        dq_t = _unrope(dq_t * scale, offs_m, offs_dt, N_Q, head_dim, SIN, COS, stride_sn, stride_cn, n_prefix,
+                       ROPE, BLOCK_M, BLOCK_D_TAIL)
         _store_rows(_tile_ptrs(DQ, b, h, offs_m, offs_dt, stride_dqb, stride_dqh, stride_dqn),
-                    (dq_t * scale).to(DQ.dtype.element_ty), offs_m, N_Q, offs_dt, head_dim, PAD_D_TAIL)
+                    dq_t.to(DQ.dtype.element_ty), offs_m, N_Q, offs_dt, head_dim, PAD_D_TAIL)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -522,48 +642,75 @@ def _bhn_strides(t: torch.Tensor):
     return t.stride()[:3]  # one call: the launch path is host-bound at ViT sizes
 
 
-def attention_fwd(q, k, v, o, lse, scale: float, fwd_cfg: Config = None):
+def _rope_args(rope, num_prefix_tokens, n_q, n_kv, head_dim, placeholder):
+    """(SIN, COS, stride_sn, stride_cn, n_prefix, ROPE) for the kernels from rope = (sin, cos) or None."""
+    if rope is None or n_q - num_prefix_tokens == 0:  # nothing to rotate
+        return placeholder, placeholder, 0, 0, 0, False
+    sin, cos = rope
+    if n_q != n_kv:
+        raise ValueError(f"rope: self-attention only (N_Q == N_KV), got N_Q={n_q}, N_KV={n_kv}")
+    if head_dim % 2:
+        raise ValueError(f"rope: the head dim must be even (pairs are rotated), got {head_dim}")
+    expected = (n_q - num_prefix_tokens, head_dim)
+    for name, t in (("sin", sin), ("cos", cos)):
+        if tuple(t.shape) != expected:
+            raise ValueError(f"rope: {name} must be [N - num_prefix_tokens, D] = {list(expected)}, got {list(t.shape)}")
+        if t.shape[1] > 1 and t.stride(1) != 1:
+            raise ValueError(f"rope: {name} needs a unit stride on D, got strides {tuple(t.stride())}")
+    return sin, cos, sin.stride(0), cos.stride(0), num_prefix_tokens, True
+
+
+def attention_fwd(q, k, v, o, lse, scale: float, fwd_cfg: Config = None, rope=None, num_prefix_tokens: int = 0):
     """Writes o = softmax(scale * q k^T) v and lse = logsumexp(scale * q k^T) (fp32, natural log).
 
     q, o: [B, H, N_Q, D]; k, v: [B, H, N_KV, D] (any strides, unit stride on D); lse: [B, H, N_Q]
-    contiguous fp32. ``fwd_cfg`` overrides the table (benchmark sweeps).
+    contiguous fp32. ``fwd_cfg`` overrides the table (benchmark sweeps). ``rope`` = (sin, cos), each
+    [N - num_prefix_tokens, D] (row strides free, unit stride on D, any float dtype, read as fp32):
+    q and k of tokens num_prefix_tokens.. rotated as timm's apply_rot_embed_cat (interleaved pairs)
+    as each tile is loaded, rounded to q's dtype (self-attention only).
     """
     reject_bf16_dots_under_interpreter("attention", attention_fwd_kernel, q.dtype)
     B, H, n_q, head_dim = q.shape
     n_kv = k.shape[2]
     if B * H * n_q == 0:
         return
-    cfg = config("fwd", head_dim, q.dtype) if fwd_cfg is None else fwd_cfg
+    sin, cos, stride_sn, stride_cn, n_prefix, use_rope = _rope_args(rope, num_prefix_tokens, n_q, n_kv, head_dim, lse)
+    cfg = config("fwd", head_dim, q.dtype, use_rope) if fwd_cfg is None else fwd_cfg
     bd, bd_tail, pad_d, pad_d_tail = head_chunks(head_dim)
     grid = (B * H * cdiv(n_q, cfg.block_m),)
     attention_fwd_kernel[grid](
-        q, k, v, o, lse, scale * LOG2E,
-        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(o),
-        H, n_q, n_kv, head_dim,
+        q, k, v, o, lse, sin, cos, scale * LOG2E,
+        *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(o), stride_sn, stride_cn,
+        H, n_q, n_kv, head_dim, n_prefix,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_D_TAIL=bd_tail, PAD_D=pad_d,
-        PAD_D_TAIL=pad_d_tail, DOT_PRECISION=dot_precision(q.dtype), num_warps=cfg.num_warps,
+        PAD_D_TAIL=pad_d_tail, DOT_PRECISION=dot_precision(q.dtype), ROPE=use_rope, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
 
 
-def attention_bwd(do, q, k, v, o, lse, dq, dk, dv, scale: float, bwd_cfgs=None):
+def attention_bwd(do, q, k, v, o, lse, dq, dk, dv, scale: float, bwd_cfgs=None, rope=None,
+                  num_prefix_tokens: int = 0):
     """Writes dq, dk, dv (shapes and strides of q, k, v: any, unit stride on D) for upstream do.
 
     o, lse: the forward's outputs. ``bwd_cfgs`` overrides the table: (dK/dV config, dQ config), or
-    (single-pass config with block_n >= N_KV, None), as `bwd_configs` returns them.
+    (single-pass config with block_n >= N_KV, None), as `bwd_configs` returns them. ``rope``,
+    ``num_prefix_tokens``: the forward's; q and k are rotated again where loaded, and dq / dk (the
+    gradients of the rotated tiles, in fp32) are rotated back (the transpose) before their stores.
     """
     reject_bf16_dots_under_interpreter("attention backward", attention_bwd_dkdv_kernel, q.dtype)
     B, H, n_q, head_dim = q.shape
     n_kv = k.shape[2]
     if B * H * n_q == 0:
         return
-    dkdv_cfg, dq_cfg = bwd_configs(head_dim, n_kv, q.dtype) if bwd_cfgs is None else bwd_cfgs
+    use_rope = rope is not None and n_q - num_prefix_tokens > 0
+    dkdv_cfg, dq_cfg = bwd_configs(head_dim, n_kv, q.dtype, use_rope) if bwd_cfgs is None else bwd_cfgs
     write_dq = dq_cfg is None
     if write_dq and n_kv > dkdv_cfg.block_n:
         raise ValueError(f"single-pass backward needs block_n >= N_KV, got {dkdv_cfg.block_n} < {n_kv}")
     bd, bd_tail, pad_d, pad_d_tail = head_chunks(head_dim)
     qk_scale = scale * LOG2E
     precision = dot_precision(q.dtype)
+    sin, cos, stride_sn, stride_cn, n_prefix, use_rope = _rope_args(rope, num_prefix_tokens, n_q, n_kv, head_dim, lse)
 
     if write_dq:
         delta = lse  # placeholder: the single-pass kernel computes delta itself and reads no DELTA
@@ -571,20 +718,21 @@ def attention_bwd(do, q, k, v, o, lse, dq, dk, dv, scale: float, bwd_cfgs=None):
         delta = torch.empty_like(lse)
         cfg = dq_cfg  # dQ first: it stores delta, which the dK/dV kernel reads
         attention_bwd_dq_kernel[(B * H * cdiv(n_q, cfg.block_m),)](
-            q, k, v, do, o, dq, lse, delta, qk_scale, scale,
+            q, k, v, do, o, dq, lse, delta, sin, cos, qk_scale, scale,
             *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do), *_bhn_strides(o),
-            *_bhn_strides(dq),
-            H, n_q, n_kv, head_dim,
+            *_bhn_strides(dq), stride_sn, stride_cn,
+            H, n_q, n_kv, head_dim, n_prefix,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_D_TAIL=bd_tail, PAD_D=pad_d,
-            PAD_D_TAIL=pad_d_tail, DOT_PRECISION=precision, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            PAD_D_TAIL=pad_d_tail, DOT_PRECISION=precision, ROPE=use_rope, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
         )
     cfg = dkdv_cfg
     attention_bwd_dkdv_kernel[(B * H * cdiv(n_kv, cfg.block_n),)](
-        q, k, v, do, o, dk, dv, dq, lse, delta, qk_scale, scale,
+        q, k, v, do, o, dk, dv, dq, lse, delta, sin, cos, qk_scale, scale,
         *_bhn_strides(q), *_bhn_strides(k), *_bhn_strides(v), *_bhn_strides(do), *_bhn_strides(o),
-        *_bhn_strides(dk), *_bhn_strides(dv), *_bhn_strides(dq),
-        H, n_q, n_kv, head_dim,
+        *_bhn_strides(dk), *_bhn_strides(dv), *_bhn_strides(dq), stride_sn, stride_cn,
+        H, n_q, n_kv, head_dim, n_prefix,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=bd, BLOCK_D_TAIL=bd_tail, PAD_D=pad_d,
-        PAD_D_TAIL=pad_d_tail, WRITE_DQ=write_dq, DOT_PRECISION=precision, num_warps=cfg.num_warps,
+        PAD_D_TAIL=pad_d_tail, WRITE_DQ=write_dq, DOT_PRECISION=precision, ROPE=use_rope, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )

@@ -142,11 +142,11 @@ HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)  # every table row, and the two-chunk 
 
 
 def arg_type(name):
-    if name in ("LSE", "DELTA"):
+    if name in ("LSE", "DELTA", "SIN", "COS"):
         return "*fp32"
     if name in ("qk_scale", "scale"):
         return "fp32"
-    if name.startswith("stride") or name in ("H", "N_Q", "N_KV", "head_dim"):
+    if name.startswith("stride") or name in ("H", "N_Q", "N_KV", "head_dim", "n_prefix"):
         return "i32"
     return "*bf16"  # Q, K, V, O and their gradients
 
@@ -165,14 +165,33 @@ for (kernel, fn), head_dim in itertools.product(KERNELS.items(), HEAD_DIMS):
     print(kernel, head_dim, (block_d, block_d_tail), tuple(cfg), "registers", resources["REG"],
           "stack", resources["STACK"], "shared", compiled.metadata.shared)
     assert resources["STACK"] == "0", (kernel, head_dim, "spills to local memory", resources)
+# EVA-02's rotary embedding in the kernels (q / k rotated where loaded, dq / dk rotated back):
+# one-chunk and two-chunk heads
+for (kernel, fn), head_dim in itertools.product(KERNELS.items(), (64, 80)):
+    cfg = kernels.config(kernel, head_dim, torch.bfloat16, rope=True)  # ROPE_CONFIGS where they differ
+    block_d, block_d_tail, pad_d, pad_d_tail = kernels.head_chunks(head_dim)
+    types = {p.name: arg_type(p.name) for p in fn.params if not p.is_constexpr}
+    constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_D_TAIL=block_d_tail,
+                      PAD_D=pad_d, PAD_D_TAIL=pad_d_tail, DOT_PRECISION="tf32", ROPE=True,
+                      **({"WRITE_DQ": False} if kernel == "dkdv" else {}))
+    divisible = [n for n, t in types.items() if t.startswith("*") or n.startswith("stride") or n == "head_dim"]
+    compiled, resources = compile_sm90(fn, types, constexprs, divisible, cfg.num_warps, cfg.num_stages,
+                                       f"rope_{kernel}_{head_dim}")
+    print("rope", kernel, head_dim, tuple(cfg), "regs", resources["REG"], "stack", resources["STACK"],
+          "smem", compiled.metadata.shared)
+    if head_dim == 64:  # ViT-B / EVA-02-B heads: no spills (D=80's dK/dV spills 48 B: printed only)
+        assert resources["STACK"] == "0", ("rope", kernel, head_dim, "spills to local memory", resources)
 """
 
 
 def test_kernels_compile_for_hopper_without_spills(tmp_path):
     """Every 16-bit table entry (forward, dQ, dK/dV), at one-chunk and two-chunk head dims, compiles
     for sm_90 with this Triton, no GPU needed, fits an H100's shared memory and keeps its tiles in
-    registers (no local-memory stack). (The fp32 "ieee" entries do spill: benchmarks/NOTES.md.)"""
-    assert sm90.run_script(HOPPER_COMPILE, tmp_path).count("registers") == 3 * 7  # 3 kernels x HEAD_DIMS
+    registers (no local-memory stack); the ROPE builds (EVA-02's rotary embedding) at D = 64 and 80
+    compile too, D = 64 without spills (ROPE_CONFIGS). (The fp32 "ieee" entries do spill: benchmarks/NOTES.md.)"""
+    out = sm90.run_script(HOPPER_COMPILE, tmp_path)
+    assert out.count("registers") == 3 * 7  # 3 kernels x HEAD_DIMS
+    assert out.count("rope ") == 3 * 2  # the ROPE builds: 3 kernels x D = 64 (no spills), 80 (spills printed)
 
 
 # ----------------------------------------------------------------------------- public ops
@@ -486,6 +505,251 @@ def test_bad_inputs(call, error, match):
         call()
 
 
+# ----------------------------------------------------------------------------- rotary embedding (EVA-02)
+
+
+def rope_tables(n, D, device, general=False):
+    """sin, cos [n, D] in timm's interleaved layout (each angle twice: [a0, a0, a1, a1, ...]), fp32;
+    ``general``: independent random tables (no pair repetition, no sin^2 + cos^2 = 1), which the
+    kernels' rotation and its transpose must handle exactly as well."""
+    if general:
+        return torch.randn(n, D, device=device), torch.randn(n, D, device=device)
+    angles = (torch.rand(n, D // 2, device=device) * 2 - 1) * 3.1416 * 4
+    angles = angles.repeat_interleave(2, -1)
+    return angles.sin(), angles.cos()
+
+
+def timm_rope(x, sin, cos, num_prefix_tokens):
+    """timm's EVA attention rotation written out here (apply_rot_embed_cat, half=False): tokens past
+    the prefix become x * cos + rot(x) * sin, rot(x) = [-x1, x0, -x3, x2, ...], in x's dtype."""
+    head, tail = x[:, :, :num_prefix_tokens], x[:, :, num_prefix_tokens:]
+    rot = torch.stack([-tail[..., 1::2], tail[..., ::2]], -1).reshape(tail.shape)
+    return torch.cat([head, (tail * cos + rot * sin).to(x.dtype)], dim=2)
+
+
+def roped_attention(sin, cos, num_prefix_tokens, scale=None):
+    """reference.attention on timm-rotated q and k (float64 inputs: the float64 reference)."""
+    def fn(q, k, v):
+        return reference.attention(timm_rope(q, sin, cos, num_prefix_tokens), timm_rope(k, sin, cos, num_prefix_tokens),
+                                   v, scale)
+    return fn
+
+
+# B, H, N, D, num_prefix_tokens, general tables: EVA-02's class token at N = 197, a two-chunk head
+# (80 = 64 + 16), a padded tail chunk (72), one padded chunk (100), 4 register tokens, no prefix,
+# N = prefix (nothing rotated), independent tables
+ROPE_SHAPES = [
+    (1, 2, 197, 64, 1, False),
+    (1, 1, 70, 80, 1, False),
+    (1, 2, 65, 72, 4, False),
+    (1, 1, 33, 100, 0, False),
+    (1, 1, 40, 32, 4, True),
+    (1, 1, 3, 32, 3, False),
+]
+
+
+@pytest.mark.parametrize("bwd", ["two-pass", "single-pass"])
+@pytest.mark.parametrize("shape", ROPE_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_rope_kernels_vs_reference(dtype, shape, bwd, device):
+    """The launchers with rope on NaN-poisoned outputs: o, lse, dq, dk, dv all written and against
+    float64 (timm's rotation, then attention) and torch in the same dtype (the rotation rounded to the
+    dtype, as timm's .type_as(v))."""
+    B, H, N, D, npt, general = shape
+    if device == "cpu" and dtype == torch.float16 and bwd == "single-pass" and N > 100:
+        pytest.skip("interpreter time: fp16 single pass is covered at the smaller shapes")
+    if device != "cpu" and bwd == "single-pass" and N > GPU_SINGLE_PASS_MAX_KEYS:
+        pytest.skip("a single key block this wide does not fit in shared memory")
+    q, k, v = make_qkv(B, H, N, N, D, dtype, device)
+    do = torch.randn(B, H, N, D, device=device, dtype=dtype)
+    sin, cos = rope_tables(N - npt, D, device, general)
+    scale = D**-0.5
+    o = torch.full_like(q, float("nan"))
+    lse = torch.full((B, H, N), float("nan"), device=device)
+    dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
+    kernels.attention_fwd(q, k, v, o, lse, scale, rope=(sin, cos), num_prefix_tokens=npt)
+    kernels.attention_bwd(do, q, k, v, o, lse, dq, dk, dv, scale, single_pass_cfgs(N) if bwd == "single-pass" else None,
+                          rope=(sin, cos), num_prefix_tokens=npt)
+    fn = roped_attention(sin, cos, npt)
+    q64, k64 = (timm_rope(t.double(), sin, cos, npt) for t in (q, k))
+    ref_lse = torch.logsumexp(scale * q64 @ k64.transpose(-1, -2), dim=-1)
+    assert rel_err(lse, ref_lse) <= DTYPE_BOUND[dtype]
+    check_attention("rope attention", o, (dq, dk, dv), fn, (q, k, v), do, dtype, device, N)
+
+
+def test_rope_changes_the_result_and_spares_the_prefix(device):
+    """The rotation is really applied (o differs from plain attention) and only past the prefix: with
+    every key but the prefix's rotated by the identity (cos = 1, sin = 0), o equals plain attention."""
+    q, k, v = make_qkv(1, 2, 40, 40, 32, torch.float32, device)
+    sin, cos = rope_tables(39, 32, device)
+    plain = VF.attention(q, k, v)
+    roped = VF.attention(q, k, v, rope=(sin, cos), num_prefix_tokens=1)
+    assert rel_err(roped, plain) > 1e-2
+    identity = VF.attention(q, k, v, rope=(torch.zeros_like(sin), torch.ones_like(cos)), num_prefix_tokens=1)
+    assert rel_err(identity, plain) <= 1e-6
+    # a huge angle table on the prefix row would change everything: the prefix row must not be read
+    rows_only = VF.attention(q, k, v, rope=(sin[1:], cos[1:]), num_prefix_tokens=2)
+    ref = roped_attention(sin[1:].double(), cos[1:].double(), 2)(q.double(), k.double(), v.double())
+    assert rel_err(rows_only, ref) <= 1e-5
+
+
+@pytest.mark.parametrize("op", ["attention", "attention_packed"])
+@pytest.mark.parametrize("dtype", CPU_DTYPES, ids=str)
+def test_rope_public_ops(dtype, op, device, poison_empty):
+    """VF.attention / VF.attention_packed with rope = timm's RotaryEmbeddingCat output chunked in two
+    (sin, cos views with row stride 2D: read in place), EVA-02's class token; output and gradients
+    against float64, one fused forward and backward launch."""
+    B, H, N, D = 2, 2, 65, 64
+    sincos = torch.cat(rope_tables(N - 1, D, device), -1)  # [N - 1, 2D], timm's layout
+    sin, cos = sincos.chunk(2, -1)
+    assert sin.stride() == (2 * D, 1)
+    fn = roped_attention(sin, cos, 1)
+    if op == "attention":
+        leaf, (q, k, v) = packed_views(B, N, H, D, dtype, device)
+        before = launches("attention_fwd"), launches("attention_bwd")
+        out = VF.attention(q, k, v, rope=(sin, cos), num_prefix_tokens=1)
+        do = torch.randn_like(out)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+        check_attention("rope attention", out, grads, fn, (q, k, v), do, dtype, device, N)
+    else:
+        qkv = torch.randn(B, N, 3 * H * D, device=device, dtype=dtype, requires_grad=True)
+        before = launches("attention_packed_fwd"), launches("attention_packed_bwd")
+        out = VF.attention_packed(qkv, H, rope=(sin, cos), num_prefix_tokens=1)
+        do = torch.randn_like(out)
+        (dqkv,) = torch.autograd.grad(out, qkv, do)
+
+        def packed(t):
+            q, k, v = t.unflatten(-1, (3, H, D)).permute(2, 0, 3, 1, 4).unbind(0)
+            return fn(q, k, v).transpose(1, 2).reshape(B, N, H * D)
+        compare_to_float64(["rope packed out", "rope packed dqkv"], None, packed, packed, [qkv], [do],
+                           ours=((out,), [dqkv]))
+    if dispatch.use_kernels(sin):
+        assert (launches(f"{op}_fwd"), launches(f"{op}_bwd")) == (before[0] + 1, before[1] + 1)
+
+
+@pytest.mark.parametrize("path", ["torch-forced", "torch-cpu"])
+def test_rope_float64_gradcheck_on_the_torch_path(monkeypatch, path):
+    select_path(path, monkeypatch, "cpu")
+    q, k, v = make_qkv(2, 2, 7, 7, 8, torch.float32, "cpu")
+    sin, cos = (t.double() for t in rope_tables(6, 8, "cpu"))
+    before = dispatch.kernel_launches.copy()
+    float64_gradcheck(lambda q, k, v: VF.attention(q, k, v, 0.4, rope=(sin, cos), num_prefix_tokens=1), [q, k, v])
+    float64_gradcheck(lambda t: VF.attention_packed(t, 2, rope=(sin[:, :4], cos[:, :4]), num_prefix_tokens=1),
+                      [torch.randn(2, 7, 3 * 2 * 4)])
+    assert dispatch.kernel_launches == before
+
+
+def test_rope_kernel_path_matches_the_torch_path(device, monkeypatch):
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 50, 50, 32, torch.float32, device))
+    sin, cos = rope_tables(49, 32, device)
+    ours = VF.attention(q, k, v, rope=(sin, cos), num_prefix_tokens=1)
+    ours_grads = torch.autograd.grad(ours.sum(), (q, k, v))
+    monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
+    theirs = VF.attention(q, k, v, rope=(sin, cos), num_prefix_tokens=1)
+    theirs_grads = torch.autograd.grad(theirs.sum(), (q, k, v))
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours_grads, theirs_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_rope_empty_batch_on_every_path(device, monkeypatch, path):
+    device = select_path(path, monkeypatch, device)
+    sin, cos = rope_tables(32, 32, device)
+    q, k, v = (torch.randn(0, 2, 33, 32, device=device, requires_grad=True) for _ in range(3))
+    out = VF.attention(q, k, v, rope=(sin, cos), num_prefix_tokens=1)
+    assert out.shape == q.shape
+    out.sum().backward()
+    assert q.grad.shape == q.shape
+    qkv = torch.randn(0, 33, 3 * 64, device=device, requires_grad=True)
+    out = VF.attention_packed(qkv, 2, rope=(sin, cos), num_prefix_tokens=1)
+    assert out.shape == (0, 33, 64)
+
+
+def test_rope_opcheck(device):
+    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 20, 20, 32, torch.float32, device))
+    sin, cos = rope_tables(19, 32, device)
+    torch.library.opcheck(torch.ops.vit_fast.attention_fwd, (q, k, v, 0.2, sin, cos, 1))
+    o, lse = torch.ops.vit_fast.attention_fwd(q.detach(), k.detach(), v.detach(), 0.2, sin, cos, 1)
+    torch.library.opcheck(torch.ops.vit_fast.attention_bwd,
+                          (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, 0.2, sin, cos, 1))
+    qkv = torch.randn(1, 20, 3 * 64, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.vit_fast.attention_packed_fwd, (qkv, 2, 0.2, sin, cos, 1))
+
+
+def test_rope_torch_compile_fullgraph(device):
+    qkv = torch.randn(2, 17, 3 * 64, device=device, requires_grad=True)
+    sin, cos = rope_tables(16, 32, device)
+
+    def fn(qkv):
+        return VF.attention_packed(qkv, 2, rope=(sin, cos), num_prefix_tokens=1)
+
+    out = torch.compile(fn, fullgraph=True)(qkv)
+    expected = fn(qkv)
+    torch.testing.assert_close(out, expected)
+    (g,) = torch.autograd.grad(out.sum(), qkv)
+    (g_eager,) = torch.autograd.grad(expected.sum(), qkv)
+    torch.testing.assert_close(g, g_eager)
+
+
+def test_rope_configs_are_chosen_with_rope_only(monkeypatch):
+    """ROPE_CONFIGS replace the 16-bit D=64 backward tiles when rope is on; fp32 and rope-less calls
+    keep CONFIGS; with rope no single-pass config is taken (none is compiled for it)."""
+    assert kernels.bwd_configs(64, 197, torch.bfloat16, rope=True) == (kernels.ROPE_CONFIGS["dkdv", 64],
+                                                                        kernels.ROPE_CONFIGS["dq", 64])
+    assert kernels.bwd_configs(64, 197, torch.bfloat16) == (kernels.config("dkdv", 64, torch.bfloat16),
+                                                            kernels.config("dq", 64, torch.bfloat16))
+    assert kernels.config("dq", 64, torch.float32, rope=True) == kernels.config("dq", 64, torch.float32)
+    monkeypatch.setitem(kernels.SINGLE_PASS_CONFIGS, 64, kernels.Config(32, 256, 8, 3))
+    assert kernels.bwd_configs(64, 197, torch.bfloat16, rope=True)[1] is not None
+
+
+def test_rope_bf16_under_the_interpreter_raises(device):
+    if device != "cpu" or not dispatch.use_kernels(torch.zeros(1)):
+        pytest.skip("the interpreter is not in use")
+    q = torch.randn(1, 2, 17, 32, dtype=torch.bfloat16)
+    sin, cos = rope_tables(16, 32, "cpu")
+    with pytest.raises(RuntimeError, match="bfloat16 under TRITON_INTERPRET=1"):
+        VF.attention(q, q, q, rope=(sin, cos), num_prefix_tokens=1)
+
+
+_T = rope_tables(3, 32, "cpu")
+ROPE_BAD_INPUTS = [
+    ("rope not a pair", lambda: VF.attention(_q(1, 1, 4, 32), _q(1, 1, 4, 32), _q(1, 1, 4, 32), rope=_T[0],
+                                             num_prefix_tokens=1), TypeError, "rope: expected a .sin, cos. pair"),
+    ("rope rows", lambda: VF.attention(_q(1, 1, 4, 32), _q(1, 1, 4, 32), _q(1, 1, 4, 32), rope=_T), ValueError,
+     "rope: sin must be \\[N - num_prefix_tokens, D\\] = \\[4, 32\\], got \\[3, 32\\]"),
+    ("rope cross", lambda: VF.attention(_q(1, 1, 5, 32), _q(1, 1, 4, 32), _q(1, 1, 4, 32), rope=_T, num_prefix_tokens=1),
+     ValueError, "rope: self-attention only"),
+    ("rope odd D", lambda: VF.attention(_q(1, 1, 4, 33), _q(1, 1, 4, 33), _q(1, 1, 4, 33),
+                                        rope=(_q(3, 33), _q(3, 33)), num_prefix_tokens=1), ValueError, "must be even"),
+    ("rope 1-D", lambda: VF.attention(_q(1, 1, 4, 32), _q(1, 1, 4, 32), _q(1, 1, 4, 32), rope=(_q(96), _q(96)),
+                                      num_prefix_tokens=1), ValueError, "rope sin: expected a 2-D"),
+    ("rope D stride", lambda: VF.attention(_q(1, 1, 4, 32), _q(1, 1, 4, 32), _q(1, 1, 4, 32),
+                                           rope=(_q(3, 64)[:, ::2], _T[1]), num_prefix_tokens=1), ValueError,
+     "rope sin: expected unit stride on the last dim"),
+    ("prefix negative", lambda: VF.attention(_q(1, 1, 4, 32), _q(1, 1, 4, 32), _q(1, 1, 4, 32), rope=_T,
+                                             num_prefix_tokens=-1), ValueError, "num_prefix_tokens: expected an int"),
+    ("prefix > N", lambda: VF.attention_packed(_q(1, 4, 3 * 64), 2, rope=_T, num_prefix_tokens=5), ValueError,
+     "num_prefix_tokens: 5 > N = 4"),
+]
+
+
+@pytest.mark.parametrize("call,error,match", [b[1:] for b in ROPE_BAD_INPUTS], ids=[b[0] for b in ROPE_BAD_INPUTS])
+def test_rope_bad_inputs(call, error, match):
+    with pytest.raises(error, match=match):
+        call()
+
+
+def test_rope_tables_with_grad_are_refused_on_the_kernel_path(device):
+    if not dispatch.use_kernels(torch.zeros(1, device=device)):
+        pytest.skip("kernel path off")
+    sin, cos = (t.requires_grad_() for t in rope_tables(3, 32, device))
+    q = torch.randn(1, 1, 4, 32, device=device)
+    with pytest.raises(ValueError, match="rope: the kernels give the sin / cos tables no gradient"):
+        VF.attention(q, q, q, rope=(sin, cos), num_prefix_tokens=1)
+
+
 # ----------------------------------------------------------------------------- module
 
 
@@ -591,6 +855,27 @@ def test_gpu_single_pass_backward(dtype, shape):
         dq, dk, dv = (torch.full_like(t, float("nan")) for t in (q, k, v))
         kernels.attention_bwd(do, q, k, v, o, lse, dq, dk, dv, D**-0.5, (cfg, None))
         check_attention(f"single pass {cfg}", o, (dq, dk, dv), reference.attention, (q, k, v), do, dtype, "cuda", N)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(8, 12, 257, 64, 1), (4, 16, 257, 64, 1), (2, 4, 261, 80, 5)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", GPU_DTYPES, ids=str)
+def test_gpu_rope_attention(dtype, shape):
+    """EVA-02 B/L at 224 (16 x 16 patches + the class token, D = 64) and a two-chunk head with
+    register tokens: packed qkv with rope against float64, forward and dqkv."""
+    B, H, N, D, npt = shape
+    sin, cos = rope_tables(N - npt, D, "cuda")
+    qkv = torch.randn(B, N, 3 * H * D, device="cuda", dtype=dtype, requires_grad=True)
+    out = VF.attention_packed(qkv, H, rope=(sin, cos), num_prefix_tokens=npt)
+    do = torch.randn_like(out)
+    (dqkv,) = torch.autograd.grad(out, qkv, do)
+    fn = roped_attention(sin, cos, npt)
+
+    def packed(t):
+        q, k, v = t.unflatten(-1, (3, H, D)).permute(2, 0, 3, 1, 4).unbind(0)
+        return fn(q, k, v).transpose(1, 2).reshape(B, N, H * D)
+    compare_to_float64(["gpu rope out", "gpu rope dqkv"], None, packed, packed, [qkv], [do], ours=((out,), [dqkv]))
 
 
 @pytest.mark.gpu
