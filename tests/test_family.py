@@ -52,7 +52,7 @@ MUST_RUN = {
     "vit_so400m_patch14_siglip_384": {"attention_fwd", "attention_bwd"},
 }
 BLOCK_OPS = {"patch_embed_fwd", "patch_embed_bwd", "attention_packed_fwd", "attention_packed_bwd", "layer_norm_fwd",
-             "layer_norm_bwd", "add_layer_norm_fwd", "add_layer_norm_bwd", "linear_act_fwd"}
+             "layer_norm_bwd", "add_layer_norm_fwd", "add_layer_norm_bwd", "mlp_fwd"}
 
 
 def tiny_models(name):
@@ -110,8 +110,8 @@ def test_family_matches_the_reference(name, path, monkeypatch):
     # the patch embedding is the C++ op on this path too (counted as patch_embed_*)
     missing = (BLOCK_OPS | MUST_RUN.get(name, set())) - set(counts)
     assert not missing, f"{name}: {sorted(missing)} did not run ({counts})"
-    # fc1 + activation of each block (quick-GELU's too) and of the MAP head's MLP
-    assert counts.get("linear_act_bwd") == 2 + (model.attn_pool is not None)
+    # the fused MLP of each block (quick-GELU's too) and of the MAP head
+    assert counts.get("mlp_bwd") == 2 + (model.attn_pool is not None)
 
 
 @pytest.mark.parametrize("name", sorted(TINY))

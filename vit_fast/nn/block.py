@@ -55,8 +55,8 @@ def norm_stream(norm, x, delta=None, out_dtype=None):
     nn.LayerNorm``) is run by the same fused ops on its weight, bias and eps."""
     if isinstance(norm, LayerNorm):
         return norm.forward_fused(x, out_dtype=out_dtype) if delta is None else norm.forward_fused(delta, x, out_dtype)
-    if delta is None:
-        return VF.layer_norm(x, norm.weight, norm.bias, norm.eps, out_dtype=out_dtype), x
+    if delta is None:  # (LN(x), x), x's two consumers' gradients summed inside the LayerNorm backward
+        return VF.add_layer_norm(x, None, norm.weight, norm.bias, norm.eps, out_dtype=out_dtype)
     return VF.add_layer_norm(delta, x, norm.weight, norm.bias, norm.eps, out_dtype=out_dtype)
 
 

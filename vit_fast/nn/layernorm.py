@@ -30,8 +30,7 @@ class LayerNorm(nn.LayerNorm):
             s = x if residual is None else x + residual
             y = self.forward(s)
             return (y if out_dtype is None else y.to(out_dtype)), s
-        if residual is None:
-            return VF.layer_norm(x, self.weight, self.bias, self.eps, out_dtype=out_dtype), x
+        # residual None: the stream x comes back through the op, so its gradient joins dx in the LayerNorm backward
         return VF.add_layer_norm(x, residual, self.weight, self.bias, self.eps, out_dtype=out_dtype)
 
     def forward(self, x):

@@ -123,11 +123,21 @@ class Mlp(nn.Module):
     def forward_fused(self, x, residual=None):
         """drop2(fc2(norm(drop1(GELU(fc1(x)))))) + residual: fc1's bias and GELU in its matmul's
         epilogue, and the residual add in fc2's (while drop2 is inactive: eval mode or p = 0; an
-        active drop2 comes before a separate add). x: [..., in_features]; residual: [..., out_features]."""
+        active drop2 comes before a separate add). Without a norm and an active drop1 the whole MLP
+        is one op, ``VF.mlp``, with the fused backward. x: [..., in_features]; residual: [..., out_features]."""
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: Mlp expected a torch.Tensor, got {type(x).__name__}")
         if x.dim() < 1 or x.shape[-1] != self.fc1.in_features:
             raise ValueError(f"x: Mlp expected [..., {self.fc1.in_features}], got shape {tuple(x.shape)}")
+        activation = dict(activation="quick_gelu") if self.quick_gelu else dict(approximate=self.approximate)
+        if isinstance(self.norm, nn.Identity) and not _active(self.drop1):
+            # one op for fc1 -> act -> fc2 (+ residual): its backward forms dpre = (dy @ W2) * act'(pre)
+            # and fc1's bias gradient in one matmul's epilogue (no dH pass, no separate dGELU pass)
+            weights = (self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
+            if residual is not None and not _active(self.drop2):
+                return VF.mlp(x, *weights, residual=residual, **activation)
+            y = self.drop2(VF.mlp(x, *weights, **activation))
+            return y if residual is None else y + residual
         if self.quick_gelu:  # CLIP's activation in fc1's epilogue
             h = VF.linear_act(x, self.fc1.weight, self.fc1.bias, "quick_gelu")
         else:
