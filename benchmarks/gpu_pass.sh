@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU pass (issue 8) in one script: build, GPU test suite, every benchmark.
-#   bash benchmarks/gpu_pass.sh [build|tests|bench|sweep|peers|all] [pytest args | benchmark names]
+#   bash benchmarks/gpu_pass.sh [build|first|tests|bench|sweep|peers|all] [pytest args | benchmark names]
+#   first: vit.py --quick, the op benchmarks --quick and the GPU-only tests within FIRST_BUDGET s;
 #   tests: the whole suite (extra args go to pytest); bench: host overhead, then the named
 #   benchmarks --quick (default: attention layernorm mlp patch_embed vit; with the CUDA-graph
 #   columns all five take more than one 10-minute device call: run `bench attention layernorm`,
@@ -26,6 +27,20 @@ t0=$SECONDS
 timeout 400 $PY setup.py develop --no-deps > "$OUT/build.log" 2>&1 || { tail -60 "$OUT/build.log"; exit 1; }
 $PY -c "import vit_fast, vit_fast._C, torch; print('built in', $SECONDS - $t0, 's; ops:', torch.ops.vit_fast.patch_embed)" || exit 1
 [ "$MODE" = build ] && exit 0
+
+# first: the one command a short lease runs first (the whole model, then the op rows, then the
+# GPU-only tests), each step cut to what is left of FIRST_BUDGET seconds (default 480, counted
+# from the start of the script, build included), every log written as it goes.
+left() { echo $(( FIRST_BUDGET - SECONDS > 0 ? FIRST_BUDGET - SECONDS : 1 )); }
+if [ "$MODE" = first ]; then
+  FIRST_BUDGET=${FIRST_BUDGET:-480}
+  timeout "$(left)" $PY benchmarks/vit.py --quick 2>&1 | tee "$OUT/bench_vit.log" | tail -40
+  for op in attention layernorm mlp patch_embed; do
+    step=$(( $(left) < 75 ? $(left) : 75 ))
+    timeout "$step" $PY benchmarks/$op.py --quick 2>&1 | tee "$OUT/bench_$op.log" | tail -25
+  done
+  timeout "$(left)" $PY -m pytest -q -m gpu -p no:cacheprovider --durations=15 tests 2>&1 | tee "$OUT/tests.log" | tail -40
+fi
 
 if [ "$MODE" = tests ] || [ "$MODE" = all ]; then
   $PY -m pytest -q -n 8 -p no:cacheprovider --durations=15 tests "$@" 2>&1 | tee "$OUT/tests.log" | tail -80
