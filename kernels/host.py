@@ -1,9 +1,13 @@
-"""Helpers for the launchers' host code: integer helpers (grids, block sizes) and the interpreter check.
+"""Helpers for the launchers' host code, one definition each for every kernel module: integer
+helpers (grids, block sizes), the SM count, tl.dot's input precision and the interpreter checks.
 
-Plain Python on purpose: since Triton 3.9 `triton.cdiv` and `triton.next_power_of_2` are
-constexpr functions whose host-side call costs about 2 us each (argument unwrapping), and a
-LayerNorm forward + backward makes eight such calls on its launch path.
+The integer helpers are plain Python on purpose: since Triton 3.9 `triton.cdiv` and
+`triton.next_power_of_2` are constexpr functions whose host-side call costs about 2 us each
+(argument unwrapping), and a LayerNorm forward + backward makes eight such calls on its launch path.
 """
+import functools
+
+import torch
 
 
 def cdiv(a: int, b: int) -> int:
@@ -14,6 +18,18 @@ def cdiv(a: int, b: int) -> int:
 def next_power_of_2(n: int) -> int:
     """The smallest power of two >= n (1 for n <= 1)."""
     return 1 << max(0, n - 1).bit_length()
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device_index: int) -> int:
+    """The number of SMs of CUDA device `device_index` (cached: the property query costs host time)."""
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot's input_precision: exact fp32 dots for fp32 inputs (tf32 would carry ~1e-3 error);
+    fp16 / bf16 run on tensor cores (Triton's default "tf32", which only affects fp32 operands)."""
+    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def is_interpreted(kernel) -> bool:

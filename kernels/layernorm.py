@@ -17,13 +17,11 @@ into one (a slice, a contiguous tensor) is read in place through its row stride;
 (a transposed last dim, an expanded dy) costs one contiguous copy. C is limited to MAX_C = 16384: a
 row is held in registers, and wider rows would spill most of it to local memory.
 """
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
-from .host import cdiv, next_power_of_2, unit_stride_param
+from .host import cdiv, next_power_of_2, sm_count, unit_stride_param
 
 MAX_C = 16384
 
@@ -276,11 +274,6 @@ def check_width(C: int) -> None:
         raise ValueError(f"x: the kernels normalize 1 <= C <= {MAX_C} channels (a row is held in registers), got C={C}")
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _interpreter_rows(block_c: int) -> int:
     return max(1, min(INTERPRETER_MAX_ROWS, INTERPRETER_TILE_ELEMENTS // block_c))
 
@@ -299,7 +292,7 @@ def bwd_config(C: int, device: torch.device, dtype: torch.dtype = torch.bfloat16
         return _interpreter_rows(next_power_of_2(C)), 1, INTERPRETER_BWD_PROGRAMS
     rows, warps, per_sm = next(cfg[1:] for cfg in HOPPER_BWD_CONFIGS if C <= cfg[0])
     per_sm = per_sm[2 * (dtype == torch.float32) + has_ds]
-    return rows, warps, per_sm * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return rows, warps, per_sm * sm_count(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def layer_norm_fwd(x, weight, bias, eps, residual=None, y=None, s=None, rows_per_program=None, num_warps=None,

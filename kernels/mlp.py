@@ -50,13 +50,12 @@ Activations (constexpr strings): "none", "gelu" (exact, erf), "gelu_tanh" (tanh 
 ``vit_fast.ops.mlp`` (``resolve_activation``).
 """
 import dataclasses
-import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from .host import cdiv, reject_bf16_dots_under_interpreter, unit_stride_param
+from .host import cdiv, dot_precision, reject_bf16_dots_under_interpreter, sm_count, unit_stride_param
 
 try:  # host-side TMA descriptors (in Triton 3.6 and 3.9 alike)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -453,11 +452,6 @@ BWD_BLOCK_N = 128
 BWD_NUM_WARPS = 8
 
 
-def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot's input_precision: exact fp32 dots for fp32 inputs (tf32 would carry ~1e-3 error)."""
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def default_config(kernel: str, x: torch.Tensor) -> MatmulConfig:
     if x.device.type != "cuda":
         return INTERPRETER_CONFIG
@@ -468,11 +462,6 @@ def _tma_ready(t) -> bool:
     """A 2-D tensor TMA can address: unit last stride, 16-byte aligned base and row stride."""
     return (t is None or (t.stride(1) == 1 and t.data_ptr() % 16 == 0 and t.stride(0) > 0
                           and (t.stride(0) * t.element_size()) % 16 == 0))
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def select_kernel(x, weight, out, pre_out=None) -> str:
@@ -516,7 +505,7 @@ def linear_act(x, weight, bias, residual, out, pre_out, activation, kernel=None,
         pre_desc = TensorDescriptor.from_tensor(pre_out, [cfg.BLOCK_M, split_n]) if pre_out is not None else y_desc
         tiles = cdiv(M, cfg.BLOCK_M) * cdiv(N, cfg.BLOCK_N)
         if num_programs is None:
-            num_programs = _sm_count(x.device.index) if x.is_cuda else tiles
+            num_programs = sm_count(x.device.index) if x.is_cuda else tiles
         num_programs = min(num_programs, tiles)
         linear_act_tma_kernel[(num_programs,)](
             x_desc, w_desc, y_desc, pre_desc, b, r, M, N, K, *r_strides, num_programs, **flags,
