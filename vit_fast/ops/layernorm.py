@@ -11,6 +11,9 @@ The kernels read every input in its own dtype and compute in fp32, so mixed prec
 passes: bf16 x with fp32 weight (and an fp32 residual) under autocast, y written in y_dtype. dweight
 and dbias come in weight's dtype. A gradient not asked for comes back as an empty [0] tensor (a
 custom op cannot return None).
+
+Launch functions, custom ops, fake impls, autograd and the eager Function twins follow the package's
+one pattern (``vit_fast.ops`` docstring).
 """
 import math
 from typing import Optional
@@ -22,13 +25,8 @@ from vit_fast import dispatch
 from vit_fast.kernels import layernorm as kernels
 from vit_fast.ops.checks import ANY_FLOAT_DTYPES, FLOAT_DTYPES, check_kernel_dtypes, check_tensor
 
-# Registered with torch.library.custom_op, not triton_op: triton_op + wrap_triton cannot run under
-# Triton's interpreter on fake tensors, so CI (CPU) could not opcheck it.
-
-
 # ----------------------------------------------------------------------------- launches
-# The plain launch code, shared by the custom ops below (what torch.compile traces and opcheck
-# tests) and the eager autograd.Functions further down: one body per kernel, no duplicate.
+# One body per kernel, run by the custom ops and the eager Functions (vit_fast.ops docstring, 1).
 # A gradient not asked for comes back as None here.
 
 
@@ -40,7 +38,7 @@ def _layer_norm_fwd_launch(x, weight, bias, eps, y_dtype):
 
 
 def _layer_norm_bwd_launch(dy, x, weight, mean, rstd, compute_dweight, compute_dbias, dx_extra=None):
-    """dx_extra: a gradient the kernel adds to dx (the stream's, see _LayerNormStream)."""
+    """dx_extra: a gradient the kernel adds to dx (the stream's, see LayerNormStreamFunction)."""
     dispatch.record_launch("layer_norm_bwd")
     with dispatch.device_of(x):
         return kernels.layer_norm_bwd(dy, x, weight, mean, rstd, dx_extra, compute_dweight, compute_dbias)
@@ -59,6 +57,7 @@ def _add_layer_norm_bwd_launch(dy, ds, s, weight, mean, rstd, compute_dweight, c
 
 
 # ----------------------------------------------------------------------------- custom ops
+# What torch.compile traces and opcheck tests (vit_fast.ops docstring, 2).
 
 
 @torch.library.custom_op("vit_fast::layer_norm_fwd", mutates_args=())
@@ -111,23 +110,23 @@ def _fake_grads(x, weight, compute_dweight, compute_dbias):
 
 
 @layer_norm_fwd.register_fake
-def _(x, weight, bias, eps, y_dtype):
+def _layer_norm_fwd_fake(x, weight, bias, eps, y_dtype):
     return (x.new_empty(x.shape, dtype=y_dtype), *_fake_stats(x))
 
 
 @layer_norm_bwd.register_fake
-def _(dy, x, weight, mean, rstd, compute_dweight, compute_dbias):
+def _layer_norm_bwd_fake(dy, x, weight, mean, rstd, compute_dweight, compute_dbias):
     return _fake_grads(x, weight, compute_dweight, compute_dbias)
 
 
 @add_layer_norm_fwd.register_fake
-def _(x, residual, weight, bias, eps, y_dtype):
+def _add_layer_norm_fwd_fake(x, residual, weight, bias, eps, y_dtype):
     s_dtype = torch.promote_types(x.dtype, residual.dtype)
     return (x.new_empty(x.shape, dtype=y_dtype), x.new_empty(x.shape, dtype=s_dtype), *_fake_stats(x))
 
 
 @add_layer_norm_bwd.register_fake
-def _(dy, ds, s, weight, mean, rstd, compute_dweight, compute_dbias):
+def _add_layer_norm_bwd_fake(dy, ds, s, weight, mean, rstd, compute_dweight, compute_dbias):
     return _fake_grads(s, weight, compute_dweight, compute_dbias)
 
 
@@ -147,7 +146,7 @@ def _layer_norm_setup_context(ctx, inputs, output):
 
 
 def _layer_norm_grads(ctx, dy, backward):
-    """Gradients of (x, weight, bias, eps, y_dtype); `backward` is the bwd custom op or its plain launch."""
+    """Gradients of (x, weight, bias, eps, y_dtype); `backward` is the bwd custom op or its launch function."""
     x, weight, mean, rstd = ctx.saved_tensors
     compute_dweight, compute_dbias = _wanted(ctx, 1)
     dx, dweight, dbias = backward(dy, x, weight, mean, rstd, compute_dweight, compute_dbias)
@@ -168,7 +167,7 @@ def _add_layer_norm_setup_context(ctx, inputs, output):
 
 def _add_layer_norm_grads(ctx, dy, ds, backward):
     """Gradients of (x, residual, weight, bias, eps, y_dtype); `backward` is the bwd custom op or its
-    plain launch. dx is in s's dtype; autograd casts it for an x or residual of another dtype."""
+    launch function. dx is in s's dtype; autograd casts it for an x or residual of another dtype."""
     s, weight, mean, rstd = ctx.saved_tensors
     compute_dweight, compute_dbias = _wanted(ctx, 2)
     if dy is None:  # only s was used: y contributes nothing
@@ -185,15 +184,14 @@ layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm
 add_layer_norm_fwd.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup_context)
 
 
-# ----------------------------------------------------------------------------- eager fast path
-# Eager calls skip the custom-op plumbing (custom_op __call__, its autograd wrapper, the
-# dynamo-disable wrapper, redispatch): measured ~60% of the host cost, with layer_norm fwd+bwd at
-# 6-10x F.layer_norm's host time (benchmarks/host_overhead.py), and several H100 rows are
-# launch-bound. These Functions run the same launch code as the custom ops; torch.compile still
-# traces the custom ops (the public functions pick them when torch.compiler.is_compiling()).
+# ----------------------------------------------------------------------------- eager Functions
+# The custom ops' eager twins (vit_fast.ops docstring, 3). They return y (and s) alone: mean and
+# rstd stay inside, saved as the setup_context functions above save them.
 
 
-class _LayerNorm(torch.autograd.Function):
+class LayerNormFunction(torch.autograd.Function):
+    """layer_norm_fwd's eager twin."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, eps, y_dtype):
         y, mean, rstd = _layer_norm_fwd_launch(x, weight, bias, eps, y_dtype)
@@ -205,7 +203,7 @@ class _LayerNorm(torch.autograd.Function):
         return _layer_norm_grads(ctx, dy, _layer_norm_bwd_launch)
 
 
-class _LayerNormStream(torch.autograd.Function):
+class LayerNormStreamFunction(torch.autograd.Function):
     """(LN(x), x), the second output x itself: where the stream also feeds a later op (the next add +
     LayerNorm), its gradient joins dx inside the LayerNorm backward kernel instead of autograd adding
     two [rows, C] gradients in a pass of its own. Eager only: a custom op cannot return its input."""
@@ -227,7 +225,9 @@ class _LayerNormStream(torch.autograd.Function):
         return dx, dweight if compute_dweight else None, dbias if compute_dbias else None, None, None
 
 
-class _AddLayerNorm(torch.autograd.Function):
+class AddLayerNormFunction(torch.autograd.Function):
+    """add_layer_norm_fwd's eager twin."""
+
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, y_dtype):
         y, s, mean, rstd = _add_layer_norm_fwd_launch(x, residual, weight, bias, eps, y_dtype)
@@ -324,7 +324,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-6, out_dtype=None):
         y_dtype = _y_dtype(x.dtype, out_dtype, autocast)
         if torch.compiler.is_compiling():
             return layer_norm_fwd(x, weight, bias, float(eps), y_dtype)[0]
-        return _LayerNorm.apply(x, weight, bias, float(eps), y_dtype)  # eager: see "eager fast path"
+        return LayerNormFunction.apply(x, weight, bias, float(eps), y_dtype)  # eager twin (vit_fast.ops docstring)
     return _torch_layer_norm(x, weight, bias, eps, out_dtype, autocast)
 
 
@@ -347,13 +347,13 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-6, out_dtype=None
         y_dtype = _y_dtype(x.dtype, out_dtype, autocast)
         if torch.compiler.is_compiling():  # the compiler fuses the gradient sum itself
             return layer_norm_fwd(x, weight, bias, float(eps), y_dtype)[0], x
-        return _LayerNormStream.apply(x, weight, bias, float(eps), y_dtype)
+        return LayerNormStreamFunction.apply(x, weight, bias, float(eps), y_dtype)
     check_tensor("residual", residual)  # required here: _check_inputs reads None as "no residual"
     if _check_inputs(x, weight, bias, residual, out_dtype, autocast):
         y_dtype = _y_dtype(torch.promote_types(x.dtype, residual.dtype), out_dtype, autocast)
         if torch.compiler.is_compiling():
             y, s, _, _ = add_layer_norm_fwd(x, residual, weight, bias, float(eps), y_dtype)
             return y, s
-        return _AddLayerNorm.apply(x, residual, weight, bias, float(eps), y_dtype)  # eager: see "eager fast path"
+        return AddLayerNormFunction.apply(x, residual, weight, bias, float(eps), y_dtype)  # eager twin
     s = x + residual
     return _torch_layer_norm(s, weight, bias, eps, out_dtype, autocast), s

@@ -38,6 +38,17 @@ Autocast: ``torch.library.register_autocast`` casts to one fixed dtype, whereas 
 region's dtype, so the public functions cast x, weight and bias to ``torch.get_autocast_dtype``
 themselves (as F.linear does); the residual keeps its dtype, as in eager ``F.linear(...) + r``, and
 the output takes the promoted dtype (residual float32 with bf16 x -> float32 out).
+
+SwiGLU (timm's SwiGLU up to its norm and fc2):
+  vit_fast::swiglu_fwd(x [M,K], wg [N,K], bg [N]?, wx [N,K], bx [N]?, save) -> (h [M,N], pre [M,2N] or [0])
+      h = silu(x @ wg^T + bg) * (x @ wx^T + bx); pre = g | u (the two pre-activations) when ``save``
+  vit_fast::swiglu_bwd(dh [M,N], x, wg, wx, pre, has_bias) -> (dx [M,K], dw [2N,K], db [2N] or [0])
+      dw rows [0, N) are dWg, [N, 2N) dWx (one GEMM, split by the autograd code: a custom op's
+      outputs must not alias each other); db likewise (fp32 partials summed in a fixed order, in
+      the weights' dtype).
+
+Launch functions, custom ops, fake impls, autograd and the eager Function twins follow the package's
+one pattern (``vit_fast.ops`` docstring).
 """
 import functools
 import os
@@ -49,6 +60,10 @@ import torch.nn.functional as F
 from vit_fast import dispatch
 from vit_fast.kernels import mlp as kernels
 from vit_fast.ops.checks import ANY_FLOAT_DTYPES, check_kernel_dtypes, check_same, check_tensor
+
+
+# ----------------------------------------------------------------------------- activations
+
 
 # Activation spellings, the library's one map. The kernels' names (``kernels.ACTIVATIONS``: "gelu"
 # (erf), "gelu_tanh", "quick_gelu" (x * sigmoid(1.702 x), OpenAI CLIP's), "none") are the
@@ -88,117 +103,8 @@ def torch_activation(pre, activation: str):
     return pre
 
 
-def _linear_act_forward(x, weight, bias, residual, activation, save_pre):
-    """The forward's launch: the custom op's body and the eager autograd.Function's forward."""
-    dispatch.record_launch("linear_act_fwd")
-    M, N = x.shape[0], weight.shape[0]
-    out_dtype = residual.dtype if residual is not None else x.dtype  # residual is x.dtype or float32
-    y = torch.empty((M, N), dtype=out_dtype, device=x.device)
-    pre = torch.empty((M, N) if save_pre else (0,), dtype=x.dtype, device=x.device)
-    with dispatch.device_of(x):
-        kernels.linear_act(x, weight, bias, residual, y, pre if save_pre else None, activation)
-    return y, pre
+# ----------------------------------------------------------------------------- MLP backend
 
-
-def _linear_act_backward(dy, pre, x, weight, activation, has_bias):
-    """The GELU backward's launch + the two GEMMs: linear_act_bwd's body and the eager backward's."""
-    dispatch.record_launch("linear_act_bwd")
-    M, N = dy.shape
-    dpre = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    db_partial = (torch.empty((kernels.db_partial_rows(M), N), dtype=torch.float32, device=x.device)
-                  if has_bias else None)
-    with dispatch.device_of(x):
-        kernels.activation_backward(dy, pre, dpre, activation, db_partial)
-    dx = dpre @ weight  # [M, K], cuBLAS on a GPU
-    dw = dpre.t() @ x  # [N, K]
-    db = db_partial.sum(0).to(weight.dtype) if has_bias else dy.new_empty((0,), dtype=weight.dtype)
-    return dx, dw, db
-
-
-# custom_op, not triton_op: triton_op + wrap_triton cannot run under Triton's interpreter on
-# fake / functional tensors, so opcheck could not test it on CPU.
-@torch.library.custom_op("vit_fast::linear_act_fwd", mutates_args=())
-def linear_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
-                   residual: Optional[torch.Tensor], activation: str, save_pre: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _linear_act_forward(x, weight, bias, residual, activation, save_pre)
-
-
-@linear_act_fwd.register_fake
-def _linear_act_fwd_fake(x, weight, bias, residual, activation, save_pre):
-    M, N = x.shape[0], weight.shape[0]
-    out_dtype = residual.dtype if residual is not None else x.dtype
-    return x.new_empty((M, N), dtype=out_dtype), x.new_empty((M, N) if save_pre else (0,))
-
-
-@torch.library.custom_op("vit_fast::linear_act_bwd", mutates_args=())
-def linear_act_bwd(dy: torch.Tensor, pre: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, activation: str,
-                   has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _linear_act_backward(dy, pre, x, weight, activation, has_bias)
-
-
-@linear_act_bwd.register_fake
-def _linear_act_bwd_fake(dy, pre, x, weight, activation, has_bias):
-    db = weight.new_empty((weight.shape[0],) if has_bias else (0,))
-    return x.new_empty(x.shape), weight.new_empty(weight.shape), db
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, residual, activation, save_pre = inputs
-    # pre is a saved intermediate, not a result: without these two, autograd would hand the backward
-    # a zero-filled [M, N] gradient for it (a 310 MB memset at ViT-B b256)
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-    ctx.activation = activation
-    ctx.has_bias = bias is not None
-    ctx.has_residual = residual is not None
-    ctx.save_for_backward(x, weight, output[1] if activation != "none" else None)
-
-
-def _gradients(ctx, dy, backward_op):
-    """Input gradients from dy; ``backward_op`` is linear_act_bwd (the custom op, traced by
-    torch.compile) or its plain body (eager)."""
-    if dy is None:  # y unused by the loss (grads are not materialized)
-        return None, None, None, None, None, None
-    x, weight, pre = ctx.saved_tensors
-    dresidual = dy if ctx.has_residual else None
-    if ctx.activation == "none":
-        dy = dy.to(x.dtype)  # a float32 residual makes y (and dy) float32
-        dx, dw = dy @ weight, dy.t() @ x
-        db = dy.sum(0) if ctx.has_bias else None
-        return dx, dw, db, dresidual, None, None
-    if pre.numel() != dy.numel():
-        raise RuntimeError("vit_fast::linear_act_fwd: backward needs the forward called with save_pre=True")
-    dx, dw, db = backward_op(dy, pre, x, weight, ctx.activation, ctx.has_bias)
-    return dx, dw, db if ctx.has_bias else None, dresidual, None, None
-
-
-def _backward(ctx, dy, _dpre):
-    return _gradients(ctx, dy, torch.ops.vit_fast.linear_act_bwd)
-
-
-linear_act_fwd.register_autograd(_backward, setup_context=_setup_context)
-
-
-class LinearActFunction(torch.autograd.Function):
-    """linear_act_fwd's eager twin: the same forward, context and gradients without the custom-op
-    dispatch, which measured (benchmarks/host_overhead.py, launches stubbed) ~290 us of host time
-    per linear_gelu fwd+bwd, when several H100 rows are launch-bound. torch.compile still traces
-    the custom op (see _linear_act). forward takes ctx (no setup_context staticmethod): with one,
-    Function.apply runs inspect.signature on every call."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, residual, activation, save_pre):
-        output = _linear_act_forward(x, weight, bias, residual, activation, save_pre)
-        _setup_context(ctx, (x, weight, bias, residual, activation, save_pre), output)
-        return output
-
-    @staticmethod
-    def backward(ctx, dy, _dpre):
-        return _gradients(ctx, dy, _linear_act_backward)
-
-
-# ----------------------------------------------------------------------------- the whole MLP
 
 MLP_BACKEND_ENV = "VIT_FAST_MLP_BACKEND"  # "triton" | "torch"; unset: the table below
 MLP_BACKENDS = ("triton", "torch")
@@ -238,7 +144,38 @@ def mlp_backend(x, activation) -> str:
     return backend_for(capability, x.dtype, activation)
 
 
-def _mlp_forward(x, w1, b1, w2, b2, residual, activation, save, backend):
+# ----------------------------------------------------------------------------- launches
+# One body per kernel, run by the custom ops and the eager Functions (vit_fast.ops docstring, 1).
+
+
+def _linear_act_fwd_launch(x, weight, bias, residual, activation, save_pre):
+    """y = act(x @ weight^T + bias + residual); pre (when ``save_pre``), else [0]."""
+    dispatch.record_launch("linear_act_fwd")
+    M, N = x.shape[0], weight.shape[0]
+    out_dtype = residual.dtype if residual is not None else x.dtype  # residual is x.dtype or float32
+    y = torch.empty((M, N), dtype=out_dtype, device=x.device)
+    pre = torch.empty((M, N) if save_pre else (0,), dtype=x.dtype, device=x.device)
+    with dispatch.device_of(x):
+        kernels.linear_act(x, weight, bias, residual, y, pre if save_pre else None, activation)
+    return y, pre
+
+
+def _linear_act_bwd_launch(dy, pre, x, weight, activation, has_bias):
+    """The activation backward's kernel + the two GEMMs: (dx, dw, db or [0]) from dy."""
+    dispatch.record_launch("linear_act_bwd")
+    M, N = dy.shape
+    dpre = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    db_partial = (torch.empty((kernels.db_partial_rows(M), N), dtype=torch.float32, device=x.device)
+                  if has_bias else None)
+    with dispatch.device_of(x):
+        kernels.activation_backward(dy, pre, dpre, activation, db_partial)
+    dx = dpre @ weight  # [M, K], cuBLAS on a GPU
+    dw = dpre.t() @ x  # [N, K]
+    db = db_partial.sum(0).to(weight.dtype) if has_bias else dy.new_empty((0,), dtype=weight.dtype)
+    return dx, dw, db
+
+
+def _mlp_fwd_launch(x, w1, b1, w2, b2, residual, activation, save, backend):
     """y = fc2(act(fc1(x))) (+ residual); pre (when ``save``) and h = act(pre), fc2's input."""
     M, hidden, N = x.shape[0], w1.shape[0], w2.shape[0]
     if backend == "triton":
@@ -260,7 +197,7 @@ def _mlp_forward(x, w1, b1, w2, b2, residual, activation, save, backend):
     return y, pre if save else pre.new_empty((0,)), h
 
 
-def _mlp_backward(dy, x, w1, w2, pre, h, activation, has_b1, has_b2, backend):
+def _mlp_bwd_launch(dy, x, w1, w2, pre, h, activation, has_b1, has_b2, backend):
     """(dx, dw1, db1, dw2, db2) from dy; db1 / db2 are [0] without their bias."""
     dy = dy.to(x.dtype)  # a float32 residual makes y (and dy) float32
     M, hidden = dy.shape[0], w1.shape[0]
@@ -286,11 +223,90 @@ def _mlp_backward(dy, x, w1, w2, pre, h, activation, has_b1, has_b2, backend):
     return dx, dw1, db1, dw2, db2
 
 
+def _swiglu_fwd_launch(x, wg, bg, wx, bx, save):
+    """h = silu(x @ wg^T + bg) * (x @ wx^T + bx); pre = g | u (when ``save``), else [0]."""
+    dispatch.record_launch("swiglu_fwd")
+    M, N = x.shape[0], wg.shape[0]
+    h = torch.empty((M, N), dtype=x.dtype, device=x.device)
+    pre = torch.empty((M, 2 * N) if save else (0,), dtype=x.dtype, device=x.device)
+    with dispatch.device_of(x):
+        kernels.swiglu(x, wg, bg, wx, bx, h, pre if save else None)
+    return h, pre
+
+
+def _swiglu_bwd_launch(dh, x, wg, wx, pre, has_bias):
+    """(dx, dw = dWg | dWx, db = dbg | dbx or [0]) from dh: one elementwise kernel + cuBLAS GEMMs."""
+    dispatch.record_launch("swiglu_bwd")
+    M, N = dh.shape
+    d = torch.empty((M, 2 * N), dtype=x.dtype, device=x.device)  # dg | du
+    db_partial = (torch.empty((kernels.db_partial_rows(M), 2 * N), dtype=torch.float32, device=x.device)
+                  if has_bias else None)
+    with dispatch.device_of(x):
+        kernels.swiglu_backward(dh, pre, d, db_partial)
+    dw = d.t() @ x  # [2N, K]: dWg and dWx in one GEMM
+    dx = d[:, :N] @ wg  # [M, K]
+    dx.addmm_(d[:, N:], wx)  # + du @ Wx, accumulated into the same buffer
+    db = db_partial.sum(0).to(wg.dtype) if has_bias else dh.new_empty((0,), dtype=wg.dtype)
+    return dx, dw, db
+
+
+# ----------------------------------------------------------------------------- custom ops
+# What torch.compile traces and opcheck tests (vit_fast.ops docstring, 2).
+
+
+@torch.library.custom_op("vit_fast::linear_act_fwd", mutates_args=())
+def linear_act_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                   residual: Optional[torch.Tensor], activation: str, save_pre: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _linear_act_fwd_launch(x, weight, bias, residual, activation, save_pre)
+
+
+@torch.library.custom_op("vit_fast::linear_act_bwd", mutates_args=())
+def linear_act_bwd(dy: torch.Tensor, pre: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, activation: str,
+                   has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _linear_act_bwd_launch(dy, pre, x, weight, activation, has_bias)
+
+
 @torch.library.custom_op("vit_fast::mlp_fwd", mutates_args=())
 def mlp_fwd(x: torch.Tensor, w1: torch.Tensor, b1: Optional[torch.Tensor], w2: torch.Tensor,
             b2: Optional[torch.Tensor], residual: Optional[torch.Tensor], activation: str, save: bool, backend: str
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _mlp_forward(x, w1, b1, w2, b2, residual, activation, save, backend)
+    return _mlp_fwd_launch(x, w1, b1, w2, b2, residual, activation, save, backend)
+
+
+@torch.library.custom_op("vit_fast::mlp_bwd", mutates_args=())
+def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor,
+            h: torch.Tensor, activation: str, has_b1: bool, has_b2: bool, backend: str
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _mlp_bwd_launch(dy, x, w1, w2, pre, h, activation, has_b1, has_b2, backend)
+
+
+@torch.library.custom_op("vit_fast::swiglu_fwd", mutates_args=())
+def swiglu_fwd(x: torch.Tensor, wg: torch.Tensor, bg: Optional[torch.Tensor], wx: torch.Tensor,
+               bx: Optional[torch.Tensor], save: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _swiglu_fwd_launch(x, wg, bg, wx, bx, save)
+
+
+@torch.library.custom_op("vit_fast::swiglu_bwd", mutates_args=())
+def swiglu_bwd(dh: torch.Tensor, x: torch.Tensor, wg: torch.Tensor, wx: torch.Tensor, pre: torch.Tensor,
+               has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _swiglu_bwd_launch(dh, x, wg, wx, pre, has_bias)
+
+
+# ----------------------------------------------------------------------------- fake impls
+
+
+@linear_act_fwd.register_fake
+def _linear_act_fwd_fake(x, weight, bias, residual, activation, save_pre):
+    M, N = x.shape[0], weight.shape[0]
+    out_dtype = residual.dtype if residual is not None else x.dtype
+    return x.new_empty((M, N), dtype=out_dtype), x.new_empty((M, N) if save_pre else (0,))
+
+
+@linear_act_bwd.register_fake
+def _linear_act_bwd_fake(dy, pre, x, weight, activation, has_bias):
+    db = weight.new_empty((weight.shape[0],) if has_bias else (0,))
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), db
 
 
 @mlp_fwd.register_fake
@@ -301,17 +317,61 @@ def _mlp_fwd_fake(x, w1, b1, w2, b2, residual, activation, save, backend):
             x.new_empty((M, hidden)))
 
 
-@torch.library.custom_op("vit_fast::mlp_bwd", mutates_args=())
-def mlp_bwd(dy: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, pre: torch.Tensor,
-            h: torch.Tensor, activation: str, has_b1: bool, has_b2: bool, backend: str
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _mlp_backward(dy, x, w1, w2, pre, h, activation, has_b1, has_b2, backend)
-
-
 @mlp_bwd.register_fake
 def _mlp_bwd_fake(dy, x, w1, w2, pre, h, activation, has_b1, has_b2, backend):
     return (x.new_empty(x.shape), w1.new_empty(w1.shape), w1.new_empty((w1.shape[0],) if has_b1 else (0,)),
             w2.new_empty(w2.shape), w2.new_empty((w2.shape[0],) if has_b2 else (0,)))
+
+
+@swiglu_fwd.register_fake
+def _swiglu_fwd_fake(x, wg, bg, wx, bx, save):
+    M, N = x.shape[0], wg.shape[0]
+    return x.new_empty((M, N)), x.new_empty((M, 2 * N) if save else (0,))
+
+
+@swiglu_bwd.register_fake
+def _swiglu_bwd_fake(dh, x, wg, wx, pre, has_bias):
+    N, K = wg.shape
+    return x.new_empty(x.shape), wg.new_empty((2 * N, K)), wg.new_empty((2 * N,) if has_bias else (0,))
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+def _linear_act_setup_context(ctx, inputs, output):
+    x, weight, bias, residual, activation, save_pre = inputs
+    # pre is a saved intermediate, not a result: without these two, autograd would hand the backward
+    # a zero-filled [M, N] gradient for it (a 310 MB memset at ViT-B b256)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    ctx.activation = activation
+    ctx.has_bias = bias is not None
+    ctx.has_residual = residual is not None
+    ctx.save_for_backward(x, weight, output[1] if activation != "none" else None)
+
+
+def _linear_act_grads(ctx, dy, backward):
+    """Input gradients from dy; ``backward`` is the bwd custom op or its launch function."""
+    if dy is None:  # y unused by the loss (grads are not materialized)
+        return None, None, None, None, None, None
+    x, weight, pre = ctx.saved_tensors
+    dresidual = dy if ctx.has_residual else None
+    if ctx.activation == "none":
+        dy = dy.to(x.dtype)  # a float32 residual makes y (and dy) float32
+        dx, dw = dy @ weight, dy.t() @ x
+        db = dy.sum(0) if ctx.has_bias else None
+        return dx, dw, db, dresidual, None, None
+    if pre.numel() != dy.numel():
+        raise RuntimeError("vit_fast::linear_act_fwd: backward needs the forward called with save_pre=True")
+    dx, dw, db = backward(dy, pre, x, weight, ctx.activation, ctx.has_bias)
+    return dx, dw, db if ctx.has_bias else None, dresidual, None, None
+
+
+def _linear_act_backward(ctx, dy, _dpre):
+    return _linear_act_grads(ctx, dy, torch.ops.vit_fast.linear_act_bwd)
+
+
+linear_act_fwd.register_autograd(_linear_act_backward, setup_context=_linear_act_setup_context)
 
 
 def _mlp_setup_context(ctx, inputs, output):
@@ -323,37 +383,96 @@ def _mlp_setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, w1, w2, output[1], output[2])
 
 
-def _mlp_gradients(ctx, dy, backward_op):
+def _mlp_grads(ctx, dy, backward):
     if dy is None:  # y unused by the loss
         return (None,) * 9
     x, w1, w2, pre, h = ctx.saved_tensors
     if pre.numel() != h.numel():
         raise RuntimeError("vit_fast::mlp_fwd: backward needs the forward called with save=True")
-    dx, dw1, db1, dw2, db2 = backward_op(dy, x, w1, w2, pre, h, ctx.activation, ctx.has_b1, ctx.has_b2, ctx.backend)
+    dx, dw1, db1, dw2, db2 = backward(dy, x, w1, w2, pre, h, ctx.activation, ctx.has_b1, ctx.has_b2, ctx.backend)
     return (dx, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None,
             dy if ctx.has_residual else None, None, None, None)
 
 
-def _mlp_autograd_backward(ctx, dy, _dpre, _dh):
-    return _mlp_gradients(ctx, dy, torch.ops.vit_fast.mlp_bwd)
+def _mlp_backward(ctx, dy, _dpre, _dh):
+    return _mlp_grads(ctx, dy, torch.ops.vit_fast.mlp_bwd)
 
 
-mlp_fwd.register_autograd(_mlp_autograd_backward, setup_context=_mlp_setup_context)
+mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
+
+
+def _swiglu_setup_context(ctx, inputs, output):
+    x, wg, bg, wx, bx, save = inputs
+    ctx.mark_non_differentiable(output[1])  # pre: a saved intermediate
+    ctx.set_materialize_grads(False)
+    ctx.has_bg, ctx.has_bx = bg is not None, bx is not None
+    ctx.save_for_backward(x, wg, wx, output[1])
+
+
+def _swiglu_grads(ctx, dh, backward):
+    if dh is None:  # h unused by the loss
+        return (None,) * 6
+    x, wg, wx, pre = ctx.saved_tensors
+    N = wg.shape[0]
+    if pre.numel() != 2 * dh.numel():
+        raise RuntimeError("vit_fast::swiglu_fwd: backward needs the forward called with save=True")
+    dx, dw, db = backward(dh, x, wg, wx, pre, ctx.has_bg or ctx.has_bx)  # dh: any strides
+    dbg = db[:N] if ctx.has_bg else None
+    dbx = db[N:] if ctx.has_bx else None
+    return dx, dw[:N], dbg, dw[N:], dbx, None
+
+
+def _swiglu_backward(ctx, dh, _dpre):
+    return _swiglu_grads(ctx, dh, torch.ops.vit_fast.swiglu_bwd)
+
+
+swiglu_fwd.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
+
+
+# ----------------------------------------------------------------------------- eager Functions
+# The custom ops' eager twins (vit_fast.ops docstring, 3).
+
+
+class LinearActFunction(torch.autograd.Function):
+    """linear_act_fwd's eager twin."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, residual, activation, save_pre):
+        output = _linear_act_fwd_launch(x, weight, bias, residual, activation, save_pre)
+        _linear_act_setup_context(ctx, (x, weight, bias, residual, activation, save_pre), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dy, _dpre):
+        return _linear_act_grads(ctx, dy, _linear_act_bwd_launch)
 
 
 class MlpFunction(torch.autograd.Function):
-    """mlp_fwd's eager twin (as LinearActFunction is linear_act_fwd's): the same code without the
-    custom-op dispatch's host time; torch.compile traces the custom op."""
+    """mlp_fwd's eager twin."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, residual, activation, save, backend):
-        output = _mlp_forward(x, w1, b1, w2, b2, residual, activation, save, backend)
+        output = _mlp_fwd_launch(x, w1, b1, w2, b2, residual, activation, save, backend)
         _mlp_setup_context(ctx, (x, w1, b1, w2, b2, residual, activation, save, backend), output)
         return output
 
     @staticmethod
     def backward(ctx, dy, _dpre, _dh):
-        return _mlp_gradients(ctx, dy, _mlp_backward)
+        return _mlp_grads(ctx, dy, _mlp_bwd_launch)
+
+
+class SwigluFunction(torch.autograd.Function):
+    """swiglu_fwd's eager twin."""
+
+    @staticmethod
+    def forward(ctx, x, wg, bg, wx, bx, save):
+        output = _swiglu_fwd_launch(x, wg, bg, wx, bx, save)
+        _swiglu_setup_context(ctx, (x, wg, bg, wx, bx, save), output)
+        return output
+
+    @staticmethod
+    def backward(ctx, dh, _dpre):
+        return _swiglu_grads(ctx, dh, _swiglu_bwd_launch)
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -515,106 +634,6 @@ def mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=None, approximat
     else:
         y, _, _ = MlpFunction.apply(x2d, w1, b1, w2, b2, r2d, activation, save, backend)
     return y.view(*x.shape[:-1], N)
-
-
-# ----------------------------------------------------------------------------- SwiGLU
-#   vit_fast::swiglu_fwd(x [M,K], wg [N,K], bg [N]?, wx [N,K], bx [N]?, save) -> (h [M,N], pre [M,2N] or [0])
-#       h = silu(x @ wg^T + bg) * (x @ wx^T + bx); pre = g | u (the two pre-activations) when ``save``
-#   vit_fast::swiglu_bwd(dh [M,N], x, wg, wx, pre, has_bias) -> (dx [M,K], dw [2N,K], db [2N] or [0])
-#       dw rows [0, N) are dWg, [N, 2N) dWx (one GEMM, split by the autograd code: a custom op's
-#       outputs must not alias each other); db likewise (fp32 partials summed in a fixed order, in
-#       the weights' dtype).
-
-
-def _swiglu_forward(x, wg, bg, wx, bx, save):
-    dispatch.record_launch("swiglu_fwd")
-    M, N = x.shape[0], wg.shape[0]
-    h = torch.empty((M, N), dtype=x.dtype, device=x.device)
-    pre = torch.empty((M, 2 * N) if save else (0,), dtype=x.dtype, device=x.device)
-    with dispatch.device_of(x):
-        kernels.swiglu(x, wg, bg, wx, bx, h, pre if save else None)
-    return h, pre
-
-
-def _swiglu_backward(dh, x, wg, wx, pre, has_bias):
-    dispatch.record_launch("swiglu_bwd")
-    M, N = dh.shape
-    d = torch.empty((M, 2 * N), dtype=x.dtype, device=x.device)  # dg | du
-    db_partial = (torch.empty((kernels.db_partial_rows(M), 2 * N), dtype=torch.float32, device=x.device)
-                  if has_bias else None)
-    with dispatch.device_of(x):
-        kernels.swiglu_backward(dh, pre, d, db_partial)
-    dw = d.t() @ x  # [2N, K]: dWg and dWx in one GEMM
-    dx = d[:, :N] @ wg  # [M, K]
-    dx.addmm_(d[:, N:], wx)  # + du @ Wx, accumulated into the same buffer
-    db = db_partial.sum(0).to(wg.dtype) if has_bias else dh.new_empty((0,), dtype=wg.dtype)
-    return dx, dw, db
-
-
-@torch.library.custom_op("vit_fast::swiglu_fwd", mutates_args=())
-def swiglu_fwd(x: torch.Tensor, wg: torch.Tensor, bg: Optional[torch.Tensor], wx: torch.Tensor,
-               bx: Optional[torch.Tensor], save: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _swiglu_forward(x, wg, bg, wx, bx, save)
-
-
-@swiglu_fwd.register_fake
-def _swiglu_fwd_fake(x, wg, bg, wx, bx, save):
-    M, N = x.shape[0], wg.shape[0]
-    return x.new_empty((M, N)), x.new_empty((M, 2 * N) if save else (0,))
-
-
-@torch.library.custom_op("vit_fast::swiglu_bwd", mutates_args=())
-def swiglu_bwd(dh: torch.Tensor, x: torch.Tensor, wg: torch.Tensor, wx: torch.Tensor, pre: torch.Tensor,
-               has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _swiglu_backward(dh, x, wg, wx, pre, has_bias)
-
-
-@swiglu_bwd.register_fake
-def _swiglu_bwd_fake(dh, x, wg, wx, pre, has_bias):
-    N, K = wg.shape
-    return x.new_empty(x.shape), wg.new_empty((2 * N, K)), wg.new_empty((2 * N,) if has_bias else (0,))
-
-
-def _swiglu_setup_context(ctx, inputs, output):
-    x, wg, bg, wx, bx, save = inputs
-    ctx.mark_non_differentiable(output[1])  # pre: a saved intermediate
-    ctx.set_materialize_grads(False)
-    ctx.has_bg, ctx.has_bx = bg is not None, bx is not None
-    ctx.save_for_backward(x, wg, wx, output[1])
-
-
-def _swiglu_gradients(ctx, dh, backward_op):
-    if dh is None:  # h unused by the loss
-        return (None,) * 6
-    x, wg, wx, pre = ctx.saved_tensors
-    N = wg.shape[0]
-    if pre.numel() != 2 * dh.numel():
-        raise RuntimeError("vit_fast::swiglu_fwd: backward needs the forward called with save=True")
-    dx, dw, db = backward_op(dh, x, wg, wx, pre, ctx.has_bg or ctx.has_bx)  # dh: any strides
-    dbg = db[:N] if ctx.has_bg else None
-    dbx = db[N:] if ctx.has_bx else None
-    return dx, dw[:N], dbg, dw[N:], dbx, None
-
-
-def _swiglu_autograd_backward(ctx, dh, _dpre):
-    return _swiglu_gradients(ctx, dh, torch.ops.vit_fast.swiglu_bwd)
-
-
-swiglu_fwd.register_autograd(_swiglu_autograd_backward, setup_context=_swiglu_setup_context)
-
-
-class SwigluFunction(torch.autograd.Function):
-    """swiglu_fwd's eager twin (as LinearActFunction is linear_act_fwd's)."""
-
-    @staticmethod
-    def forward(ctx, x, wg, bg, wx, bx, save):
-        output = _swiglu_forward(x, wg, bg, wx, bx, save)
-        _swiglu_setup_context(ctx, (x, wg, bg, wx, bx, save), output)
-        return output
-
-    @staticmethod
-    def backward(ctx, dh, _dpre):
-        return _swiglu_gradients(ctx, dh, _swiglu_backward)
 
 
 def swiglu(x, fc1_g_weight, fc1_g_bias, fc1_x_weight, fc1_x_bias):
