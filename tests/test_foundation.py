@@ -104,10 +104,10 @@ def test_public_api():
 # --------------------------------------------------------------------------- the dependency graph
 
 PACKAGE = os.path.dirname(os.path.abspath(vit_fast.__file__))
-# library modules that still import the oracle, each with where it should go instead: the patch-embedding
-# op's PyTorch fallback is vit_fast.ops' own to move (its pipeline is the oracle's patch_embed today);
-# train.py reads the named configs, which now live in vit_fast.configs
-STILL_IMPORT_REFERENCE = {"vit_fast.ops.patch_embed"}
+# library modules that still import the oracle, each with where it should go instead: none (the
+# patch-embedding op's PyTorch fallback is vit_fast.ops.patch_embed's own; the named configs live in
+# vit_fast.configs)
+STILL_IMPORT_REFERENCE = set()
 
 
 def _library_imports():
@@ -138,6 +138,7 @@ def test_the_library_never_imports_the_oracle():
     graph = _library_imports()
     importers = {m for m, deps in graph.items() if "vit_fast.reference" in deps and m != "vit_fast"}
     assert importers <= STILL_IMPORT_REFERENCE, importers - STILL_IMPORT_REFERENCE
+    assert not importers and not STILL_IMPORT_REFERENCE, importers  # no library module imports the oracle
     for core in ("vit_fast.model", "vit_fast.checkpoint", "vit_fast.factory", "vit_fast.convert", "vit_fast.pos_embed",
                  "vit_fast.configs", "vit_fast.nn.block", "vit_fast.nn.mlp", "vit_fast.nn.layernorm",
                  "vit_fast.nn.attention"):

@@ -1,10 +1,13 @@
 """Patch embedding (the C++/CUDA extension vit_fast._C) against float64 math.
 
 Every check compares three results (opnumerics.check_close, with its fp32 rounding floor): the
-op, the eager PyTorch pipeline in the same dtype (`vit_fast.reference.patch_embed`) and that pipeline on float64 copies.
+op, the eager PyTorch pipeline in the same dtype (`vit_fast.reference.patch_embed`, the oracle) and that
+pipeline on float64 copies. The library's own PyTorch path (`vit_fast.ops.patch_embed.torch_patch_embed`,
+taken with VIT_FAST_FORCE_TORCH=1 or without the extension) is checked against the oracle too.
 Outputs the op allocates start as NaN (deterministic mode fills torch.empty / at::empty), so an
 element the kernels never write fails the check.
 """
+import contextlib
 import warnings
 
 import pytest
@@ -290,15 +293,34 @@ def test_cpu_runs_the_extension():
         assert dispatch.kernel_launches[op] == before.get(op, 0) + 1
 
 
+@contextlib.contextmanager
+def _refusing_the_oracle(monkeypatch):
+    """vit_fast.reference.patch_embed made to fail inside the block: the library's PyTorch pipeline
+    (vit_fast.ops.patch_embed.torch_patch_embed) must be its own, not the oracle it is checked against."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the library's patch_embed called vit_fast.reference.patch_embed")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(reference, "patch_embed", refuse)
+        yield
+
+
 def test_force_torch_runs_the_pipeline(monkeypatch):
+    """VIT_FAST_FORCE_TORCH=1: the library's own pipeline (no vit_fast:: op, no launch), whose tokens
+    and gradients match the oracle's."""
     monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
-    case = make_case(2, 3, 32, 32, 16, 64, torch.float32)
+    case = make_case(2, 3, 32, 32, 16, 64, torch.float32, requires_grad=True)
     before = dispatch.kernel_launches["patch_embed_fwd"]
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        out = VF.patch_embed(**case)
+    with _refusing_the_oracle(monkeypatch):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            out = VF.patch_embed(**case)
     assert not any(event.name.startswith("vit_fast::") for event in prof.events())
     assert dispatch.kernel_launches["patch_embed_fwd"] == before
-    torch.testing.assert_close(out, run_reference(case)[0])
+    expected, args = run_reference(case)
+    torch.testing.assert_close(out, expected)
+    g = torch.randn_like(out)
+    for (name, got), want in zip(grads_of(out, case, g).items(), grads_of(expected, args, g).values()):
+        torch.testing.assert_close(got, want, msg=name)
 
 
 def test_missing_extension_warns_once_and_runs_the_pipeline(monkeypatch):
@@ -307,11 +329,17 @@ def test_missing_extension_warns_once_and_runs_the_pipeline(monkeypatch):
     monkeypatch.setattr(patch_embed_op, "_warned_missing_extension", False)
     case = make_case(2, 3, 32, 32, 16, 64, torch.float32, uint8=True)
     before = dispatch.kernel_launches["patch_embed_fwd"]
-    with pytest.warns(RuntimeWarning, match="vit_fast._C is not available .simulated.; patch_embed runs the PyTorch"):
-        out = VF.patch_embed(**case)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        VF.patch_embed(**case)
+    with _refusing_the_oracle(monkeypatch):
+        with pytest.warns(RuntimeWarning, match="vit_fast._C is not available .simulated.; patch_embed runs the PyTorch") \
+                as caught:
+            out = VF.patch_embed(**case)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            VF.patch_embed(**case)
+    message = str(caught[0].message)
+    assert "build_ext" not in message, message  # how the extension is obtained now: installs, else first use
+    assert "python setup.py develop" in message and "--no-build-isolation" in message, message
+    assert "compiled on first use" in message, message
     assert dispatch.kernel_launches["patch_embed_fwd"] == before
     torch.testing.assert_close(out, run_reference(case)[0])
 

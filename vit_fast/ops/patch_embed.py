@@ -8,14 +8,18 @@ instead of saving it; see `patch_embed_backward` in the .cpp for why), and picks
 
 - extension built: `torch.ops.vit_fast.patch_embed` on CPU and CUDA tensors (a CUDA tensor with a
   CPU-only build raises);
-- extension missing: the PyTorch pipeline (`vit_fast.reference.patch_embed`), with one warning;
+- extension missing: the PyTorch pipeline (`torch_patch_embed`, this module's own), with one warning;
 - `VIT_FAST_FORCE_TORCH=1`, or another device: the PyTorch pipeline.
+The tests check both paths against `vit_fast.reference.patch_embed` (the oracle, which the library
+never imports).
 """
 import warnings
 
 import torch
 
-from vit_fast import _extension, dispatch, reference
+import torch.nn.functional as F
+
+from vit_fast import _extension, dispatch
 from vit_fast.ops import checks
 
 # vit_fast._C prebuilt, else compiled once from the installed sources (loading it runs the
@@ -48,10 +52,10 @@ def patch_embed(x, weight, bias=None, *, cls_token=None, pos_embed=None, mean=No
         weight, bias, cls_token, pos_embed = (t.to(dtype) if isinstance(t, torch.Tensor) else t
                                               for t in (weight, bias, cls_token, pos_embed))
     if dispatch.force_torch() or x.device.type not in ("cpu", "cuda"):
-        return reference.patch_embed(x, weight, bias, cls_token, pos_embed, mean, std)
+        return torch_patch_embed(x, weight, bias, cls_token, pos_embed, mean, std)
     if not HAS_EXTENSION:
         _warn_missing_extension()
-        return reference.patch_embed(x, weight, bias, cls_token, pos_embed, mean, std)
+        return torch_patch_embed(x, weight, bias, cls_token, pos_embed, mean, std)
     if x.device.type == "cuda" and not EXTENSION_HAS_CUDA:
         raise RuntimeError(
             "patch_embed: vit_fast._C was built without CUDA (CPU-only torch or no nvcc at build time); "
@@ -70,7 +74,35 @@ def _warn_missing_extension():
     if not _warned_missing_extension:
         _warned_missing_extension = True
         warnings.warn(f"vit_fast._C is not available ({EXTENSION_ERROR}); patch_embed runs the PyTorch pipeline "
-                      "(rebuild with `python setup.py build_ext --inplace`)", RuntimeWarning, stacklevel=3)
+                      "(the extension is prebuilt by `python setup.py develop` or `pip install --no-build-isolation .`, "
+                      f"and otherwise compiled on first use, which needs a C++ compiler and ninja and is off with "
+                      f"{_extension.NO_JIT_ENV}=1)", RuntimeWarning, stacklevel=3)
+
+
+def torch_patch_embed(x, weight, bias=None, cls_token=None, pos_embed=None, mean=None, std=None):
+    """The op in PyTorch ops, the steps of the C++ forward: uint8 x normalized into the weight's dtype,
+    the patch matrix [B, L, C*p*p] (columns (c, i, j), as the Conv2d weight flattens; the H % p last
+    rows and W % p last columns dropped, as Conv2d(stride = p) drops them), one matmul with the bias
+    over it, then the class token in front and the position embedding added. Autograd does the
+    backward."""
+    if x.dtype == torch.uint8:
+        x = normalize_uint8(x, mean, std, weight.dtype)
+    E, C, p = weight.shape[0], weight.shape[1], weight.shape[-1]
+    B, grid_h, grid_w = x.shape[0], x.shape[2] // p, x.shape[3] // p
+    if x.shape[1] != C:  # the C++ op's checks, where the steps below would fail with less to say
+        raise ValueError(f"patch_embed: x has {x.shape[1]} channels but weight [E, C, p, p] = {list(weight.shape)} "
+                         f"expects {C}")
+    if grid_h == 0 or grid_w == 0:
+        raise ValueError(f"patch_embed: expected H and W of at least the patch size {p}, got H = {x.shape[2]}, "
+                         f"W = {x.shape[3]}")
+    patches = (x[:, :, :grid_h * p, :grid_w * p].reshape(B, C, grid_h, p, grid_w, p)
+               .permute(0, 2, 4, 1, 3, 5).reshape(B, grid_h * grid_w, C * p * p))
+    tokens = F.linear(patches, weight.reshape(E, C * p * p), bias)
+    if cls_token is not None:
+        tokens = torch.cat([cls_token.expand(B, -1, -1), tokens], dim=1)
+    if pos_embed is not None:
+        tokens = tokens + pos_embed
+    return tokens
 
 
 def _channel_values(name, values, x, weight):
