@@ -19,6 +19,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "patch_embed.h"
+
 #include <algorithm>
 #include <array>
 #include <optional>
@@ -28,13 +30,8 @@
 
 namespace vit_fast {
 
-// The device kernels the shared forward/backward call (declared identically in patch_embed_cuda.cu).
-// gather: fills patches [B*T, C*p*p] from x; mean/std ([C], opmath dtype) are defined for uint8 x.
-using GatherPatches = void (*)(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std,
-                               const at::Tensor& patches, int64_t patch, int64_t cls_rows);
-// epilogue: out [B, T, E] holds patches @ weight^T + bias; adds pos_embed [1, T, E] to every row and
-// writes cls_token [1, 1, E] (+ pos_embed[0, 0]) into row 0. Either tensor may be undefined.
-using AddPosAndCls = void (*)(const at::Tensor& out, const at::Tensor& cls_token, const at::Tensor& pos_embed);
+// GatherPatches, AddPosAndCls (the device kernels the shared forward / backward call) and the
+// declarations of patch_embed_forward / patch_embed_backward: patch_embed.h.
 
 namespace {
 

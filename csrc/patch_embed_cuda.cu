@@ -14,6 +14,8 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "patch_embed.h"
+
 #include <array>
 #include <climits>
 #include <cstdint>
@@ -21,18 +23,6 @@
 #include <tuple>
 
 namespace vit_fast {
-
-// Defined in patch_embed.cpp (same declarations there).
-using GatherPatches = void (*)(const at::Tensor& x, const at::Tensor& mean, const at::Tensor& std,
-                               const at::Tensor& patches, int64_t patch, int64_t cls_rows);
-using AddPosAndCls = void (*)(const at::Tensor& out, const at::Tensor& cls_token, const at::Tensor& pos_embed);
-at::Tensor patch_embed_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                               const std::optional<at::Tensor>& cls_token, const std::optional<at::Tensor>& pos_embed,
-                               const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std,
-                               GatherPatches gather, AddPosAndCls add_pos_and_cls);
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_backward(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& mean,
-    const std::optional<at::Tensor>& std, std::array<bool, 5> output_mask, GatherPatches gather);
 
 namespace {
 

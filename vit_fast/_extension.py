@@ -33,6 +33,7 @@ CACHE_ENV = "VIT_FAST_CACHE_DIR"
 SOURCE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "csrc")
 CPU_SOURCES = ("patch_embed.cpp",)
 CUDA_SOURCES = ("patch_embed_cuda.cu",)
+HEADERS = ("patch_embed.h",)  # included by both sources: part of the cache key, not compiled on its own
 CFLAGS = ["-O3"]
 CUDA_CFLAGS = ["-O3", "--use_fast_math"]
 DEFAULT_CUDA_ARCHS = "8.0;9.0"  # setup.py's default, for a machine with a CUDA torch and no visible GPU
@@ -61,7 +62,8 @@ def load():
 def jit_load():
     """Compiles (once per cache key) and imports `vit_fast._C` from the shipped sources; raises why not."""
     sources = [os.path.join(SOURCE_DIR, name) for name in CPU_SOURCES]
-    missing = [path for path in sources if not os.path.isfile(path)]
+    headers = [os.path.join(SOURCE_DIR, name) for name in HEADERS]
+    missing = [path for path in sources + headers if not os.path.isfile(path)]
     if missing:
         raise ExtensionUnavailable(f"the C++ sources are not installed ({', '.join(missing)})")
     compiler = os.environ.get("CXX", "c++")
@@ -73,7 +75,7 @@ def jit_load():
     with_cuda, archs = _cuda_build()
     if with_cuda:
         sources += [os.path.join(SOURCE_DIR, name) for name in CUDA_SOURCES]
-    build_dir = build_directory(sources, archs)
+    build_dir = build_directory(sources + headers, archs)
     library = os.path.join(build_dir, "_C" + _library_suffix())
     if not (os.path.exists(os.path.join(build_dir, _OK_FILE)) and os.path.exists(library)):
         from torch.utils import cpp_extension
@@ -116,7 +118,8 @@ def cache_root():
 
 
 def build_directory(sources, archs):
-    """<cache root>/py311-torch2.13.0+cpu-cpu-<hash of sources, flags, archs>: one build per key."""
+    """<cache root>/py311-torch2.13.0+cpu-cpu-<hash of sources (headers included), flags, archs>: one
+    build per key."""
     digest = hashlib.sha256()
     for path in sources:
         digest.update(os.path.basename(path).encode())
