@@ -52,7 +52,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .host import cdiv, next_power_of_2, reject_bf16_dots_under_interpreter
+from .host import cdiv, dot_precision, next_power_of_2, reject_bf16_dots_under_interpreter
 
 LOG2E = 1.4426950408889634  # exp(x) = exp2(x * log2(e))
 LOG2E_IN_KERNEL = tl.constexpr(LOG2E)  # kernels read only constexpr globals
@@ -128,11 +128,6 @@ def head_chunks(head_dim: int):
         width = block_d(head_dim)
         return width, 0, width != head_dim, False
     return first, tail, False, first + tail != head_dim
-
-
-def dot_precision(dtype) -> str:
-    """tl.dot input precision: exact fp32 products for fp32 inputs (no tf32); tensor-core default otherwise."""
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def config(kernel: str, head_dim: int, dtype, rope: bool = False) -> Config:
