@@ -1,7 +1,8 @@
 """Offline sm_90 compiles for the kernel tests. Triton compiles and ptxas assembles on a machine
 with no GPU, so CI checks that every Hopper table entry compiles, fits an H100's shared memory and
 (where a test asks) keeps its tiles in registers. The compile scripts run in a subprocess
-(`run_script`), where Triton's interpreter is off, and import this module as `sm90`.
+(`run_script`), where Triton's interpreter is off, and import this module as `sm90`. They are files
+in tests/sm90_scripts/ (`script(name)`), or a test's own string.
 """
 import os
 import shutil
@@ -10,14 +11,24 @@ import sys
 
 SMEM_LIMIT = 232448  # bytes of shared memory one H100 block may use
 HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = os.path.join(HERE, "sm90_scripts")
+
+
+def script(name: str) -> str:
+    """The path of the compile script tests/sm90_scripts/<name>.py (for `run_script`)."""
+    path = os.path.join(SCRIPTS, name + ".py")
+    assert os.path.isfile(path), path
+    return path
 
 
 def run_script(script: str, tmp_path) -> str:
-    """Runs a compile script with the interpreter off and a fresh Triton cache; returns its stdout."""
+    """Runs a compile script, a file path from `script(name)` or the script's source as a string, with
+    the interpreter off and a fresh Triton cache; returns its stdout."""
+    command = [script] if script.endswith(".py") and os.path.isfile(script) else ["-c", script]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path / "cache"), SM90_CUBIN_DIR=str(tmp_path),
                PYTHONPATH=os.pathsep.join(p for p in (HERE, env.get("PYTHONPATH")) if p))
-    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=300)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

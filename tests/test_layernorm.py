@@ -291,7 +291,8 @@ def _ln_grads(x, weight, bias, dy, eps=1e-6):
     return grads, floors
 
 
-@pytest.mark.parametrize("max_c,rows_per_program,num_warps", [cfg[:3] for cfg in kernels.HOPPER_BWD_CONFIGS])
+@pytest.mark.parametrize("max_c,rows_per_program,num_warps", [  # the widest entry takes ~7 s on the interpreter
+    pytest.param(*cfg[:3], marks=pytest.mark.slow) if cfg[0] > 8192 else cfg[:3] for cfg in kernels.HOPPER_BWD_CONFIGS])
 def test_bwd_launch_configs_write_every_element(device, max_c, rows_per_program, num_warps):
     """Every tabled backward configuration (3 programs looping over the rows, each prefetching
     the next block, the last prefetch past the end), into a NaN-poisoned dx, against float64: dx
@@ -312,6 +313,7 @@ def test_bwd_launch_configs_write_every_element(device, max_c, rows_per_program,
         check_close(name, out, t_out, ref, DTYPE_BOUND[FP32], floor=floor)
 
 
+@pytest.mark.slow
 def test_bwd_sums_more_partial_rows_than_one_block(device):
     """150 programs' partial rows (more than PARAMS_BLOCK_P, with a ragged last block) summed into
     dweight and dbias, and only dbias when no weight is given."""
@@ -346,53 +348,13 @@ def test_rows_view_reads_in_place_when_the_rows_collapse(make, in_place):
     torch.testing.assert_close(rows, x.reshape(-1, 100), rtol=0, atol=0)
 
 
-HOPPER_COMPILE = r"""
-import triton
-from sm90 import compile_sm90
-from vit_fast.kernels import layernorm as kernels
-
-SPILL_FREE_MAX_C = 4096  # the tables' comment: wider rows spill a few values (correct, slower)
-
-
-def compile_table_entry(fn, constexprs, num_warps, tag, max_c):
-    types = {p.name: "i32" if p.name in ("n_rows", "C") or p.name.endswith("stride") else "fp32" if p.name == "eps"
-             else "*fp32" if p.name.startswith(("mean", "rstd", "dweight", "dbias")) else "*bf16"
-             for p in fn.params if not p.is_constexpr}
-    # as a launch at ViT widths specializes: pointers, C and row strides divisible by 16
-    divisible = [n for n, t in types.items() if t != "fp32" and n != "n_rows"]
-    _, resources = compile_sm90(fn, types, constexprs, divisible, num_warps, 1, tag)
-    print(tag, "registers", resources["REG"], "stack", resources["STACK"])
-    if max_c <= SPILL_FREE_MAX_C:
-        assert resources["STACK"] == "0", (tag, "spills to local memory", resources)
-    return int(resources["REG"])
-
-
-flags = dict(HAS_WEIGHT=True)
-for max_c, rows, warps in kernels.HOPPER_FWD_CONFIGS:
-    for residual in (False, True):
-        rows_here = max(1, rows // 2) if residual else rows  # as fwd_config picks them
-        compile_table_entry(kernels.layer_norm_fwd_kernel, dict(HAS_RESIDUAL=residual, HAS_BIAS=True,
-                            ROWS_PER_PROGRAM=rows_here, BLOCK_C=triton.next_power_of_2(max_c), **flags), warps,
-                            f"fwd_{max_c}_res{int(residual)}", max_c)
-for max_c, rows, warps, per_sm in kernels.HOPPER_BWD_CONFIGS:
-    for ds in (False, True):
-        registers = compile_table_entry(kernels.layer_norm_bwd_kernel, dict(HAS_DS=ds, COMPUTE_DWEIGHT=True,
-                                        COMPUTE_DBIAS=True, ROWS_PER_PROGRAM=rows,
-                                        BLOCK_C=triton.next_power_of_2(max_c), **flags), warps,
-                                        f"bwd_{max_c}_ds{int(ds)}", max_c)
-        # the backward's grid is one wave of per_sm programs per SM: they must all fit in an SM's
-        # 64K registers (allocated per thread in steps of 8), or a second wave doubles the time
-        needed = per_sm[int(ds)] * warps * 32 * -(-registers // 8) * 8
-        assert needed <= 65536, (f"bwd_{max_c}_ds{int(ds)}", per_sm[int(ds)], "programs need", needed, "registers")
-"""
-
-
+@pytest.mark.slow
 def test_tables_compile_for_hopper_without_spills(tmp_path):
     """Every forward (plain and add + LN) and backward (with and without ds) table entry compiles for
     sm_90 at its widest C, bf16, with this Triton, no GPU needed, fits an H100's shared memory and
     keeps its rows in registers up to C = 4096, as the tables' comment says; the backward's 16-bit
     programs per SM all fit in one wave."""
-    stdout = sm90.run_script(HOPPER_COMPILE, tmp_path)
+    stdout = sm90.run_script(sm90.script("layernorm"), tmp_path)
     assert stdout.count("registers") == 2 * (len(kernels.HOPPER_FWD_CONFIGS) + len(kernels.HOPPER_BWD_CONFIGS))
 
 
@@ -489,6 +451,7 @@ def _compiled_matches_eager(device, dtype, shape, mode="default"):
         torch.testing.assert_close(got, want)
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph_matches_eager(device):
     _compiled_matches_eager(device, FP32, (2, 7, 100))
 
@@ -762,6 +725,7 @@ def test_gpu_weight_gradients_are_bit_identical_run_to_run(fn):
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [FP32, BF16])
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.slow
 def test_gpu_torch_compile_fullgraph_matches_eager(dtype, mode):
     _compiled_matches_eager("cuda", dtype, (8, 197, 768), mode)
 

@@ -46,16 +46,21 @@ def _grads(out, inputs, dy):
     return [t.grad for t in inputs if t is not None]
 
 
-def _check_fwd_bwd(name, fn, torch_fn, ref_fn, inputs, device, dtype):
+LINEAR_ACT_OPS = ("linear_act_fwd", "linear_act_bwd")  # what one fwd + bwd of VF.linear_gelu / linear_act launches
+LINEAR_OPS = ("linear_act_fwd",)  # VF.linear: activation "none", whose backward is torch's matmuls (no launch)
+
+
+def _check_fwd_bwd(name, fn, torch_fn, ref_fn, inputs, device, dtype, ops=LINEAR_ACT_OPS):
     """fn (vit_fast) vs torch_fn (PyTorch, same dtype) vs ref_fn on float64 copies: output and
     every input gradient (opnumerics.compare_to_float64: the dtype's bound, 2x / 3x torch's error +
-    the fp32 rounding floor); proves the kernel path ran."""
-    launches = sum(dispatch.kernel_launches.values())
+    the fp32 rounding floor); proves the kernel path ran: each op in ``ops`` launched once."""
+    before = dispatch.kernel_launches.copy()
     exact_shape = ref_fn(*(t.double() if t is not None else None for t in inputs)).shape
     dy = torch.randn(exact_shape, device=device)
     names = [f"{name} out"] + [f"{name} d{n}" for n in "x w b r".split()[:len(inputs)]]
     results = compare_to_float64(names, fn, torch_fn, ref_fn, list(inputs), [dy], bound=_bound(dtype, device))
-    assert sum(dispatch.kernel_launches.values()) > launches, "the kernel path did not run"
+    for op in ops:
+        assert dispatch.kernel_launches[op] == before[op] + 1, f"{name}: {op} did not run once"
     out, torch_out, _ = results[f"{name} out"]
     assert out.dtype == torch_out.dtype
 
@@ -141,13 +146,13 @@ def test_linear_residual_matches_float64(device, dtype, bias, residual_dtype):
     r = torch.randn(2, 65, 96, device=device, dtype=dtype if residual_dtype == "same" else residual_dtype)
     _check_fwd_bwd(
         f"linear+residual {dtype} residual {r.dtype}", VF.linear, lambda x, w, b, r: F.linear(x, w, b) + r,
-        reference.linear, (x, w, b, r), device, dtype)
+        reference.linear, (x, w, b, r), device, dtype, ops=LINEAR_OPS)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 def test_linear_without_residual(device, dtype):
     x, w, b = _linear_inputs((130,), 96, 200, dtype, device)
-    _check_fwd_bwd(f"linear {dtype}", VF.linear, F.linear, reference.linear, (x, w, b), device, dtype)
+    _check_fwd_bwd(f"linear {dtype}", VF.linear, F.linear, reference.linear, (x, w, b), device, dtype, ops=LINEAR_OPS)
 
 
 @pytest.mark.parametrize("approximate", ["none", "tanh"])
@@ -271,15 +276,15 @@ def test_weight_and_bias_views(device, weight_view, bias_view, fn):
         ours = lambda x, w, b: VF.linear(x, w_view(w), b_view(b))  # noqa: E731
         theirs = exact = lambda x, w, b: F.linear(x, w_view(w), b_view(b))  # noqa: E731
     _check_fwd_bwd(f"{fn} weight {weight_view} bias {bias_view}", ours, theirs, exact, (x, w, b), device,
-                   torch.float32)
+                   torch.float32, ops=LINEAR_ACT_OPS if fn == "linear_gelu" else LINEAR_OPS)
 
 
 def test_force_torch_path(monkeypatch, device):
     x, w, b = _linear_inputs((5,), 32, 48, torch.float32, device)
     monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
-    launches = sum(dispatch.kernel_launches.values())
+    before = dispatch.kernel_launches.copy()
     torch.testing.assert_close(VF.linear_gelu(x, w, b, "tanh"), F.gelu(F.linear(x, w, b), approximate="tanh"))
-    assert sum(dispatch.kernel_launches.values()) == launches
+    assert dispatch.kernel_launches == before
 
 
 def test_autocast_casts_like_f_linear(device):
@@ -554,6 +559,7 @@ def test_mlp_eager_function_matches_custom_op(device, backend):
         assert torch.equal(ours, theirs)
 
 
+@pytest.mark.slow
 def test_mlp_torch_compile_fullgraph(device):
     """torch.compile traces the custom ops (vit_fast::mlp_fwd / mlp_bwd): the eager numbers."""
     inputs = _mlp_inputs((2, 9), 32, 64, torch.float32, device, residual_dtype=torch.float32)
@@ -751,6 +757,7 @@ def test_swiglu_eager_function_matches_custom_op(device):
         assert torch.equal(ours, theirs)
 
 
+@pytest.mark.slow
 def test_swiglu_torch_compile_fullgraph(device):
     """EVA-02's MLP as the family wires it: swiglu, LayerNorm (scale_mlp), fc2 with the residual."""
     x, wg, bg, wx, bx = _swiglu_inputs((2, 9), 32, 64, torch.float32, device)
@@ -900,89 +907,7 @@ def test_kernel_selection():
     assert not kernels._tma_ready(torch.randn(96, 64).t())  # column-major
 
 
-HOPPER_COMPILE = r"""
-import itertools
-import sm90
-from vit_fast.kernels import mlp as kernels
-
-DT = {2: "bf16", 4: "fp32"}
-PRECISION = {2: "tf32", 4: "ieee"}  # as kernels.dot_precision picks them
-serial = itertools.count()  # cubin file names
-
-
-def compile_sm90(fn, types, constexprs, num_warps, num_stages):
-    # as a launch at ViT shapes compiles: every pointer and int divisible by 16 (Triton's own
-    # specialization, which lets the loads vectorize and pipeline)
-    divisible = [n for n, t in types.items() if t[0] in "*i"]
-    k, _ = sm90.compile_sm90(fn, types, constexprs, divisible, num_warps, num_stages, f"{fn.__name__}_{next(serial)}")
-    print(fn.__name__, constexprs, dict(num_warps=num_warps, num_stages=num_stages), "shared", k.metadata.shared)
-
-
-flags = dict(HAS_BIAS=True, HAS_RESIDUAL=True, SAVE_PRE=True)
-for (kernel, size), c in kernels.CONFIGS.items():
-    dt, blocks = DT[size], dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M)
-    if kernel == "pointer":
-        types = {n: "*" + dt for n in ("x_ptr", "w_ptr", "b_ptr", "r_ptr", "y_ptr", "pre_ptr")}
-        types.update(db_ptr="*fp32")
-        types.update({n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_wn", "stride_rm", "stride_ym")})
-        constexprs = dict(stride_xk=1, stride_wk=1, stride_rn=1, stride_yn=1, ACTIVATION="quick_gelu", EVEN_K=True,
-                          DOT_PRECISION=PRECISION[size], EPILOGUE="act")
-        compile_sm90(kernels.linear_act_kernel, types, {**constexprs, **flags, **blocks}, c.num_warps, c.num_stages)
-        # the fused MLP backward: dy [M, C] (unit column stride), W2 [C, hidden] read as W2.t() (stride_wn
-        # = 1, stride_wk = hidden), pre read and dpre written [M, hidden], the bias partials
-        types = {n: "*" + dt for n in ("x_ptr", "w_ptr", "b_ptr", "r_ptr", "y_ptr", "pre_ptr")}
-        types.update(db_ptr="*fp32")
-        types.update({n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_wk", "stride_rm", "stride_rn",
-                                         "stride_ym")})
-        for activation in ("gelu", "gelu_tanh", "quick_gelu") if size == 2 else ("gelu",):
-            constexprs = dict(stride_xk=1, stride_wn=1, stride_yn=1, ACTIVATION=activation, EVEN_K=True,
-                              DOT_PRECISION=PRECISION[size], EPILOGUE="act_grad", HAS_BIAS=True, HAS_RESIDUAL=False,
-                              SAVE_PRE=False)
-            k, res = sm90.compile_sm90(kernels.linear_act_kernel, types, {**constexprs, **blocks},
-                                       [n for n, t in types.items() if t[0] in "*i"], c.num_warps, c.num_stages,
-                                       f"act_grad_{size}_{activation}")
-            print("act_grad", size, activation, dict(num_warps=c.num_warps, num_stages=c.num_stages),
-                  "registers", res["REG"], "stack", res["STACK"], "smem", k.metadata.shared)
-            if size == 2:  # fp32 ("ieee" dots on CUDA cores) may spill, as the attention kernels' fp32 entries
-                assert res["STACK"] == "0", ("act_grad spills to local memory", activation, res)
-    else:
-        out_block = f"[{c.BLOCK_M}, {c.BLOCK_N // c.EPILOGUE_SPLIT}]"
-        types = dict(x_desc=f"tensordesc<{dt}[{c.BLOCK_M}, {c.BLOCK_K}]>",
-                     w_desc=f"tensordesc<{dt}[{c.BLOCK_N}, {c.BLOCK_K}]>", y_desc=f"tensordesc<{dt}{out_block}>",
-                     pre_desc=f"tensordesc<{dt}{out_block}>", b_ptr="*" + dt, r_ptr="*" + dt)
-        types.update({n: "i32" for n in ("M", "N", "K", "stride_rm", "num_programs")})
-        constexprs = dict(stride_rn=1, ACTIVATION="gelu_tanh", EPILOGUE_SPLIT=c.EPILOGUE_SPLIT, FLATTEN=c.FLATTEN,
-                          WARP_SPECIALIZE=c.WARP_SPECIALIZE, DOT_PRECISION=PRECISION[size])
-        compile_sm90(kernels.linear_act_tma_kernel, types, {**constexprs, **flags, **blocks}, c.num_warps,
-                     c.num_stages)
-for size, c in kernels.SWIGLU_CONFIGS.items():
-    dt = DT[size]
-    types = {n: "*" + dt for n in ("x_ptr", "wg_ptr", "bg_ptr", "wx_ptr", "bx_ptr", "h_ptr", "pre_ptr")}
-    types.update({n: "i32" for n in ("M", "N", "K", "stride_xm", "stride_wgn", "stride_wxn", "stride_hm",
-                                     "stride_pm")})
-    constexprs = dict(stride_xk=1, stride_wgk=1, stride_wxk=1, stride_hn=1, HAS_BIAS_G=True, HAS_BIAS_X=True,
-                      SAVE_PRE=True, DOT_PRECISION=PRECISION[size], EVEN_K=True, BLOCK_M=c.BLOCK_M,
-                      BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M)
-    k, res = sm90.compile_sm90(kernels.swiglu_kernel, types, constexprs, [n for n, t in types.items() if t[0] in "*i"],
-                               c.num_warps, c.num_stages, f"swiglu_{size}")
-    print("swiglu", size, dict(num_warps=c.num_warps, num_stages=c.num_stages), "registers", res["REG"],
-          "stack", res["STACK"], "smem", k.metadata.shared)
-    if size == 2:  # the tensor-core build keeps both accumulators in registers
-        assert res["STACK"] == "0", ("swiglu spills to local memory", res)
-types = dict(dh_ptr="*bf16", pre_ptr="*bf16", d_ptr="*bf16", db_partial_ptr="*fp32")
-types.update({n: "i32" for n in ("M", "N", "stride_dhm", "stride_dhn", "stride_pm", "stride_dm")})
-compile_sm90(kernels.swiglu_backward_kernel, types,
-             dict(HAS_BIAS=True, ROWS_PER_PROGRAM=kernels.BWD_ROWS_PER_PROGRAM, BLOCK_M=kernels.BWD_BLOCK_M,
-                  BLOCK_N=kernels.SWIGLU_BWD_BLOCK_N), num_warps=kernels.BWD_NUM_WARPS, num_stages=3)
-types = dict(dy_ptr="*bf16", pre_ptr="*bf16", dpre_ptr="*bf16", db_partial_ptr="*fp32")
-types.update({n: "i32" for n in ("M", "N", "stride_dym", "stride_dyn", "stride_prem", "stride_dprem")})
-compile_sm90(kernels.activation_backward_kernel, types,
-             dict(ACTIVATION="gelu", HAS_BIAS=True, ROWS_PER_PROGRAM=kernels.BWD_ROWS_PER_PROGRAM,
-                  BLOCK_M=kernels.BWD_BLOCK_M, BLOCK_N=kernels.BWD_BLOCK_N), num_warps=kernels.BWD_NUM_WARPS,
-             num_stages=3)
-"""
-
-
+@pytest.mark.slow
 def test_kernels_compile_for_hopper(tmp_path):
     """Every tabled config (TMA kernel included; the pointer forward with quick_gelu, the TMA one with
     gelu_tanh), the fused MLP backward's "act_grad" epilogue with each pointer config (gelu, gelu_tanh
@@ -990,7 +915,7 @@ def test_kernels_compile_for_hopper(tmp_path):
     GPU needed, and fit an H100's shared memory; the bf16 "act_grad" build keeps its tiles in
     registers (no local-memory stack); SwiGLU's two-accumulator forward (both table entries, the 16-bit
     one without spills) and its elementwise backward likewise."""
-    out = sm90.run_script(HOPPER_COMPILE, tmp_path)
+    out = sm90.run_script(sm90.script("mlp"), tmp_path)
     assert out.count("shared") == len(kernels.CONFIGS) + 2  # + swiglu_backward_kernel, activation_backward_kernel
     assert out.count("swiglu ") == len(kernels.SWIGLU_CONFIGS)
     assert out.count("act_grad ") == sum((3 if size == 2 else 1) for kernel, size in kernels.CONFIGS
@@ -1022,14 +947,17 @@ def test_eager_function_matches_custom_op(device, activation, residual):
     results = []
     for fn in (torch.ops.vit_fast.linear_act_fwd, ops_mlp.LinearActFunction.apply):
         inputs = _leaves(x, w, b, r)
-        launches = sum(dispatch.kernel_launches.values())
+        before = dispatch.kernel_launches.copy()
         y, pre = fn(*inputs, activation, activation != "none")
-        assert sum(dispatch.kernel_launches.values()) > launches and not pre.requires_grad
+        assert dispatch.kernel_launches["linear_act_fwd"] == before["linear_act_fwd"] + 1 and not pre.requires_grad
         results.append([y.detach()] + _grads(y, inputs, dy))
+        # the backward launches the activation-backward kernel; activation "none" runs torch's matmuls
+        assert dispatch.kernel_launches["linear_act_bwd"] == before["linear_act_bwd"] + (activation != "none")
     for ours, theirs in zip(*results):
         assert torch.equal(ours, theirs)
 
 
+@pytest.mark.slow
 def test_torch_compile_fullgraph(device):
     x, w1, b1 = _linear_inputs((2, 9), 32, 64, torch.float32, device)
     _, w2, b2 = _linear_inputs((1,), 64, 32, torch.float32, device)
@@ -1184,7 +1112,7 @@ def test_gpu_vit_shapes(dtype, approximate):
                    lambda x, w, b: reference.linear_gelu(x, w, b, approximate), (x, w, b), "cuda", dtype)
     h, w2, b2 = _linear_inputs((16, 256), 3072, 768, dtype, "cuda")
     _check_fwd_bwd(f"fc2 residual {dtype}", VF.linear, lambda x, w, b, r: F.linear(x, w, b) + r,
-                   reference.linear, (h, w2, b2, torch.randn_like(x)), "cuda", dtype)
+                   reference.linear, (h, w2, b2, torch.randn_like(x)), "cuda", dtype, ops=LINEAR_OPS)
 
 
 GPU_CONFIGS = [("pointer", None), ("tma", None),
@@ -1254,6 +1182,7 @@ def test_gpu_deterministic_backward():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("act_layer", ["gelu", "gelu_tanh"])
+@pytest.mark.slow
 def test_gpu_mlp_compile_fullgraph(act_layer):
     mlp = Mlp(768, 3072, act_layer=act_layer).cuda().to(torch.bfloat16)
     x = torch.randn(8, 197, 768, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -1294,6 +1223,7 @@ def test_gpu_mlp_deterministic_backward(monkeypatch, backend):
 
 
 @pytest.mark.gpu
+@pytest.mark.slow
 def test_gpu_mlp_compile_and_capture():
     """torch.compile fullgraph of VF.mlp on bf16 ViT-B tokens, and its fwd+bwd captured in a CUDA graph."""
     inputs = _mlp_inputs((2, 197), 768, 3072, torch.bfloat16, "cuda", residual_dtype=torch.bfloat16)

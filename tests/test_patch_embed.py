@@ -373,6 +373,7 @@ def test_opcheck(uint8):
                           (grad_out, x.detach(), w.detach(), mean, std, mask))
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_cpu():
     case = make_case(2, 3, 32, 48, 16, 64, torch.float32, layout="channels_last", uint8=True, requires_grad=True)
     compiled = torch.compile(VF.patch_embed, fullgraph=True)
@@ -658,6 +659,7 @@ def test_gpu_opcheck():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+@pytest.mark.slow
 def test_gpu_compile_fullgraph(mode):
     case = make_case(8, 3, 224, 224, 16, 768, torch.bfloat16, layout="channels_last", uint8=True, device="cuda",
                      requires_grad=True)
