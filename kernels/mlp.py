@@ -440,6 +440,16 @@ CONFIGS = {
     ("tma", 2): MatmulConfig(128, 256, 64, GROUP_M=8, num_warps=8, num_stages=3, EPILOGUE_SPLIT=2),
     ("tma", 4): MatmulConfig(128, 128, 32, GROUP_M=8, num_warps=8, num_stages=3),
 }
+# Small M (ViT-B at batch 1-8: M = 197-1576): the tiles above leave most SMs idle (fc2 at batch 1,
+# 768 columns: 2 x 3 tiles of 128 x 256 for 132 SMs). When the table's tile gives less than one
+# wave, 64-row tiles with at most 128 columns give the device 4-8x the programs. Compiled for sm_90
+# by the compile test; their speed is unmeasured (benchmarks/vit.py's b1 / b8 rows measure it).
+SMALL_M_CONFIGS = {
+    ("pointer", 2): MatmulConfig(64, 64, 64, GROUP_M=8, num_warps=4, num_stages=4),
+    ("pointer", 4): MatmulConfig(64, 64, 32, GROUP_M=8, num_warps=4, num_stages=3),
+    ("tma", 2): MatmulConfig(64, 128, 64, GROUP_M=8, num_warps=4, num_stages=4),
+    ("tma", 4): MatmulConfig(64, 64, 32, GROUP_M=8, num_warps=4, num_stages=3),
+}
 # Under the interpreter small tiles are as fast and put tile edges, several K steps and a partial
 # tile group inside small test shapes.
 INTERPRETER_CONFIG = MatmulConfig(32, 64, 32, GROUP_M=4, num_warps=4, num_stages=1)
@@ -452,10 +462,21 @@ BWD_BLOCK_N = 128
 BWD_NUM_WARPS = 8
 
 
-def default_config(kernel: str, x: torch.Tensor) -> MatmulConfig:
+def table_config(kernel: str, element_size: int, M: int, N: int, sms: int) -> MatmulConfig:
+    """The table's tile for an [M, N] output on a device of ``sms`` SMs: ``SMALL_M_CONFIGS`` when
+    ``CONFIGS``' tile would not fill one wave."""
+    key = (kernel, min(element_size, 4))
+    cfg = CONFIGS[key]
+    if cdiv(M, cfg.BLOCK_M) * cdiv(N, cfg.BLOCK_N) < sms:
+        return SMALL_M_CONFIGS[key]
+    return cfg
+
+
+def default_config(kernel: str, x: torch.Tensor, N: int) -> MatmulConfig:
+    """The config for x [M, K] times an [N, K] weight: the interpreter's, or the table's by size."""
     if x.device.type != "cuda":
         return INTERPRETER_CONFIG
-    return CONFIGS[(kernel, min(x.element_size(), 4))]
+    return table_config(kernel, x.element_size(), x.shape[0], N, sm_count(x.device.index))
 
 
 def _tma_ready(t) -> bool:
@@ -489,7 +510,7 @@ def linear_act(x, weight, bias, residual, out, pre_out, activation, kernel=None,
         return out
     bias = unit_stride_param(bias)
     kernel = kernel or select_kernel(x, weight, out, pre_out)
-    cfg = config or default_config(kernel, x)
+    cfg = config or default_config(kernel, x, N)
     flags = dict(ACTIVATION=activation, HAS_BIAS=bias is not None, HAS_RESIDUAL=residual is not None,
                  SAVE_PRE=pre_out is not None, DOT_PRECISION=dot_precision(x.dtype))
     b = bias if bias is not None else out  # placeholders for pointers the kernel does not read
@@ -547,7 +568,7 @@ def linear_act_grad(dy, weight, pre, dpre, activation, bias_grad=True, config=No
         raise ValueError("linear_act_grad: pre and dpre must have the same strides")
     M, K = dy.shape
     N = weight.shape[0]
-    cfg = config or default_config("pointer", dy)
+    cfg = config or default_config("pointer", dy, N)
     rows = act_grad_partial_rows(M, cfg)
     db_partial = torch.empty((rows, N), dtype=torch.float32, device=dy.device) if bias_grad else None
     if M > 0 and N > 0:

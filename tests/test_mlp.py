@@ -889,7 +889,7 @@ def test_linear_act_grad_writes_every_element(device, dtype, activation):
         torch.testing.assert_close(db.double(), p.grad.sum(0), rtol=bound, atol=bound * 10)
         runs.append((dpre, db))
     assert all(torch.equal(a, b) for a, b in zip(*runs))
-    assert kernels.act_grad_partial_rows(M, kernels.default_config("pointer", dy)) == -(-M // 32)
+    assert kernels.act_grad_partial_rows(M, kernels.default_config("pointer", dy, hidden)) == -(-M // 32)
     assert kernels.linear_act_grad(dy, w2.t(), pre, dpre, activation, bias_grad=False) is None
 
 
@@ -909,17 +909,17 @@ def test_kernel_selection():
 
 @pytest.mark.slow
 def test_kernels_compile_for_hopper(tmp_path):
-    """Every tabled config (TMA kernel included; the pointer forward with quick_gelu, the TMA one with
+    """Every tabled config (the small-M tiles and TMA kernel included; the pointer forward with quick_gelu, the TMA one with
     gelu_tanh), the fused MLP backward's "act_grad" epilogue with each pointer config (gelu, gelu_tanh
     and quick_gelu at 16 bits), and the activation backward kernel compile for sm_90 with this Triton, no
     GPU needed, and fit an H100's shared memory; the bf16 "act_grad" build keeps its tiles in
     registers (no local-memory stack); SwiGLU's two-accumulator forward (both table entries, the 16-bit
     one without spills) and its elementwise backward likewise."""
     out = sm90.run_script(sm90.script("mlp"), tmp_path)
-    assert out.count("shared") == len(kernels.CONFIGS) + 2  # + swiglu_backward_kernel, activation_backward_kernel
+    table = [*kernels.CONFIGS, *kernels.SMALL_M_CONFIGS]  # the big tiles and the small-M ones
+    assert out.count("shared") == len(table) + 2  # + swiglu_backward_kernel, activation_backward_kernel
     assert out.count("swiglu ") == len(kernels.SWIGLU_CONFIGS)
-    assert out.count("act_grad ") == sum((3 if size == 2 else 1) for kernel, size in kernels.CONFIGS
-                                         if kernel == "pointer")
+    assert out.count("act_grad ") == sum((3 if size == 2 else 1) for kernel, size in table if kernel == "pointer")
 
 
 # ----------------------------------------------------------------------------- registration
@@ -1256,3 +1256,18 @@ def test_gpu_second_device():
     y = VF.linear_gelu(x, w, b)
     assert y.device == torch.device("cuda:1")
     torch.testing.assert_close(y, F.gelu(F.linear(x, w, b)), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("kernel", ["pointer", "tma"])
+@pytest.mark.parametrize("size", [2, 4])
+def test_small_outputs_take_the_small_m_tiles(kernel, size):
+    """ViT-B on an H100-sized device (132 SMs): batch 1's fc1 and fc2 (M = 197) would not fill one wave
+    of the table's tiles, so they take SMALL_M_CONFIGS; batch 256 (M = 50432) keeps the big tile."""
+    big, small = kernels.CONFIGS[(kernel, size)], kernels.SMALL_M_CONFIGS[(kernel, size)]
+    assert small.BLOCK_M < big.BLOCK_M
+    for n in (768, 3072):
+        assert kernels.table_config(kernel, size, 197, n, 132) is small
+        assert kernels.table_config(kernel, size, 50432, n, 132) is big
+    # exactly one wave of big tiles stays big
+    rows = 132 // (-(-768 // big.BLOCK_N))
+    assert kernels.table_config(kernel, size, rows * big.BLOCK_M, 768, rows * (-(-768 // big.BLOCK_N))) is big

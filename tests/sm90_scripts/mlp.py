@@ -21,7 +21,8 @@ def compile_sm90(fn, types, constexprs, num_warps, num_stages):
 
 
 flags = dict(HAS_BIAS=True, HAS_RESIDUAL=True, SAVE_PRE=True)
-for (kernel, size), c in kernels.CONFIGS.items():
+TABLE = [*kernels.CONFIGS.items(), *kernels.SMALL_M_CONFIGS.items()]  # every tile a GPU launch can pick
+for (kernel, size), c in TABLE:
     dt, blocks = DT[size], dict(BLOCK_M=c.BLOCK_M, BLOCK_N=c.BLOCK_N, BLOCK_K=c.BLOCK_K, GROUP_M=c.GROUP_M)
     if kernel == "pointer":
         types = {n: "*" + dt for n in ("x_ptr", "w_ptr", "b_ptr", "r_ptr", "y_ptr", "pre_ptr")}
@@ -42,7 +43,7 @@ for (kernel, size), c in kernels.CONFIGS.items():
                               SAVE_PRE=False)
             k, res = sm90.compile_sm90(kernels.linear_act_kernel, types, {**constexprs, **blocks},
                                        [n for n, t in types.items() if t[0] in "*i"], c.num_warps, c.num_stages,
-                                       f"act_grad_{size}_{activation}")
+                                       f"act_grad_{size}_{activation}_{next(serial)}")
             print("act_grad", size, activation, dict(num_warps=c.num_warps, num_stages=c.num_stages),
                   "registers", res["REG"], "stack", res["STACK"], "smem", k.metadata.shared)
             if size == 2:  # fp32 ("ieee" dots on CUDA cores) may spill, as the attention kernels' fp32 entries
