@@ -58,3 +58,19 @@ CONFIGS.update({
 
 # names whose model class is not VisionTransformer: "distilled" = VisionTransformerDistilled (timm's deit.py)
 MODEL_CLASSES = {name: "distilled" for name in CONFIGS if "_distilled_" in name}
+
+# EVA-02 (timm/models/eva.py: the eva02_*_patch14_224 factories; timm's Eva class, its own file there and
+# here: vit_fast.eva). Eva's defaults: global_pool 'avg' (so fc_norm, no final norm), qkv_bias with
+# q_bias / v_bias (no k bias), init_values None, rope 'cat' (in_pixels False, temperature 1e4, grid offset
+# 0, 'ij'). mlp_ratio 4 * 2 / 3: int(dim * ratio) hidden units per SwiGLU half. tiny / small: packed fc1
+# (timm's GluMlp, SiLU, gate first) and fused qkv; base / large: scale_mlp (SwiGLU fc1_g / fc1_x with a
+# LayerNorm before fc2) and separate q_proj / k_proj / v_proj. Pixel statistics: OpenAI CLIP's (_cfg).
+_EVA02 = dict(img_size=224, patch_size=14, mlp_ratio=4 * 2 / 3, swiglu_mlp=True, use_rot_pos_emb=True,
+              ref_feat_shape=(16, 16), pixel_mean=CLIP_MEAN, pixel_std=CLIP_STD)
+EVA_CONFIGS = {
+    "eva02_tiny_patch14_224": dict(_EVA02, embed_dim=192, depth=12, num_heads=3),
+    "eva02_small_patch14_224": dict(_EVA02, embed_dim=384, depth=12, num_heads=6),
+    "eva02_base_patch14_224": dict(_EVA02, embed_dim=768, depth=12, num_heads=12, qkv_fused=False, scale_mlp=True),
+    "eva02_large_patch14_224": dict(_EVA02, embed_dim=1024, depth=24, num_heads=16, qkv_fused=False,
+                                    scale_mlp=True),
+}

@@ -10,6 +10,11 @@ optimizer built before the conversion still steps them) and the same training mo
     AttentionPoolLatent (SigLIP's MAP head)   -> vit_fast.nn.AttentionPoolLatent (VF.attention, fused norm + MLP)
     PatchEmbed (conv with stride = kernel)    -> vit_fast.nn.PatchEmbed
     Block (norm1, attn, norm2, mlp, ...)      -> vit_fast.nn.Block, once its parts are vit_fast's
+    EvaAttention (EVA-02: q_bias / v_bias or
+      q/k/v projections, interleaved RoPE)    -> vit_fast.nn.EvaAttention (RoPE inside VF.attention_packed)
+    GluMlp (SiLU: timm's SwiGLUPacked)        -> vit_fast.nn.GluMlp (VF.swiglu on fc1's two halves)
+    SwiGLU (fc1_g, fc1_x, SiLU, norm, fc2)    -> vit_fast.nn.SwiGLU (VF.swiglu, the norm kept, fused fc2)
+    EvaBlock (pre-norm)                       -> vit_fast.eva.EvaBlock, once its parts are vit_fast's
 
 Modules are recognised by class name and structure, so timm need not be importable here. A module
 that does not fit (another activation, a norm inside the Mlp, gated attention, ...) is left as it
@@ -28,16 +33,18 @@ import torch.nn as nn
 
 import functools
 
-from vit_fast.nn.attention import Attention
+from vit_fast.eva import EvaBlock
+from vit_fast.nn.attention import Attention, EvaAttention
 from vit_fast.nn.attention_pool import AttentionPoolLatent
 from vit_fast.nn.block import Block
 from vit_fast.nn.layernorm import LayerNorm
-from vit_fast.nn.mlp import Mlp, gelu_approximate, is_quick_gelu
+from vit_fast.nn.mlp import GluMlp, Mlp, SwiGLU, gelu_approximate, is_quick_gelu
 from vit_fast.nn.patch_embed import PatchEmbed
 
 logger = logging.getLogger(__name__)
 
-VIT_FAST_MODULES = (Attention, AttentionPoolLatent, Block, LayerNorm, Mlp, PatchEmbed)
+VIT_FAST_MODULES = (Attention, AttentionPoolLatent, Block, LayerNorm, Mlp, PatchEmbed, EvaAttention, EvaBlock, GluMlp,
+                    SwiGLU)
 UNREMARKABLE = (nn.Identity, nn.Sequential, nn.ModuleList, nn.ModuleDict)  # not worth listing as left alone
 
 
@@ -167,6 +174,89 @@ def _block(old):
     return block.train(old.training)
 
 
+def _eva_attention(old):
+    """timm's EvaAttention without qk norm, gate or rotate_half (EVA-02's), its inner norm (if any) kept."""
+    qkv, proj = getattr(old, "qkv", None), getattr(old, "proj", None)
+    q_proj, k_proj, v_proj = (getattr(old, name, None) for name in ("q_proj", "k_proj", "v_proj"))
+    fused = isinstance(qkv, nn.Linear)
+    if not isinstance(proj, nn.Linear) or not hasattr(old, "num_heads") or not hasattr(old, "head_dim"):
+        return None
+    if fused:
+        if qkv.bias is not None or (getattr(old, "q_bias", None) is None) != (getattr(old, "v_bias", None) is None):
+            return None
+        dim, qkv_bias = qkv.in_features, getattr(old, "q_bias", None) is not None
+    else:
+        if not all(isinstance(m, nn.Linear) for m in (q_proj, k_proj, v_proj)) or k_proj.bias is not None:
+            return None
+        if (q_proj.bias is None) != (v_proj.bias is None):
+            return None
+        dim, qkv_bias = q_proj.in_features, q_proj.bias is not None
+    if getattr(old, "gate", None) is not None or getattr(old, "rotate_half", False):
+        return None
+    if not (_is_identity(getattr(old, "q_norm", None)) and _is_identity(getattr(old, "k_norm", None))):
+        return None
+    norm = getattr(old, "norm", None)
+    if not (_is_identity(norm) or isinstance(norm, LayerNorm)):
+        return None
+    attn_drop, proj_drop = _dropout_p(old, "attn_drop"), _dropout_p(old, "proj_drop")
+    if attn_drop is None or proj_drop is None:
+        return None
+    attn_dim = old.num_heads * old.head_dim
+    new = _twin(old, lambda: EvaAttention(
+        dim, old.num_heads, qkv_bias=qkv_bias, qkv_fused=fused, num_prefix_tokens=getattr(old, "num_prefix_tokens", 1),
+        attn_drop=attn_drop, proj_drop=proj_drop, attn_head_dim=old.head_dim,
+        norm_layer=(lambda n: LayerNorm(n, eps=norm.eps)) if isinstance(norm, LayerNorm) else None,
+        scale_norm=isinstance(norm, LayerNorm)))
+    if new is not None and isinstance(norm, LayerNorm) and norm.normalized_shape == (attn_dim,):
+        new.norm = norm  # the converted module itself
+    return new
+
+
+def _is_silu(act):
+    return type(act).__name__ == "SiLU"
+
+
+def _gated_mlp(old, kind):
+    """timm's GluMlp with SiLU (SwiGLUPacked) or SwiGLU, once its norm (if any) is vit_fast's LayerNorm."""
+    fc2, act, norm = getattr(old, "fc2", None), getattr(old, "act", None), getattr(old, "norm", None)
+    if not isinstance(fc2, nn.Linear) or not _is_silu(act) or not (_is_identity(norm) or isinstance(norm, LayerNorm)):
+        return None
+    drop = _dropout_p(old, "drop1"), _dropout_p(old, "drop2")
+    if None in drop:
+        return None
+    norm_layer = (lambda n: LayerNorm(n, eps=norm.eps)) if isinstance(norm, LayerNorm) else None
+    if kind == "GluMlp":
+        fc1 = getattr(old, "fc1", None)
+        if not isinstance(fc1, nn.Linear) or getattr(old, "chunk_dim", -1) != -1:
+            return None
+        new = _twin(old, lambda: GluMlp(fc1.in_features, fc1.out_features, fc2.out_features, norm_layer=norm_layer,
+                                        bias=(fc1.bias is not None, fc2.bias is not None), drop=drop,
+                                        gate_last=getattr(old, "gate_last", True)))
+    else:
+        g, x = getattr(old, "fc1_g", None), getattr(old, "fc1_x", None)
+        if not (isinstance(g, nn.Linear) and isinstance(x, nn.Linear)) or (g.bias is None) != (x.bias is None):
+            return None
+        new = _twin(old, lambda: SwiGLU(g.in_features, g.out_features, fc2.out_features, norm_layer=norm_layer,
+                                        bias=(g.bias is not None, fc2.bias is not None), drop=drop))
+    if new is not None and isinstance(norm, LayerNorm):
+        new.norm = norm
+    return new
+
+
+def _eva_block(old):
+    """timm's (pre-norm) EvaBlock around vit_fast parts: vit_fast.eva.EvaBlock with the same gamma_1 / gamma_2."""
+    parts = {name: getattr(old, name, None) for name in ("norm1", "attn", "norm2", "mlp")}
+    if not (isinstance(parts["norm1"], LayerNorm) and isinstance(parts["norm2"], LayerNorm)
+            and isinstance(parts["attn"], EvaAttention) and isinstance(parts["mlp"], (GluMlp, SwiGLU, Mlp))):
+        return None
+    gammas = [getattr(old, name, None) for name in ("gamma_1", "gamma_2")]
+    if any(g is not None and not isinstance(g, nn.Parameter) for g in gammas):
+        return None
+    block = EvaBlock.from_parts(**parts, gamma_1=gammas[0], gamma_2=gammas[1],
+                                drop_path1=getattr(old, "drop_path1", None), drop_path2=getattr(old, "drop_path2", None))
+    return block.train(old.training)
+
+
 def _replacement(module):
     """The vit_fast module that takes ``module``'s place, or None to leave it."""
     if isinstance(module, VIT_FAST_MODULES):
@@ -184,6 +274,12 @@ def _replacement(module):
         return _block(module)
     if kind == "AttentionPoolLatent":
         return _attention_pool(module)
+    if kind == "EvaAttention":
+        return _eva_attention(module)
+    if kind in ("GluMlp", "SwiGLU"):
+        return _gated_mlp(module, kind)
+    if kind == "EvaBlock":
+        return _eva_block(module)
     return None
 
 

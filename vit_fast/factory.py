@@ -7,13 +7,15 @@ import os
 
 from vit_fast.checkpoint import (_apply_state_dict, _check_pos_resample, _load_npz_state, _read_npz,
                                  _read_torch_checkpoint)
+from vit_fast.eva import EVA_MODELS
 from vit_fast.model import MODELS
 
 
 def _factory(name):
-    if name not in MODELS:
-        raise ValueError(f"name: expected one of {sorted(MODELS)}, got {name!r}")
-    return MODELS[name]
+    factories = {**MODELS, **EVA_MODELS}  # the ViTs and timm's eva.py family (vit_fast.eva)
+    if name not in factories:
+        raise ValueError(f"name: expected one of {sorted(factories)}, got {name!r}")
+    return factories[name]
 
 
 def create_model(name, checkpoint=None, num_classes=None, img_size=None, **kwargs):

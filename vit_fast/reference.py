@@ -12,7 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vit_fast.configs import CONFIGS, MODEL_CLASSES  # the library's named configs (the oracle may read its data)
+from vit_fast.configs import CONFIGS, EVA_CONFIGS, MODEL_CLASSES  # the library's named configs (the oracle may read its data)
 
 # ----------------------------------------------------------------------------- functions
 
@@ -297,8 +297,159 @@ class VisionTransformerDistilled(VisionTransformer):
 
 def create_reference(name, **kwargs):
     """The reference model for a factory name, e.g. ``create_reference('vit_base_patch16_224')``."""
+    if name in EVA_CONFIGS:
+        config = {k: v for k, v in EVA_CONFIGS[name].items() if k not in ("pixel_mean", "pixel_std")}
+        return Eva(**{**config, **kwargs})
     if name not in CONFIGS:
         raise ValueError(f"name: expected one of {sorted(CONFIGS)}, got {name!r}")
     config = {k: v for k, v in CONFIGS[name].items() if k not in ("pixel_mean", "pixel_std")}  # uint8 only
     cls = VisionTransformerDistilled if MODEL_CLASSES.get(name) == "distilled" else VisionTransformer
     return cls(**{**config, **kwargs})
+
+
+# ----------------------------------------------------------------------------- EVA-02 (timm/models/eva.py)
+
+
+def eva_rope(grid, head_dim, temperature=10000.0, ref_feat_shape=None):
+    """EVA-02's rotary table for a grid (H, W), written out per token: token (i, j) (row-major) has the
+    angles (i * ref_H / H) * f_k then (j * ref_W / W) * f_k, f_k = temperature ** (-k / (head_dim / 4)),
+    each angle used by one interleaved pair of channels. Built in float32 as timm's buffer is.
+    Returns [H*W, 2 * head_dim]: sin | cos (timm's RotaryEmbeddingCat layout)."""
+    H, W = grid
+    nb = head_dim // 4
+    exponents = torch.tensor([k / nb for k in range(nb)], dtype=torch.float32)
+    freqs = 1.0 / torch.pow(torch.tensor(float(temperature)), exponents)  # float32, as timm's freq_bands
+    ref_h, ref_w = ref_feat_shape if ref_feat_shape is not None else (None, None)
+    rows = []
+    for i in range(H):
+        for j in range(W):
+            py, px = torch.tensor(float(i)), torch.tensor(float(j))
+            if ref_feat_shape is not None:  # EVA's rescale to the pretraining grid
+                py, px = py / H * ref_h, px / W * ref_w
+            rows.append(torch.cat([py * freqs, px * freqs]))
+    angles = torch.stack(rows).repeat_interleave(2, dim=-1)  # [N, head_dim]
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def rotate_pairs(x, table):
+    """x [..., N, D] rotated pair by pair: (x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)."""
+    sin, cos = table.to(x.dtype).chunk(2, -1)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    s, c = sin[..., 0::2], cos[..., 0::2]
+    return torch.stack([x0 * c - x1 * s, x1 * c + x0 * s], dim=-1).flatten(-2)
+
+
+class EvaAttention(nn.Module):
+    """timm's EvaAttention: q_bias / v_bias with a zero k bias (qkv_fused) or q/k/v projections, RoPE on
+    q and k past the prefix tokens, optional inner norm before proj."""
+
+    def __init__(self, dim, num_heads, qkv_bias=True, qkv_fused=True, num_prefix_tokens=1, scale_norm=False,
+                 norm_eps=1e-6):
+        super().__init__()
+        self.num_heads, self.head_dim, self.num_prefix_tokens = num_heads, dim // num_heads, num_prefix_tokens
+        if qkv_fused:
+            self.qkv = nn.Linear(dim, dim * 3, bias=False)
+            self.q_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+            self.v_bias = nn.Parameter(torch.zeros(dim)) if qkv_bias else None
+        else:
+            self.qkv = None
+            self.q_proj = nn.Linear(dim, dim, bias=qkv_bias)
+            self.k_proj = nn.Linear(dim, dim, bias=False)
+            self.v_proj = nn.Linear(dim, dim, bias=qkv_bias)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps) if scale_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, rope=None):
+        B, N, C = x.shape
+        if self.qkv is not None:
+            y = torch.matmul(x, self.qkv.weight.t())
+            if self.q_bias is not None:
+                y = y + torch.cat([self.q_bias, torch.zeros_like(self.q_bias), self.v_bias])
+            q, k, v = y.reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        else:
+            q, k, v = (p(x).reshape(B, N, self.num_heads, self.head_dim).transpose(1, 2)
+                       for p in (self.q_proj, self.k_proj, self.v_proj))
+        if rope is not None:
+            P = self.num_prefix_tokens
+            q = torch.cat([q[:, :, :P], rotate_pairs(q[:, :, P:], rope)], dim=2)
+            k = torch.cat([k[:, :, :P], rotate_pairs(k[:, :, P:], rope)], dim=2)
+        x = attention(q, k, v).transpose(1, 2).reshape(B, N, C)
+        return self.proj(self.norm(x))
+
+
+class SwiGLUMlp(nn.Module):
+    """silu(gate) * value -> [norm] -> fc2; packed (GluMlp: fc1 = [gate; value]) or split (SwiGLU: fc1_g, fc1_x)."""
+
+    def __init__(self, dim, hidden, packed, scale_mlp=False, norm_eps=1e-6):
+        super().__init__()
+        self.packed = packed
+        if packed:
+            self.fc1 = nn.Linear(dim, 2 * hidden)
+        else:
+            self.fc1_g = nn.Linear(dim, hidden)
+            self.fc1_x = nn.Linear(dim, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=norm_eps) if scale_mlp else nn.Identity()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x):
+        if self.packed:
+            g, u = self.fc1(x).chunk(2, dim=-1)
+        else:
+            g, u = self.fc1_g(x), self.fc1_x(x)
+        h = g * torch.sigmoid(g) * u
+        return self.fc2(self.norm(h))
+
+
+class EvaBlock(nn.Module):
+    def __init__(self, dim, num_heads, mlp_ratio, qkv_bias=True, qkv_fused=True, swiglu_mlp=True, scale_mlp=False,
+                 scale_attn_inner=False, num_prefix_tokens=1, init_values=None, norm_eps=1e-6):
+        super().__init__()
+        assert swiglu_mlp, "the oracle covers EVA-02's SwiGLU blocks"
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = EvaAttention(dim, num_heads, qkv_bias, qkv_fused, num_prefix_tokens, scale_attn_inner, norm_eps)
+        self.gamma_1 = nn.Parameter(torch.full((dim,), float(init_values))) if init_values is not None else None
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = SwiGLUMlp(dim, int(dim * mlp_ratio), packed=not scale_mlp, scale_mlp=scale_mlp, norm_eps=norm_eps)
+        self.gamma_2 = nn.Parameter(torch.full((dim,), float(init_values))) if init_values is not None else None
+
+    def forward(self, x, rope=None):
+        a = self.attn(self.norm1(x), rope)
+        x = x + (a if self.gamma_1 is None else self.gamma_1 * a)
+        m = self.mlp(self.norm2(x))
+        return x + (m if self.gamma_2 is None else self.gamma_2 * m)
+
+
+class Eva(nn.Module):
+    """EVA-02: patch embed, class token, position embedding, RoPE + SwiGLU blocks, mean of the patch
+    tokens, fc_norm, head (timm's default 'avg' pool)."""
+
+    def __init__(self, img_size=224, patch_size=14, in_chans=3, num_classes=1000, embed_dim=768, depth=12,
+                 num_heads=12, qkv_bias=True, qkv_fused=True, mlp_ratio=4.0, swiglu_mlp=True, scale_mlp=False,
+                 scale_attn_inner=False, init_values=None, use_rot_pos_emb=True, ref_feat_shape=None,
+                 rope_temperature=10000.0, norm_eps=1e-6):
+        super().__init__()
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.randn(1, self.patch_embed.num_patches + 1, embed_dim) * 0.02)
+        self.blocks = nn.ModuleList([
+            EvaBlock(embed_dim, num_heads, mlp_ratio, qkv_bias, qkv_fused, swiglu_mlp, scale_mlp, scale_attn_inner,
+                     1, init_values, norm_eps) for _ in range(depth)])
+        self.fc_norm = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.use_rot_pos_emb = use_rot_pos_emb
+        self.rope_args = (embed_dim // num_heads, rope_temperature, ref_feat_shape)
+
+    def forward_features(self, x):
+        x = self.patch_embed(x)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        rope = eva_rope(self.patch_embed.grid_size, *self.rope_args).to(x.device) if self.use_rot_pos_emb else None
+        for block in self.blocks:
+            x = block(x, rope)
+        return x
+
+    def forward_head(self, x, pre_logits=False):
+        x = self.fc_norm(x[:, 1:].mean(dim=1))
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x):
+        return self.forward_head(self.forward_features(x))

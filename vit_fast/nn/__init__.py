@@ -1,9 +1,10 @@
 """Drop-in modules with timm's constructors, names and state_dicts, over the fused ops."""
-from vit_fast.nn.attention import Attention
+from vit_fast.nn.attention import Attention, EvaAttention
 from vit_fast.nn.attention_pool import AttentionPoolLatent
 from vit_fast.nn.block import Block
 from vit_fast.nn.layernorm import LayerNorm
-from vit_fast.nn.mlp import Mlp, QuickGELU
+from vit_fast.nn.mlp import GluMlp, Mlp, QuickGELU, SwiGLU, SwiGLUPacked
 from vit_fast.nn.patch_embed import PatchEmbed
 
-__all__ = ["Attention", "AttentionPoolLatent", "Block", "LayerNorm", "Mlp", "PatchEmbed", "QuickGELU"]
+__all__ = ["Attention", "AttentionPoolLatent", "Block", "EvaAttention", "GluMlp", "LayerNorm", "Mlp", "PatchEmbed",
+           "QuickGELU", "SwiGLU", "SwiGLUPacked"]

@@ -156,3 +156,104 @@ def _active(dropout):
     if isinstance(dropout, nn.Dropout):
         return dropout.training and dropout.p > 0.0
     return True
+
+
+def _check_silu(act_layer):
+    target = act_layer.func if isinstance(act_layer, functools.partial) else act_layer
+    if isinstance(target, nn.Module):
+        target = type(target)
+    if not (isinstance(target, type) and target.__name__ == "SiLU") and not (
+            isinstance(act_layer, str) and act_layer.lower() in ("silu", "swish")):
+        raise ValueError(f"act_layer: the fused SwiGLU kernel computes silu(gate) * x only (nn.SiLU), got {act_layer!r}")
+
+
+class _GatedMlp(nn.Module):
+    """Shared forward of SwiGLU / GluMlp: silu(gate) * x by ``VF.swiglu`` (one kernel), drop1, norm
+    (vit_fast's LayerNorm when given one), then fc2 by ``VF.linear`` with the residual in its epilogue."""
+
+    def _gate_x(self):  # -> (gate weight, gate bias, x weight, x bias)
+        raise NotImplementedError
+
+    def forward(self, x):
+        return self.forward_fused(x)
+
+    def forward_fused(self, x, residual=None):
+        """drop2(fc2(norm(drop1(silu(gate(x)) * x_proj(x))))) + residual; the add in fc2's epilogue while
+        drop2 is inactive. x: [..., in_features]; residual: [..., out_features]."""
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x: {type(self).__name__} expected a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 1 or x.shape[-1] != self.in_features:
+            raise ValueError(f"x: {type(self).__name__} expected [..., {self.in_features}], got shape {tuple(x.shape)}")
+        h = self.norm(self.drop1(VF.swiglu(x, *self._gate_x())))
+        if residual is not None and not _active(self.drop2):
+            return VF.linear(h, self.fc2.weight, self.fc2.bias, residual=residual)
+        y = self.drop2(VF.linear(h, self.fc2.weight, self.fc2.bias))
+        return y if residual is None else y + residual
+
+
+class SwiGLU(_GatedMlp):
+    """timm's ``SwiGLU`` (timm/layers/mlp.py; EVA-02 base / large): fc1_g, fc1_x (each [hidden, in]),
+    act (SiLU), drop1, norm (over hidden, when ``norm_layer``), fc2, drop2; the same constructor and
+    state_dict. ``align_to`` rounds hidden up to a multiple, as timm's. The gated product runs in one
+    fused kernel (``VF.swiglu``), fc2 in the fused Linear (+ residual with ``forward_fused``)."""
+
+    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.SiLU, norm_layer=None,
+                 bias=True, drop=0.0, align_to=0):
+        super().__init__()
+        check_positive_int("in_features", in_features)
+        _check_silu(act_layer)
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        if align_to:
+            hidden_features = hidden_features + (-hidden_features % align_to)
+        bias1, bias2 = _pair(bias)
+        drop1, drop2 = _pair(drop)
+        self.in_features = in_features
+        self.fc1_g = nn.Linear(in_features, hidden_features, bias=bias1)
+        self.fc1_x = nn.Linear(in_features, hidden_features, bias=bias1)
+        self.act = nn.SiLU()
+        self.drop1 = nn.Dropout(drop1)
+        self.norm = norm_layer(hidden_features) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias2)
+        self.drop2 = nn.Dropout(drop2)
+
+    def _gate_x(self):
+        return self.fc1_g.weight, self.fc1_g.bias, self.fc1_x.weight, self.fc1_x.bias
+
+
+class GluMlp(_GatedMlp):
+    """timm's ``GluMlp`` with SiLU (timm's ``SwiGLUPacked``: EVA-02 tiny / small): one packed fc1
+    [hidden_features, in] whose halves are the gate and the value (``gate_last=False``: the gate is the
+    first half, as EVA-02 builds it; True: the second), act, drop1, norm (over hidden_features // 2),
+    fc2, drop2; the same state_dict. Only SiLU is fused (timm's class default, Sigmoid, is refused):
+    both halves go to ``VF.swiglu`` as row views of fc1, no copy."""
+
+    def __init__(self, in_features, hidden_features=None, out_features=None, act_layer=nn.SiLU, norm_layer=None,
+                 bias=True, drop=0.0, use_conv=False, gate_last=True):
+        super().__init__()
+        if use_conv:
+            raise ValueError("use_conv: vit_fast.nn.GluMlp supports Linear layers only (use_conv=False)")
+        check_positive_int("in_features", in_features)
+        _check_silu(act_layer)
+        out_features = out_features or in_features
+        hidden_features = hidden_features or in_features
+        if hidden_features % 2:
+            raise ValueError(f"hidden_features: expected an even number (two halves), got {hidden_features}")
+        bias1, bias2 = _pair(bias)
+        drop1, drop2 = _pair(drop)
+        self.in_features = in_features
+        self.gate_last = gate_last
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias1)
+        self.act = nn.SiLU()
+        self.drop1 = nn.Dropout(drop1)
+        self.norm = norm_layer(hidden_features // 2) if norm_layer is not None else nn.Identity()
+        self.fc2 = nn.Linear(hidden_features // 2, out_features, bias=bias2)
+        self.drop2 = nn.Dropout(drop2)
+
+    def _gate_x(self):
+        w, b = self.fc1.weight.chunk(2, 0), (self.fc1.bias.chunk(2, 0) if self.fc1.bias is not None else (None, None))
+        g, u = (1, 0) if self.gate_last else (0, 1)
+        return w[g], b[g], w[u], b[u]
+
+
+SwiGLUPacked = functools.partial(GluMlp, act_layer=nn.SiLU, gate_last=False)
