@@ -31,3 +31,10 @@ def assert_close_to_ref(name, out, torch_out, ref, bound, factor=2.0, floor=FP32
     print(f"{name}: rel err {err:.2e} (torch same dtype {torch_err:.2e}), max abs {max_abs:.2e}")
     assert err <= bound, f"{name}: rel err {err:.3e} > bound {bound:.1e}"
     assert err <= factor * torch_err + floor, f"{name}: rel err {err:.3e} > {factor} x torch's {torch_err:.3e}"
+
+
+def forward_backward(model, x, g):
+    """A whole model's forward, then the backward of <out, g>: (out, {parameter name: grad})."""
+    out = model(x)
+    (out * g.to(out.dtype)).sum().backward()
+    return out, {n: p.grad for n, p in model.named_parameters()}

@@ -18,6 +18,7 @@ from vit_fast import dispatch, eva, reference
 from vit_fast import functional as VF
 
 from numerics import DTYPE_BOUND, assert_close_to_ref
+from numerics import forward_backward as run
 
 TINY = dict(img_size=28, embed_dim=64, num_heads=2, depth=2, num_classes=10)
 NAMES = ["eva02_tiny_patch14_224", "eva02_base_patch14_224"]  # the two block layouts (small / large: same code)
@@ -35,12 +36,6 @@ def tiny_models(name):
     model = eva.EVA_MODELS[name](**TINY)
     model.load_state_dict(ref.state_dict(), strict=True)
     return model, ref, copy.deepcopy(ref).double()
-
-
-def run(model, x, g):
-    out = model(x)
-    (out * g.to(out.dtype)).sum().backward()
-    return out, {n: p.grad for n, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("path", ["kernels", "torch"])

@@ -17,6 +17,7 @@ import vit_fast
 from vit_fast import dispatch, reference
 
 from numerics import DTYPE_BOUND, assert_close_to_ref
+from numerics import forward_backward as run
 
 # name -> the overrides that make it tiny (depth 2 and 10 classes for all)
 TINY = {
@@ -70,12 +71,6 @@ def tiny_models(name):
     model = vit_fast.MODELS[name](**kwargs)
     model.load_state_dict(ref.state_dict(), strict=True)
     return model, ref, copy.deepcopy(ref).double()
-
-
-def run(model, x, g):
-    out = model(x)
-    (out * g.to(out.dtype)).sum().backward()
-    return out, {n: p.grad for n, p in model.named_parameters()}
 
 
 def launches_during(call):

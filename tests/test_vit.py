@@ -22,6 +22,7 @@ from vit_fast.checkpoint import resample_pos_embed
 from vit_fast.nn.block import Block, DropPath
 
 from numerics import DTYPE_BOUND, assert_close_to_ref
+from numerics import forward_backward as run
 
 SMALL = dict(img_size=64, patch_size=16, embed_dim=96, depth=2, num_heads=3, num_classes=10)
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
@@ -62,13 +63,6 @@ def models(device, **extra):
     model = vit_fast.VisionTransformer(**{**SMALL, **extra}).to(device)
     model.load_state_dict(ref.state_dict(), strict=True)
     return model, ref, copy.deepcopy(ref).double()
-
-
-def run(model, x, g):
-    """Forward, then the backward of <out, g>: (out, {name: grad})."""
-    out = model(x)
-    (out * g.to(out.dtype)).sum().backward()
-    return out, {n: p.grad for n, p in model.named_parameters()}
 
 
 VARIANTS = {

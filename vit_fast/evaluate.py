@@ -19,9 +19,8 @@ from tqdm import tqdm
 
 from vit_fast import data
 from vit_fast.cli import nonnegative_int, positive_int, usage_error
-from vit_fast.devices import device_problem
 from vit_fast.loop import run_inference
-from vit_fast.run_files import CheckpointError, load_trained_model
+from vit_fast.run_files import load_for_command
 
 MAX_PRINTED_CLASSES = 20  # a wider confusion matrix goes to --json / --plot only
 
@@ -93,12 +92,7 @@ def main(argv=None):
     logging.basicConfig(format="%(levelname)s: %(message)s")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.device is not None and (problem := device_problem(args.device)):
-        usage_error(parser, f"argument --device: {problem}")
-    try:
-        model, checkpoint, device = load_trained_model(args.weights, args.device, args.amp)
-    except CheckpointError as err:
-        usage_error(parser, f"argument --weights: {err}")
+    model, checkpoint, device = load_for_command(parser, args.weights, args.device, args.amp)
     classes = checkpoint["classes"]
     try:
         samples = data.scan_split(args.data, classes)

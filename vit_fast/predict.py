@@ -15,9 +15,8 @@ from pathlib import Path
 
 from vit_fast import data
 from vit_fast.cli import nonnegative_int, positive_int, usage_error
-from vit_fast.devices import device_problem
 from vit_fast.loop import run_inference
-from vit_fast.run_files import CheckpointError, load_trained_model
+from vit_fast.run_files import load_for_command
 
 
 def build_parser():
@@ -54,12 +53,7 @@ def main(argv=None):
     kinds = "/".join(e[1:] for e in data.IMAGE_EXTENSIONS)
     if not files:
         usage_error(parser, f"no images found in {', '.join(map(str, empty))} (looked for {kinds} files)")
-    if args.device is not None and (problem := device_problem(args.device)):
-        usage_error(parser, f"argument --device: {problem}")
-    try:
-        model, checkpoint, device = load_trained_model(args.weights, args.device, args.amp)
-    except CheckpointError as err:
-        usage_error(parser, f"argument --weights: {err}")
+    model, checkpoint, device = load_for_command(parser, args.weights, args.device, args.amp)
     classes = checkpoint["classes"]
     k = min(args.topk, len(classes))
     for folder in empty:

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import vit_fast
+from vit_fast.cli import usage_error
 from vit_fast.devices import device_problem, note_amp, pick_device
 
 METRIC_COLUMNS = ["epoch", "train_loss", "train_top1", "val_loss", "val_top1", "val_top5", "lr", "images_per_s"]
@@ -75,6 +76,17 @@ def load_run(path):
     if missing:
         raise CheckpointError(f"{path}: not a checkpoint written by vit_fast.train (no {', '.join(missing)})")
     return checkpoint
+
+
+def load_for_command(parser, weights, device, amp):
+    """``load_trained_model`` for evaluate and predict: a bad ``--device`` or ``--weights`` is one
+    usage line (exit status 2), never a traceback. -> (model, checkpoint, device)."""
+    if device is not None and (problem := device_problem(device)):
+        usage_error(parser, f"argument --device: {problem}")
+    try:
+        return load_trained_model(weights, device, amp)
+    except CheckpointError as err:
+        usage_error(parser, f"argument --weights: {err}")
 
 
 def load_trained_model(path, device_name=None, amp=False):
