@@ -43,16 +43,15 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- [B, H, N, D] ops
-# Each op's body is a plain function (_*_impl) called both by the custom op (what torch.compile
-# traces and opcheck tests) and by the eager torch.autograd.Function fast path (see the public
-# functions below).
+# The pattern of vit_fast/ops/__init__.py: _<op>_fwd_launch / _<op>_bwd_launch bodies shared by the
+# custom ops and the eager <Op>Function twins.
 
 
 def _rope(sin, cos):
     return None if sin is None else (sin, cos)
 
 
-def _attention_fwd_impl(q, k, v, scale, sin=None, cos=None, num_prefix_tokens=0):
+def _attention_fwd_launch(q, k, v, scale, sin=None, cos=None, num_prefix_tokens=0):
     dispatch.record_launch("attention_fwd")
     B, H, N, _ = q.shape
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
@@ -62,7 +61,7 @@ def _attention_fwd_impl(q, k, v, scale, sin=None, cos=None, num_prefix_tokens=0)
     return o, lse
 
 
-def _attention_bwd_impl(do, q, k, v, o, lse, scale, sin=None, cos=None, num_prefix_tokens=0):
+def _attention_bwd_launch(do, q, k, v, o, lse, scale, sin=None, cos=None, num_prefix_tokens=0):
     dispatch.record_launch("attention_bwd")
     dq, dk, dv = (torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
     with dispatch.device_of(q):
@@ -71,19 +70,15 @@ def _attention_bwd_impl(do, q, k, v, o, lse, scale, sin=None, cos=None, num_pref
     return dq, dk, dv
 
 
-# custom_op, not triton_op: wrap_triton cannot run under Triton's interpreter on fake/functional
-# tensors, so CI could not opcheck a triton_op.
-
-
 @torch.library.custom_op("vit_fast::attention_fwd", mutates_args=())
 def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sin: Optional[torch.Tensor] = None,
                   cos: Optional[torch.Tensor] = None, num_prefix_tokens: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _attention_fwd_impl(q, k, v, scale, sin, cos, num_prefix_tokens)
+    return _attention_fwd_launch(q, k, v, scale, sin, cos, num_prefix_tokens)
 
 
 @attention_fwd.register_fake
-def _(q, k, v, scale, sin=None, cos=None, num_prefix_tokens=0):
+def _attention_fwd_fake(q, k, v, scale, sin=None, cos=None, num_prefix_tokens=0):
     B, H, N, _ = q.shape
     return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, H, N, dtype=torch.float32)
 
@@ -93,15 +88,15 @@ def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.T
                   lse: torch.Tensor, scale: float, sin: Optional[torch.Tensor] = None,
                   cos: Optional[torch.Tensor] = None, num_prefix_tokens: int = 0
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _attention_bwd_impl(do, q, k, v, o, lse, scale, sin, cos, num_prefix_tokens)
+    return _attention_bwd_launch(do, q, k, v, o, lse, scale, sin, cos, num_prefix_tokens)
 
 
 @attention_bwd.register_fake
-def _(do, q, k, v, o, lse, scale, sin=None, cos=None, num_prefix_tokens=0):
+def _attention_bwd_fake(do, q, k, v, o, lse, scale, sin=None, cos=None, num_prefix_tokens=0):
     return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
 
 
-def _setup_attention(ctx, inputs, output):
+def _attention_setup_context(ctx, inputs, output):
     q, k, v, scale, sin, cos, num_prefix_tokens = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse, sin, cos)
@@ -116,33 +111,33 @@ def _attention_grads(bwd, ctx, do):
     return dq, dk, dv, None, None, None, None
 
 
-def _backward_attention(ctx, do, _dlse):
+def _attention_backward(ctx, do, _dlse):
     return _attention_grads(attention_bwd, ctx, do)
 
 
-attention_fwd.register_autograd(_backward_attention, setup_context=_setup_attention)
+attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
 
 
-class _AttentionFn(torch.autograd.Function):
+class AttentionFunction(torch.autograd.Function):
     """Eager twin of vit_fast::attention_fwd + its registered autograd: same bodies, no custom-op dispatch."""
 
     # forward(ctx, ...) rather than a separate setup_context: apply() would inspect.signature-bind the args
     @staticmethod
     def forward(ctx, q, k, v, scale, sin, cos, num_prefix_tokens):
-        output = _attention_fwd_impl(q, k, v, scale, sin, cos, num_prefix_tokens)
-        _setup_attention(ctx, (q, k, v, scale, sin, cos, num_prefix_tokens), output)
+        output = _attention_fwd_launch(q, k, v, scale, sin, cos, num_prefix_tokens)
+        _attention_setup_context(ctx, (q, k, v, scale, sin, cos, num_prefix_tokens), output)
         return output
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, _dlse):
-        return _attention_grads(_attention_bwd_impl, ctx, do)
+        return _attention_grads(_attention_bwd_launch, ctx, do)
 
 
 # ----------------------------------------------------------------------------- packed [B, N, 3*H*D] ops
 
 
-def _attention_packed_fwd_impl(qkv, num_heads, scale, sin=None, cos=None, num_prefix_tokens=0):
+def _attention_packed_fwd_launch(qkv, num_heads, scale, sin=None, cos=None, num_prefix_tokens=0):
     dispatch.record_launch("attention_packed_fwd")
     B, N, C3 = qkv.shape
     q, k, v = _split_packed(qkv, num_heads)
@@ -154,7 +149,7 @@ def _attention_packed_fwd_impl(qkv, num_heads, scale, sin=None, cos=None, num_pr
     return o, lse
 
 
-def _attention_packed_bwd_impl(do, qkv, o, lse, num_heads, scale, sin=None, cos=None, num_prefix_tokens=0):
+def _attention_packed_bwd_launch(do, qkv, o, lse, num_heads, scale, sin=None, cos=None, num_prefix_tokens=0):
     dispatch.record_launch("attention_packed_bwd")
     dqkv = torch.empty_like(qkv, memory_format=torch.contiguous_format)  # every element is written
     with dispatch.device_of(qkv):
@@ -168,11 +163,11 @@ def _attention_packed_bwd_impl(do, qkv, o, lse, num_heads, scale, sin=None, cos=
 def attention_packed_fwd(qkv: torch.Tensor, num_heads: int, scale: float, sin: Optional[torch.Tensor] = None,
                          cos: Optional[torch.Tensor] = None, num_prefix_tokens: int = 0
                          ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _attention_packed_fwd_impl(qkv, num_heads, scale, sin, cos, num_prefix_tokens)
+    return _attention_packed_fwd_launch(qkv, num_heads, scale, sin, cos, num_prefix_tokens)
 
 
 @attention_packed_fwd.register_fake
-def _(qkv, num_heads, scale, sin=None, cos=None, num_prefix_tokens=0):
+def _attention_packed_fwd_fake(qkv, num_heads, scale, sin=None, cos=None, num_prefix_tokens=0):
     B, N, C3 = qkv.shape
     return qkv.new_empty(B, N, C3 // 3), qkv.new_empty(B, num_heads, N, dtype=torch.float32)
 
@@ -181,21 +176,21 @@ def _(qkv, num_heads, scale, sin=None, cos=None, num_prefix_tokens=0):
 def attention_packed_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, lse: torch.Tensor, num_heads: int,
                          scale: float, sin: Optional[torch.Tensor] = None, cos: Optional[torch.Tensor] = None,
                          num_prefix_tokens: int = 0) -> torch.Tensor:
-    return _attention_packed_bwd_impl(do, qkv, o, lse, num_heads, scale, sin, cos, num_prefix_tokens)
+    return _attention_packed_bwd_launch(do, qkv, o, lse, num_heads, scale, sin, cos, num_prefix_tokens)
 
 
 @attention_packed_bwd.register_fake
-def _(do, qkv, o, lse, num_heads, scale, sin=None, cos=None, num_prefix_tokens=0):
+def _attention_packed_bwd_fake(do, qkv, o, lse, num_heads, scale, sin=None, cos=None, num_prefix_tokens=0):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
-def _setup_attention_packed(ctx, inputs, output):
+def _attention_packed_setup_context(ctx, inputs, output):
     qkv, num_heads, scale, sin, cos, num_prefix_tokens = inputs
     o, lse = output
     ctx.save_for_backward(qkv, o, lse, sin, cos)
     ctx.num_heads, ctx.scale, ctx.num_prefix_tokens = num_heads, scale, num_prefix_tokens
     ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)  # as in _setup_attention
+    ctx.set_materialize_grads(False)  # as in _attention_setup_context
 
 
 def _attention_packed_grads(bwd, ctx, do):
@@ -204,26 +199,26 @@ def _attention_packed_grads(bwd, ctx, do):
     return dqkv, None, None, None, None, None
 
 
-def _backward_attention_packed(ctx, do, _dlse):
+def _attention_packed_backward(ctx, do, _dlse):
     return _attention_packed_grads(attention_packed_bwd, ctx, do)
 
 
-attention_packed_fwd.register_autograd(_backward_attention_packed, setup_context=_setup_attention_packed)
+attention_packed_fwd.register_autograd(_attention_packed_backward, setup_context=_attention_packed_setup_context)
 
 
-class _AttentionPackedFn(torch.autograd.Function):
-    """Eager twin of vit_fast::attention_packed_fwd + its registered autograd (as _AttentionFn)."""
+class AttentionPackedFunction(torch.autograd.Function):
+    """Eager twin of vit_fast::attention_packed_fwd + its registered autograd (as AttentionFunction)."""
 
     @staticmethod
     def forward(ctx, qkv, num_heads, scale, sin, cos, num_prefix_tokens):
-        output = _attention_packed_fwd_impl(qkv, num_heads, scale, sin, cos, num_prefix_tokens)
-        _setup_attention_packed(ctx, (qkv, num_heads, scale, sin, cos, num_prefix_tokens), output)
+        output = _attention_packed_fwd_launch(qkv, num_heads, scale, sin, cos, num_prefix_tokens)
+        _attention_packed_setup_context(ctx, (qkv, num_heads, scale, sin, cos, num_prefix_tokens), output)
         return output
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, _dlse):
-        return _attention_packed_grads(_attention_packed_bwd_impl, ctx, do)
+        return _attention_packed_grads(_attention_packed_bwd_launch, ctx, do)
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -283,10 +278,8 @@ def _check_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-# Kernel path: torch.compile traces the custom ops; eager calls take the autograd.Function twin. The
-# custom-op plumbing (custom_op __call__, torch._library autograd_impl, the dynamo-disable wrapper,
-# redispatch) made eager calls launch-bound: on the H100 host_ms 0.254 ms per call vs SDPA's 0.03,
-# and attention_packed fwd+bwd ~400 us host cost with launches stubbed (benchmarks/host_overhead.py).
+# Kernel path: torch.compile traces the custom ops, eager calls take the Function twins (why:
+# vit_fast/ops/__init__.py).
 
 
 def attention(q, k, v, scale=None, rope=None, num_prefix_tokens=0):
@@ -325,7 +318,7 @@ def attention(q, k, v, scale=None, rope=None, num_prefix_tokens=0):
     _check_rope_no_grad(sin, cos)
     if torch.compiler.is_compiling():
         return attention_fwd(q, k, v, scale, sin, cos, num_prefix_tokens)[0]
-    return _AttentionFn.apply(q, k, v, scale, sin, cos, num_prefix_tokens)[0]
+    return AttentionFunction.apply(q, k, v, scale, sin, cos, num_prefix_tokens)[0]
 
 
 def attention_packed(qkv, num_heads, scale=None, rope=None, num_prefix_tokens=0):
@@ -354,4 +347,4 @@ def attention_packed(qkv, num_heads, scale=None, rope=None, num_prefix_tokens=0)
     _check_rope_no_grad(sin, cos)
     if torch.compiler.is_compiling():
         return attention_packed_fwd(qkv, num_heads, scale, sin, cos, num_prefix_tokens)[0]
-    return _AttentionPackedFn.apply(qkv, num_heads, scale, sin, cos, num_prefix_tokens)[0]
+    return AttentionPackedFunction.apply(qkv, num_heads, scale, sin, cos, num_prefix_tokens)[0]
