@@ -130,66 +130,15 @@ def test_single_pass_rejects_too_few_keys_per_block(device):
                               (kernels.Config(16, 32, 4, 1), None))
 
 
-HOPPER_COMPILE = r"""
-import itertools
-import torch
-from sm90 import compile_sm90
-from vit_fast.kernels import attention as kernels
-
-KERNELS = {"fwd": kernels.attention_fwd_kernel, "dq": kernels.attention_bwd_dq_kernel,
-           "dkdv": kernels.attention_bwd_dkdv_kernel}
-HEAD_DIMS = (16, 32, 48, 64, 80, 96, 128)  # every table row, and the two-chunk heads (48, 80, 96)
 
 
-def arg_type(name):
-    if name in ("LSE", "DELTA", "SIN", "COS"):
-        return "*fp32"
-    if name in ("qk_scale", "scale"):
-        return "fp32"
-    if name.startswith("stride") or name in ("H", "N_Q", "N_KV", "head_dim", "n_prefix"):
-        return "i32"
-    return "*bf16"  # Q, K, V, O and their gradients
-
-
-for (kernel, fn), head_dim in itertools.product(KERNELS.items(), HEAD_DIMS):
-    cfg = kernels.config(kernel, head_dim, torch.bfloat16)  # the 16-bit entry: the tensor-core path
-    block_d, block_d_tail, pad_d, pad_d_tail = kernels.head_chunks(head_dim)
-    types = {p.name: arg_type(p.name) for p in fn.params if not p.is_constexpr}
-    constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_D_TAIL=block_d_tail,
-                      PAD_D=pad_d, PAD_D_TAIL=pad_d_tail, DOT_PRECISION="tf32",
-                      **({"WRITE_DQ": False} if kernel == "dkdv" else {}))
-    # as a launch at ViT shapes specializes: pointers, strides and head_dim divisible by 16
-    divisible = [n for n, t in types.items() if t.startswith("*") or n.startswith("stride") or n == "head_dim"]
-    compiled, resources = compile_sm90(fn, types, constexprs, divisible, cfg.num_warps, cfg.num_stages,
-                                       f"{kernel}_{head_dim}")
-    print(kernel, head_dim, (block_d, block_d_tail), tuple(cfg), "registers", resources["REG"],
-          "stack", resources["STACK"], "shared", compiled.metadata.shared)
-    assert resources["STACK"] == "0", (kernel, head_dim, "spills to local memory", resources)
-# EVA-02's rotary embedding in the kernels (q / k rotated where loaded, dq / dk rotated back):
-# one-chunk and two-chunk heads
-for (kernel, fn), head_dim in itertools.product(KERNELS.items(), (64, 80)):
-    cfg = kernels.config(kernel, head_dim, torch.bfloat16, rope=True)  # ROPE_CONFIGS where they differ
-    block_d, block_d_tail, pad_d, pad_d_tail = kernels.head_chunks(head_dim)
-    types = {p.name: arg_type(p.name) for p in fn.params if not p.is_constexpr}
-    constexprs = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_D_TAIL=block_d_tail,
-                      PAD_D=pad_d, PAD_D_TAIL=pad_d_tail, DOT_PRECISION="tf32", ROPE=True,
-                      **({"WRITE_DQ": False} if kernel == "dkdv" else {}))
-    divisible = [n for n, t in types.items() if t.startswith("*") or n.startswith("stride") or n == "head_dim"]
-    compiled, resources = compile_sm90(fn, types, constexprs, divisible, cfg.num_warps, cfg.num_stages,
-                                       f"rope_{kernel}_{head_dim}")
-    print("rope", kernel, head_dim, tuple(cfg), "regs", resources["REG"], "stack", resources["STACK"],
-          "smem", compiled.metadata.shared)
-    if head_dim == 64:  # ViT-B / EVA-02-B heads: no spills (D=80's dK/dV spills 48 B: printed only)
-        assert resources["STACK"] == "0", ("rope", kernel, head_dim, "spills to local memory", resources)
-"""
-
-
+@pytest.mark.slow
 def test_kernels_compile_for_hopper_without_spills(tmp_path):
     """Every 16-bit table entry (forward, dQ, dK/dV), at one-chunk and two-chunk head dims, compiles
     for sm_90 with this Triton, no GPU needed, fits an H100's shared memory and keeps its tiles in
     registers (no local-memory stack); the ROPE builds (EVA-02's rotary embedding) at D = 64 and 80
     compile too, D = 64 without spills (ROPE_CONFIGS). (The fp32 "ieee" entries do spill: benchmarks/NOTES.md.)"""
-    out = sm90.run_script(HOPPER_COMPILE, tmp_path)
+    out = sm90.run_script(sm90.script("attention"), tmp_path)
     assert out.count("registers") == 3 * 7  # 3 kernels x HEAD_DIMS
     assert out.count("rope ") == 3 * 2  # the ROPE builds: 3 kernels x D = 64 (no spills), 80 (spills printed)
 
@@ -677,6 +626,7 @@ def test_rope_opcheck(device):
     torch.library.opcheck(torch.ops.vit_fast.attention_packed_fwd, (qkv, 2, 0.2, sin, cos, 1))
 
 
+@pytest.mark.slow
 def test_rope_torch_compile_fullgraph(device):
     qkv = torch.randn(2, 17, 3 * 64, device=device, requires_grad=True)
     sin, cos = rope_tables(16, 32, device)
