@@ -44,7 +44,8 @@ from vit_fast import dispatch, reference  # noqa: E402
 
 # (model name, throughput batch): batches that fill an H100, as in perf/TARGETS.md
 MODELS = [("vit_small_patch16_224", 256), ("vit_base_patch16_224", 256), ("vit_large_patch16_224", 128),
-          ("vit_base_patch16_384", 256)]
+          ("vit_base_patch16_384", 256),
+          ("vit_large_patch14_clip_224", 256), ("vit_so400m_patch14_siglip_384", 64)]  # the family's encoders
 LATENCY_BATCHES = (1, 8, 32)
 TRAIN = [("vit_base_patch16_224", 128), ("vit_large_patch16_224", 64)]
 QUICK = ("vit_base_patch16_224",)
@@ -56,11 +57,12 @@ PROFILE = ("vit_base_patch16_224", 256)
 
 def forward_macs(name, num_classes=1000):
     """Multiply-accumulates of one image's forward: patch embedding, blocks (linears and attention), head."""
-    cfg = {"img_size": 224, **reference.CONFIGS[name]}
+    cfg = {"img_size": 224, "mlp_ratio": 4.0, "class_token": True, **reference.CONFIGS[name]}
     e, p = cfg["embed_dim"], cfg["patch_size"]
     patches = (cfg["img_size"] // p) ** 2
-    n = patches + 1
-    per_block = 12 * n * e * e + 2 * n * n * e  # qkv 3NE^2, proj NE^2, MLP 8NE^2; QK^T and AV N^2 E each
+    n = patches + int(cfg["class_token"])
+    hidden = int(e * cfg["mlp_ratio"])
+    per_block = 4 * n * e * e + 2 * n * e * hidden + 2 * n * n * e  # qkv 3NE^2, proj NE^2, MLP 2NEh; QK^T, AV
     return patches * 3 * p * p * e + cfg["depth"] * per_block + e * num_classes
 
 
