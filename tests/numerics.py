@@ -38,3 +38,18 @@ def forward_backward(model, x, g):
     out = model(x)
     (out * g.to(out.dtype)).sum().backward()
     return out, {n: p.grad for n, p in model.named_parameters()}
+
+
+def assert_model_matches_reference(label, model, ref, ref64, x, g, bound):
+    """``model`` (vit_fast) against ``ref`` (the oracle, same dtype) and ``ref64`` (the oracle in
+    float64) on input x and output gradient g: the logits and every parameter's gradient (each
+    present) within ``bound`` and 2x / 3x the oracle's own error. Returns (out, grads) of ``model``."""
+    out, grads = forward_backward(model, x, g)
+    ref_out, ref_grads = forward_backward(ref, x, g)
+    out64, grads64 = forward_backward(ref64, x.double(), g.double())
+    assert_close_to_ref(f"{label} logits", out, ref_out, out64, bound)
+    assert grads.keys() == grads64.keys()
+    for key, grad in grads.items():
+        assert grad is not None, f"{key}: no gradient"
+        assert_close_to_ref(f"{label} grad {key}", grad, ref_grads[key], grads64[key], bound, factor=3)
+    return out, grads

@@ -17,8 +17,7 @@ import vit_fast
 from vit_fast import dispatch, eva, reference
 from vit_fast import functional as VF
 
-from numerics import DTYPE_BOUND, assert_close_to_ref
-from numerics import forward_backward as run
+from numerics import DTYPE_BOUND, assert_model_matches_reference
 
 TINY = dict(img_size=28, embed_dim=64, num_heads=2, depth=2, num_classes=10)
 NAMES = ["eva02_tiny_patch14_224", "eva02_base_patch14_224"]  # the two block layouts (small / large: same code)
@@ -56,16 +55,8 @@ def test_eva_matches_the_reference(name, path, monkeypatch):
     monkeypatch.setattr(VF, "attention_packed", spy)
     x, g = torch.randn(2, 3, 28, 28), torch.randn(2, 10)
     before = dict(dispatch.kernel_launches)
-    out, grads = run(model, x, g)
+    assert_model_matches_reference(f"{name} {path}", model, ref, ref64, x, g, DTYPE_BOUND[torch.float32])
     counts = {op: n - before.get(op, 0) for op, n in dispatch.kernel_launches.items() if n != before.get(op, 0)}
-    ref_out, ref_grads = run(ref, x, g)
-    out64, grads64 = run(ref64, x.double(), g.double())
-    bound = DTYPE_BOUND[torch.float32]
-    assert_close_to_ref(f"{name} {path} logits", out, ref_out, out64, bound)
-    assert grads.keys() == grads64.keys()
-    for key, grad in grads.items():
-        assert grad is not None, f"{key}: no gradient"
-        assert_close_to_ref(f"{name} {path} grad {key}", grad, ref_grads[key], grads64[key], bound, factor=3)
     # every block's attention got the grid's table ([4 patches, head dim 32] each) past the class token
     assert ropes == [(((4, 32), (4, 32)), 1)] * 2
     if path == "torch":

@@ -16,8 +16,7 @@ import torch
 import vit_fast
 from vit_fast import dispatch, reference
 
-from numerics import DTYPE_BOUND, assert_close_to_ref
-from numerics import forward_backward as run
+from numerics import DTYPE_BOUND, assert_model_matches_reference
 
 # name -> the overrides that make it tiny (depth 2 and 10 classes for all)
 TINY = {
@@ -90,15 +89,8 @@ def test_family_matches_the_reference(name, path, monkeypatch):
     size = TINY[name]["img_size"]
     x = torch.randn(2, 3, size, size)
     g = torch.randn(2, 10)
-    (out, grads), counts = launches_during(lambda: run(model, x, g))
-    ref_out, ref_grads = run(ref, x, g)
-    out64, grads64 = run(ref64, x.double(), g.double())
-    bound = DTYPE_BOUND[torch.float32]
-    assert_close_to_ref(f"{name} {path} logits", out, ref_out, out64, bound)
-    assert grads.keys() == grads64.keys()
-    for key, grad in grads.items():
-        assert grad is not None, f"{key}: no gradient"
-        assert_close_to_ref(f"{name} {path} grad {key}", grad, ref_grads[key], grads64[key], bound, factor=3)
+    _, counts = launches_during(lambda: assert_model_matches_reference(f"{name} {path}", model, ref, ref64, x, g,
+                                                                        DTYPE_BOUND[torch.float32]))
     if path == "torch":
         assert not counts, f"the PyTorch path launched kernels: {counts}"
         return
