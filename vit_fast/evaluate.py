@@ -10,9 +10,9 @@ among the checkpoint's; it may hold only some of them. Unreadable images are ski
 k = min(5, classes).
 """
 import argparse
-import json
 import logging
 import sys
+from pathlib import Path
 
 import torch
 from tqdm import tqdm
@@ -20,7 +20,7 @@ from tqdm import tqdm
 from vit_fast import data
 from vit_fast.cli import nonnegative_int, positive_int, usage_error
 from vit_fast.loop import run_inference
-from vit_fast.run_files import load_for_command
+from vit_fast.run_files import SaveError, load_for_command, write_atomic, write_json
 
 MAX_PRINTED_CLASSES = 20  # a wider confusion matrix goes to --json / --plot only
 
@@ -84,7 +84,8 @@ def plot_confusion(confusion, classes, path):
             for j, count in enumerate(row):
                 ax.text(j, i, count, ha="center", va="center", color="white" if count > high / 2 else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    # the format from path's suffix: the temporary file's name ends in .tmp
+    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format=Path(path).suffix[1:] or "png"))
     plt.close(fig)
 
 
@@ -120,11 +121,13 @@ def main(argv=None):
                "per_class": per_class_metrics(confusion, classes), "confusion": confusion.tolist(),
                "classes": classes}
     print_report(results, k, images, skipped)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
-    if args.plot:
-        plot_confusion(results["confusion"], classes, args.plot)
+    try:
+        if args.json:
+            write_json(results, args.json)
+        if args.plot:
+            plot_confusion(results["confusion"], classes, args.plot)
+    except SaveError as err:
+        raise SystemExit(f"error: {err}") from None
     return 0
 
 

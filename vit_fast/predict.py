@@ -8,7 +8,6 @@ on stderr; the others are still classified, and the exit status is then 1. Nothi
 all, a bad --weights file or another command-line mistake: one ``error:`` line, exit status 2.
 """
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 from vit_fast import data
 from vit_fast.cli import nonnegative_int, positive_int, usage_error
 from vit_fast.loop import run_inference
-from vit_fast.run_files import load_for_command
+from vit_fast.run_files import SaveError, load_for_command, write_json
 
 
 def build_parser():
@@ -73,8 +72,10 @@ def main(argv=None):
             predictions.append({"path": path, "topk": topk})
             print(f"{path}: " + ", ".join(f"{t['class']} {t['prob']:.4f}" for t in topk))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(predictions, f, indent=2)
+        try:
+            write_json(predictions, args.json)
+        except SaveError as err:
+            raise SystemExit(f"error: {err}") from None
     if failures:
         unread = failures - len(empty)
         print(f"{unread} of {len(dataset)} images could not be read"

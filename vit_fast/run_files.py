@@ -13,6 +13,7 @@ run dies; curves.png is drawn from metrics.csv.
 import contextlib
 import csv
 import errno
+import json
 import os
 import pickle
 import re
@@ -153,6 +154,14 @@ def write_atomic(path, write):
 def save_atomic(obj, path):
     """torch.save through a temporary file, so an interrupted save never leaves a broken checkpoint."""
     write_atomic(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_json(obj, path):
+    """``obj`` as indented JSON at ``path``, through a temporary file (SaveError names ``path``)."""
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2)
+    write_atomic(path, write)
 
 
 # ----------------------------------------------------------------------------- metrics.csv and curves.png
