@@ -56,7 +56,8 @@ CONFIGS.update({
     "vit_so400m_patch14_siglip_gap_384": dict(_SIGLIP_GAP, **_SO400M, img_size=384),
 })
 
-# names whose model class is not VisionTransformer: "distilled" = VisionTransformerDistilled (timm's deit.py)
+# names whose model class is not VisionTransformer: "distilled" = VisionTransformerDistilled (timm's deit.py);
+# the oracle (vit_fast.reference.create_reference) picks its class from this, the library's factories name theirs
 MODEL_CLASSES = {name: "distilled" for name in CONFIGS if "_distilled_" in name}
 
 # EVA-02 (timm/models/eva.py: the eva02_*_patch14_224 factories; timm's Eva class, its own file there and

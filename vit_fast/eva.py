@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 from vit_fast.configs import EVA_CONFIGS
-from vit_fast.model import VisionTransformer
+from vit_fast.model import VisionTransformer, from_config
 from vit_fast.nn.attention import EvaAttention, check_tokens
 from vit_fast.nn.block import DropPath, linear_input_dtype, norm_stream
 from vit_fast.nn.layernorm import LayerNorm
@@ -187,19 +187,10 @@ class Eva(VisionTransformer):
         return self._rope_cache[key]
 
     def _forward_stream(self, x, attn_mask, rows=None):
-        proj = self.patch_embed.proj
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != 4 or x.shape[1] != proj.in_channels:
-            raise ValueError(f"x: expected images [B, C, H, W] with C = {proj.in_channels}, "
-                             f"got shape {tuple(x.shape)}")
+        images = x
+        x = self._tokens(images)  # checks the images first
         p = self.patch_embed.patch_size[0]
-        grid = (x.shape[-2] // p, x.shape[-1] // p)
-        pos_embed = self._pos_embed_for(*x.shape[-2:])
-        x = self._embed(x, pos_embed)
-        if x.dtype != self.pos_embed.dtype:
-            x = x.to(self.pos_embed.dtype)
-        x = self.norm_pre(self.pos_drop(x))
+        grid = (images.shape[-2] // p, images.shape[-1] // p)
         rope = None
         if self.use_rot_pos_emb:
             sin, cos = self.rope(grid, x.device)
@@ -219,28 +210,24 @@ class Eva(VisionTransformer):
         return x, delta
 
 
-def _build(name, num_classes, kwargs):
-    return Eva(**{**EVA_CONFIGS[name], "num_classes": num_classes, **kwargs})
-
-
 def eva02_tiny_patch14_224(num_classes=1000, **kwargs):
     """EVA-02 Ti/14, 224x224 (embed 192, depth 12, 3 heads, packed SwiGLU, RoPE), as timm's eva02_tiny_patch14_224."""
-    return _build("eva02_tiny_patch14_224", num_classes, kwargs)
+    return from_config(Eva, EVA_CONFIGS["eva02_tiny_patch14_224"], num_classes, kwargs)
 
 
 def eva02_small_patch14_224(num_classes=1000, **kwargs):
     """EVA-02 S/14, 224x224 (embed 384, depth 12, 6 heads, packed SwiGLU, RoPE), as timm's."""
-    return _build("eva02_small_patch14_224", num_classes, kwargs)
+    return from_config(Eva, EVA_CONFIGS["eva02_small_patch14_224"], num_classes, kwargs)
 
 
 def eva02_base_patch14_224(num_classes=1000, **kwargs):
     """EVA-02 B/14, 224x224 (embed 768, depth 12, 12 heads, q/k/v projections, SwiGLU with norm, RoPE), as timm's."""
-    return _build("eva02_base_patch14_224", num_classes, kwargs)
+    return from_config(Eva, EVA_CONFIGS["eva02_base_patch14_224"], num_classes, kwargs)
 
 
 def eva02_large_patch14_224(num_classes=1000, **kwargs):
     """EVA-02 L/14, 224x224 (embed 1024, depth 24, 16 heads, q/k/v projections, SwiGLU with norm, RoPE), as timm's."""
-    return _build("eva02_large_patch14_224", num_classes, kwargs)
+    return from_config(Eva, EVA_CONFIGS["eva02_large_patch14_224"], num_classes, kwargs)
 
 
 EVA_MODELS = {f.__name__: f for f in (eva02_tiny_patch14_224, eva02_small_patch14_224, eva02_base_patch14_224,

@@ -27,7 +27,6 @@ import torch.nn as nn
 import torch.utils.checkpoint
 
 from vit_fast.configs import CONFIGS
-from vit_fast.configs import MODEL_CLASSES
 from vit_fast.nn.attention import check_positive_int
 from vit_fast.nn.attention_pool import AttentionPoolLatent
 from vit_fast.nn.block import Block, norm_stream
@@ -238,9 +237,9 @@ class VisionTransformer(nn.Module):
         second forward through them."""
         self.grad_checkpointing = enable
 
-    def _forward_stream(self, x, attn_mask, rows=None):
-        """Images [B, C, H, W] -> the residual stream after the last block, as (x, delta): x + delta.
-        ``rows`` r: the last block computes (and this returns) the first r tokens' stream only."""
+    def _tokens(self, x):
+        """Images [B, C, H, W] (checked here) -> the first block's input [B, N, E]: embedded, then
+        pos_drop and norm_pre."""
         proj = self.patch_embed.proj
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
@@ -254,7 +253,12 @@ class VisionTransformer(nn.Module):
             # parameters' dtype, as timm's conv output + float32 pos_embed promotes (one cast here
             # instead of one in each of the first LayerNorm and the first add + LayerNorm)
             x = x.to(self.pos_embed.dtype)
-        x = self.norm_pre(self.pos_drop(x))  # [B, N, E]
+        return self.norm_pre(self.pos_drop(x))
+
+    def _forward_stream(self, x, attn_mask, rows=None):
+        """Images [B, C, H, W] -> the residual stream after the last block, as (x, delta): x + delta.
+        ``rows`` r: the last block computes (and this returns) the first r tokens' stream only."""
+        x = self._tokens(x)  # [B, N, E]
         delta = None
         checkpointed = self.grad_checkpointing and torch.is_grad_enabled()
         last = len(self.blocks) - 1
@@ -384,64 +388,65 @@ class VisionTransformerDistilled(VisionTransformer):
         return (x + x_dist) / 2
 
 
-def _build(name, num_classes, kwargs):
-    cls = VisionTransformerDistilled if MODEL_CLASSES.get(name) == "distilled" else VisionTransformer
-    return cls(**{**CONFIGS[name], "num_classes": num_classes, **kwargs})
+def from_config(cls, config, num_classes, kwargs):
+    """The body of every factory (these and vit_fast.eva's): ``cls`` built from a named config, with the
+    factory's ``num_classes`` and the caller's keywords on top (the caller's win)."""
+    return cls(**{**config, "num_classes": num_classes, **kwargs})
 
 
 def vit_tiny_patch16_224(num_classes=1000, **kwargs):
     """ViT-Ti/16, 224x224 (embed 192, depth 12, 3 heads), as timm's vit_tiny_patch16_224."""
-    return _build("vit_tiny_patch16_224", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_tiny_patch16_224"], num_classes, kwargs)
 
 
 def vit_small_patch16_224(num_classes=1000, **kwargs):
     """ViT-S/16, 224x224 (embed 384, depth 12, 6 heads), as timm's vit_small_patch16_224."""
-    return _build("vit_small_patch16_224", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_small_patch16_224"], num_classes, kwargs)
 
 
 def vit_base_patch16_224(num_classes=1000, **kwargs):
     """ViT-B/16, 224x224 (embed 768, depth 12, 12 heads), as timm's vit_base_patch16_224."""
-    return _build("vit_base_patch16_224", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_base_patch16_224"], num_classes, kwargs)
 
 
 def vit_base_patch32_224(num_classes=1000, **kwargs):
     """ViT-B/32, 224x224 (embed 768, depth 12, 12 heads), as timm's vit_base_patch32_224."""
-    return _build("vit_base_patch32_224", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_base_patch32_224"], num_classes, kwargs)
 
 
 def vit_large_patch16_224(num_classes=1000, **kwargs):
     """ViT-L/16, 224x224 (embed 1024, depth 24, 16 heads), as timm's vit_large_patch16_224."""
-    return _build("vit_large_patch16_224", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_large_patch16_224"], num_classes, kwargs)
 
 
 def vit_huge_patch14_224(num_classes=1000, **kwargs):
     """ViT-H/14, 224x224 (embed 1280, depth 32, 16 heads), as timm's vit_huge_patch14_224."""
-    return _build("vit_huge_patch14_224", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_huge_patch14_224"], num_classes, kwargs)
 
 
 def vit_tiny_patch16_384(num_classes=1000, **kwargs):
     """ViT-Ti/16, 384x384 (embed 192, depth 12, 3 heads), as timm's vit_tiny_patch16_384."""
-    return _build("vit_tiny_patch16_384", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_tiny_patch16_384"], num_classes, kwargs)
 
 
 def vit_small_patch16_384(num_classes=1000, **kwargs):
     """ViT-S/16, 384x384 (embed 384, depth 12, 6 heads), as timm's vit_small_patch16_384."""
-    return _build("vit_small_patch16_384", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_small_patch16_384"], num_classes, kwargs)
 
 
 def vit_base_patch16_384(num_classes=1000, **kwargs):
     """ViT-B/16, 384x384 (embed 768, depth 12, 12 heads), as timm's vit_base_patch16_384."""
-    return _build("vit_base_patch16_384", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_base_patch16_384"], num_classes, kwargs)
 
 
 def vit_base_patch32_384(num_classes=1000, **kwargs):
     """ViT-B/32, 384x384 (embed 768, depth 12, 12 heads), as timm's vit_base_patch32_384."""
-    return _build("vit_base_patch32_384", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_base_patch32_384"], num_classes, kwargs)
 
 
 def vit_large_patch16_384(num_classes=1000, **kwargs):
     """ViT-L/16, 384x384 (embed 1024, depth 24, 16 heads), as timm's vit_large_patch16_384."""
-    return _build("vit_large_patch16_384", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_large_patch16_384"], num_classes, kwargs)
 
 
 # ----------------------------------------------------------------------------- the family (timm's names)
@@ -451,97 +456,97 @@ def vit_large_patch16_384(num_classes=1000, **kwargs):
 
 def deit_tiny_distilled_patch16_224(num_classes=1000, **kwargs):
     """DeiT-Ti/16 distilled, 224x224 (embed 192, depth 12, 3 heads; class + distillation token, head_dist), as timm's deit_tiny_distilled_patch16_224."""
-    return _build("deit_tiny_distilled_patch16_224", num_classes, kwargs)
+    return from_config(VisionTransformerDistilled, CONFIGS["deit_tiny_distilled_patch16_224"], num_classes, kwargs)
 
 
 def deit_small_distilled_patch16_224(num_classes=1000, **kwargs):
     """DeiT-S/16 distilled, 224x224 (embed 384, depth 12, 6 heads; class + distillation token, head_dist), as timm's deit_small_distilled_patch16_224."""
-    return _build("deit_small_distilled_patch16_224", num_classes, kwargs)
+    return from_config(VisionTransformerDistilled, CONFIGS["deit_small_distilled_patch16_224"], num_classes, kwargs)
 
 
 def deit_base_distilled_patch16_224(num_classes=1000, **kwargs):
     """DeiT-B/16 distilled, 224x224 (embed 768, depth 12, 12 heads; class + distillation token, head_dist), as timm's deit_base_distilled_patch16_224."""
-    return _build("deit_base_distilled_patch16_224", num_classes, kwargs)
+    return from_config(VisionTransformerDistilled, CONFIGS["deit_base_distilled_patch16_224"], num_classes, kwargs)
 
 
 def vit_small_patch14_dinov2(num_classes=1000, **kwargs):
     """DINOv2 ViT-S/14, 518x518 (embed 384, depth 12, 6 heads, LayerScale 1e-5), as timm's vit_small_patch14_dinov2."""
-    return _build("vit_small_patch14_dinov2", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_small_patch14_dinov2"], num_classes, kwargs)
 
 
 def vit_base_patch14_dinov2(num_classes=1000, **kwargs):
     """DINOv2 ViT-B/14, 518x518 (embed 768, depth 12, 12 heads, LayerScale 1e-5), as timm's vit_base_patch14_dinov2."""
-    return _build("vit_base_patch14_dinov2", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_base_patch14_dinov2"], num_classes, kwargs)
 
 
 def vit_large_patch14_dinov2(num_classes=1000, **kwargs):
     """DINOv2 ViT-L/14, 518x518 (embed 1024, depth 24, 16 heads, LayerScale 1e-5), as timm's vit_large_patch14_dinov2."""
-    return _build("vit_large_patch14_dinov2", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_large_patch14_dinov2"], num_classes, kwargs)
 
 
 def vit_small_patch14_reg4_dinov2(num_classes=1000, **kwargs):
     """DINOv2 ViT-S/14 with 4 registers, 518x518 (no_embed_class), as timm's vit_small_patch14_reg4_dinov2."""
-    return _build("vit_small_patch14_reg4_dinov2", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_small_patch14_reg4_dinov2"], num_classes, kwargs)
 
 
 def vit_base_patch14_reg4_dinov2(num_classes=1000, **kwargs):
     """DINOv2 ViT-B/14 with 4 registers, 518x518 (no_embed_class), as timm's vit_base_patch14_reg4_dinov2."""
-    return _build("vit_base_patch14_reg4_dinov2", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_base_patch14_reg4_dinov2"], num_classes, kwargs)
 
 
 def vit_large_patch14_reg4_dinov2(num_classes=1000, **kwargs):
     """DINOv2 ViT-L/14 with 4 registers, 518x518 (no_embed_class), as timm's vit_large_patch14_reg4_dinov2."""
-    return _build("vit_large_patch14_reg4_dinov2", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_large_patch14_reg4_dinov2"], num_classes, kwargs)
 
 
 def vit_base_patch16_clip_224(num_classes=1000, **kwargs):
     """CLIP ViT-B/16 image tower, 224x224 (norm_pre, LayerNorm eps 1e-5, no patch bias, GELU), as timm's vit_base_patch16_clip_224."""
-    return _build("vit_base_patch16_clip_224", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_base_patch16_clip_224"], num_classes, kwargs)
 
 
 def vit_large_patch14_clip_224(num_classes=1000, **kwargs):
     """CLIP ViT-L/14 image tower, 224x224 (norm_pre, LayerNorm eps 1e-5, no patch bias, GELU), as timm's vit_large_patch14_clip_224."""
-    return _build("vit_large_patch14_clip_224", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_large_patch14_clip_224"], num_classes, kwargs)
 
 
 def vit_base_patch16_clip_quickgelu_224(num_classes=1000, **kwargs):
     """CLIP ViT-B/16 image tower with quick-GELU (OpenAI's activation), as timm's vit_base_patch16_clip_quickgelu_224."""
-    return _build("vit_base_patch16_clip_quickgelu_224", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_base_patch16_clip_quickgelu_224"], num_classes, kwargs)
 
 
 def vit_large_patch14_clip_quickgelu_224(num_classes=1000, **kwargs):
     """CLIP ViT-L/14 image tower with quick-GELU (OpenAI's activation), as timm's vit_large_patch14_clip_quickgelu_224."""
-    return _build("vit_large_patch14_clip_quickgelu_224", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_large_patch14_clip_quickgelu_224"], num_classes, kwargs)
 
 
 def vit_base_patch16_siglip_224(num_classes=1000, **kwargs):
     """SigLIP ViT-B/16, 224x224 (no class token, MAP attention-pool head), as timm's vit_base_patch16_siglip_224."""
-    return _build("vit_base_patch16_siglip_224", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_base_patch16_siglip_224"], num_classes, kwargs)
 
 
 def vit_base_patch16_siglip_384(num_classes=1000, **kwargs):
     """SigLIP ViT-B/16, 384x384 (no class token, MAP attention-pool head), as timm's vit_base_patch16_siglip_384."""
-    return _build("vit_base_patch16_siglip_384", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_base_patch16_siglip_384"], num_classes, kwargs)
 
 
 def vit_so400m_patch14_siglip_384(num_classes=1000, **kwargs):
     """SigLIP SoViT-400m/14, 384x384 (27x27 patches, head dim 72, MAP head), as timm's vit_so400m_patch14_siglip_384."""
-    return _build("vit_so400m_patch14_siglip_384", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_so400m_patch14_siglip_384"], num_classes, kwargs)
 
 
 def vit_base_patch16_siglip_gap_224(num_classes=1000, **kwargs):
     """SigLIP ViT-B/16, 224x224, global average pooling (no MAP head), as timm's vit_base_patch16_siglip_gap_224."""
-    return _build("vit_base_patch16_siglip_gap_224", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_base_patch16_siglip_gap_224"], num_classes, kwargs)
 
 
 def vit_base_patch16_siglip_gap_384(num_classes=1000, **kwargs):
     """SigLIP ViT-B/16, 384x384, global average pooling, as timm's vit_base_patch16_siglip_gap_384."""
-    return _build("vit_base_patch16_siglip_gap_384", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_base_patch16_siglip_gap_384"], num_classes, kwargs)
 
 
 def vit_so400m_patch14_siglip_gap_384(num_classes=1000, **kwargs):
     """SigLIP SoViT-400m/14, 384x384, global average pooling, as timm's vit_so400m_patch14_siglip_gap_384."""
-    return _build("vit_so400m_patch14_siglip_gap_384", num_classes, kwargs)
+    return from_config(VisionTransformer, CONFIGS["vit_so400m_patch14_siglip_gap_384"], num_classes, kwargs)
 
 
 # name -> factory(num_classes=..., **kwargs); one per name in CONFIGS (tests/test_vit.py checks both ways)

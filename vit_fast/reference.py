@@ -286,13 +286,14 @@ class VisionTransformerDistilled(VisionTransformer):
         return [self.cls_token, self.dist_token]
 
     def forward_head(self, x, pre_logits=False):
-        x, x_dist = x[:, 0], x[:, 1]
-        if pre_logits:
-            return (x + x_dist) / 2
-        x, x_dist = self.head(x), self.head_dist(x_dist)
-        if self.distilled_training and self.training:
-            return x, x_dist
-        return (x + x_dist) / 2
+        # token 0 (class) feeds head, token 1 (distillation) feeds head_dist; the two are averaged
+        # (the features for pre_logits, else the logits) unless distilled training wants both
+        cls_out, dist_out = x[:, 0], x[:, 1]
+        if not pre_logits:
+            cls_out, dist_out = self.head(cls_out), self.head_dist(dist_out)
+            if self.training and self.distilled_training:
+                return cls_out, dist_out
+        return 0.5 * (cls_out + dist_out)
 
 
 def create_reference(name, **kwargs):
