@@ -1,5 +1,8 @@
 """Error measures shared by the op tests: the kernel, torch in the same dtype, and float64."""
+import pytest
 import torch
+
+from vit_fast import dispatch
 
 # relative-error bound by dtype; the 'tf32' row is for fp32 checks where cuBLAS/cuDNN may run tf32
 # (the vit_fast Triton kernels run exact fp32 dots for fp32 inputs)
@@ -53,3 +56,25 @@ def assert_model_matches_reference(label, model, ref, ref64, x, g, bound):
         assert grad is not None, f"{key}: no gradient"
         assert_close_to_ref(f"{label} grad {key}", grad, ref_grads[key], grads64[key], bound, factor=3)
     return out, grads
+
+
+def select_path(path, monkeypatch):
+    """A CPU model test's path: 'torch' sets VIT_FAST_FORCE_TORCH=1 for the test; 'kernels' skips the
+    test unless Triton's interpreter runs the kernels (TRITON_INTERPRET=1)."""
+    if path == "torch":
+        monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
+    elif not dispatch.interpreter_enabled():
+        pytest.skip("the kernel path on the CPU needs TRITON_INTERPRET=1")
+
+
+def assert_same_keys_and_shapes(model, ref):
+    """``model``'s state_dict has ``ref``'s keys, in ``ref``'s order, with ``ref``'s shapes."""
+    assert list(model.state_dict()) == list(ref.state_dict())
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+
+
+def launches_during(call):
+    """``call()``'s result and the kernel launches it made: (result, {op: count}), ops that ran only."""
+    before = dict(dispatch.kernel_launches)
+    result = call()
+    return result, {op: n - before.get(op, 0) for op, n in dispatch.kernel_launches.items() if n != before.get(op, 0)}

@@ -17,7 +17,8 @@ import vit_fast
 from vit_fast import dispatch, eva, reference
 from vit_fast import functional as VF
 
-from numerics import DTYPE_BOUND, assert_model_matches_reference
+from numerics import (DTYPE_BOUND, assert_model_matches_reference, assert_same_keys_and_shapes, launches_during,
+                      select_path)
 
 TINY = dict(img_size=28, embed_dim=64, num_heads=2, depth=2, num_classes=10)
 NAMES = ["eva02_tiny_patch14_224", "eva02_base_patch14_224"]  # the two block layouts (small / large: same code)
@@ -40,10 +41,7 @@ def tiny_models(name):
 @pytest.mark.parametrize("path", ["kernels", "torch"])
 @pytest.mark.parametrize("name", NAMES)
 def test_eva_matches_the_reference(name, path, monkeypatch):
-    if path == "torch":
-        monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
-    elif not dispatch.interpreter_enabled():
-        pytest.skip("the kernel path on the CPU needs TRITON_INTERPRET=1")
+    select_path(path, monkeypatch)
     model, ref, ref64 = tiny_models(name)
     ropes = []
     real = VF.attention_packed
@@ -54,9 +52,8 @@ def test_eva_matches_the_reference(name, path, monkeypatch):
 
     monkeypatch.setattr(VF, "attention_packed", spy)
     x, g = torch.randn(2, 3, 28, 28), torch.randn(2, 10)
-    before = dict(dispatch.kernel_launches)
-    assert_model_matches_reference(f"{name} {path}", model, ref, ref64, x, g, DTYPE_BOUND[torch.float32])
-    counts = {op: n - before.get(op, 0) for op, n in dispatch.kernel_launches.items() if n != before.get(op, 0)}
+    _, counts = launches_during(lambda: assert_model_matches_reference(f"{name} {path}", model, ref, ref64, x, g,
+                                                                        DTYPE_BOUND[torch.float32]))
     # every block's attention got the grid's table ([4 patches, head dim 32] each) past the class token
     assert ropes == [(((4, 32), (4, 32)), 1)] * 2
     if path == "torch":
@@ -75,8 +72,7 @@ def test_full_size_keys_shapes_are_the_oracles(name):
     with torch.device("meta"):
         model = eva.EVA_MODELS[name]()
         ref = reference.create_reference(name)
-    assert list(model.state_dict()) == list(ref.state_dict())
-    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert_same_keys_and_shapes(model, ref)
 
 
 def test_timm_key_names_and_shapes():
@@ -252,9 +248,7 @@ def test_convert_fuses_timm_eva_blocks():
     assert isinstance(model.blocks[1].mlp, vit_fast.nn.SwiGLU) and isinstance(model.blocks[1].mlp.norm, vit_fast.nn.LayerNorm)
     assert isinstance(model.blocks[1].attn.norm, vit_fast.nn.LayerNorm)
     assert all(p is params[n] for n, p in model.named_parameters()) and params.keys() == dict(model.named_parameters()).keys()
-    before = dict(dispatch.kernel_launches)
     with torch.no_grad():
-        out = model(x)
-    counts = {op: n - before.get(op, 0) for op, n in dispatch.kernel_launches.items() if n != before.get(op, 0)}
+        out, counts = launches_during(lambda: model(x))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     assert counts.get("attention_packed_fwd") == 2 and counts.get("swiglu_fwd") == 2, counts

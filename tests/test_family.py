@@ -14,9 +14,10 @@ import pytest
 import torch
 
 import vit_fast
-from vit_fast import dispatch, reference
+from vit_fast import reference
 
-from numerics import DTYPE_BOUND, assert_model_matches_reference
+from numerics import (DTYPE_BOUND, assert_model_matches_reference, assert_same_keys_and_shapes, launches_during,
+                      select_path)
 
 # name -> the overrides that make it tiny (depth 2 and 10 classes for all)
 TINY = {
@@ -72,19 +73,10 @@ def tiny_models(name):
     return model, ref, copy.deepcopy(ref).double()
 
 
-def launches_during(call):
-    before = dict(dispatch.kernel_launches)
-    result = call()
-    return result, {op: n - before.get(op, 0) for op, n in dispatch.kernel_launches.items() if n != before.get(op, 0)}
-
-
 @pytest.mark.parametrize("path", ["kernels", "torch"])
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_family_matches_the_reference(name, path, monkeypatch):
-    if path == "torch":
-        monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
-    elif not dispatch.interpreter_enabled():
-        pytest.skip("the kernel path on the CPU needs TRITON_INTERPRET=1")
+    select_path(path, monkeypatch)
     model, ref, ref64 = tiny_models(name)
     size = TINY[name]["img_size"]
     x = torch.randn(2, 3, size, size)
@@ -104,8 +96,7 @@ def test_family_matches_the_reference(name, path, monkeypatch):
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_state_dict_keys_are_the_oracles(name):
     model, ref, _ = tiny_models(name)
-    assert list(model.state_dict()) == list(ref.state_dict())
-    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert_same_keys_and_shapes(model, ref)
 
 
 @pytest.mark.parametrize("name", FAMILY)
@@ -115,8 +106,7 @@ def test_full_size_keys_shapes_and_counts(name):
     with torch.device("meta"):
         model = vit_fast.MODELS[name](**({"num_classes": 0} if headless else {}))
         ref = reference.create_reference(name, num_classes=model.num_classes)
-    assert list(model.state_dict()) == list(ref.state_dict())
-    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in ref.state_dict().items()}
+    assert_same_keys_and_shapes(model, ref)
     if name in PARAM_COUNTS:
         assert sum(p.numel() for p in model.parameters()) == PARAM_COUNTS[name]
 
