@@ -145,6 +145,17 @@ def _attn_out_kernel(kernel):  # DenseGeneral [H, D, E] -> proj.weight [E, H*D]
     return kernel.reshape(-1, kernel.shape[-1]).t()
 
 
+def _npz_norm(key, name):
+    """A Flax LayerNorm (``name/scale``, ``name/bias``) as timm's ``key.weight``, ``key.bias``."""
+    return {f"{key}.weight": ((f"{name}/scale",), _same), f"{key}.bias": ((f"{name}/bias",), _same)}
+
+
+def _npz_dense(key, name, kernel=_dense_kernel):
+    """A Flax Dense / Conv / DenseGeneral (``name/kernel``, ``name/bias``) as timm's ``key.weight``
+    (the kernel through ``kernel``), ``key.bias``."""
+    return {f"{key}.weight": ((f"{name}/kernel",), kernel), f"{key}.bias": ((f"{name}/bias",), _same)}
+
+
 # The block's submodules as each Flax auto-naming spells them: pre-Linen flax.nn counts every
 # submodule of the block with one counter, Linen counts per module type.
 _NPZ_BLOCK_MODULES = {
@@ -156,32 +167,24 @@ _NPZ_BLOCK_MODULES = {
 # position embedding name -> whether it has rows for the prefix (class) token: vision_transformer
 # adds it after prepending the class token, big_vision before
 _NPZ_POS_NAMES = {"Transformer/posembed_input/pos_embedding": True, "pos_embedding": False}
-# timm key inside ``blocks.{i}.`` -> (.npz names inside the block, conversion of those arrays)
+# timm key inside ``blocks.{i}.`` -> (.npz names inside the block, conversion of those arrays); the
+# names hold the block's module placeholders ({norm1}, {attn}, ...) that _NPZ_BLOCK_MODULES fills
 _NPZ_BLOCK_KEYS = {
-    "norm1.weight": (("{norm1}/scale",), _same),
-    "norm1.bias": (("{norm1}/bias",), _same),
+    **_npz_norm("norm1", "{norm1}"),
     "attn.qkv.weight": (("{attn}/query/kernel", "{attn}/key/kernel", "{attn}/value/kernel"), _qkv_kernel),
     "attn.qkv.bias": (("{attn}/query/bias", "{attn}/key/bias", "{attn}/value/bias"), _qkv_bias),
-    "attn.proj.weight": (("{attn}/out/kernel",), _attn_out_kernel),
-    "attn.proj.bias": (("{attn}/out/bias",), _same),
-    "norm2.weight": (("{norm2}/scale",), _same),
-    "norm2.bias": (("{norm2}/bias",), _same),
-    "mlp.fc1.weight": (("{mlp}/Dense_0/kernel",), _dense_kernel),
-    "mlp.fc1.bias": (("{mlp}/Dense_0/bias",), _same),
-    "mlp.fc2.weight": (("{mlp}/Dense_1/kernel",), _dense_kernel),
-    "mlp.fc2.bias": (("{mlp}/Dense_1/bias",), _same),
+    **_npz_dense("attn.proj", "{attn}/out", _attn_out_kernel),
+    **_npz_norm("norm2", "{norm2}"),
+    **_npz_dense("mlp.fc1", "{mlp}/Dense_0"),
+    **_npz_dense("mlp.fc2", "{mlp}/Dense_1"),
 }
 # timm key -> (.npz names, conversion) outside the blocks; pos_embed is handled apart
 _NPZ_TOP_KEYS = {
-    "patch_embed.proj.weight": (("embedding/kernel",), _conv_kernel),
-    "patch_embed.proj.bias": (("embedding/bias",), _same),
+    **_npz_dense("patch_embed.proj", "embedding", _conv_kernel),
     "cls_token": (("cls",), _same),
-    "norm.weight": (("Transformer/encoder_norm/scale",), _same),
-    "norm.bias": (("Transformer/encoder_norm/bias",), _same),
-    "pre_logits.fc.weight": (("pre_logits/kernel",), _dense_kernel),
-    "pre_logits.fc.bias": (("pre_logits/bias",), _same),
-    "head.weight": (("head/kernel",), _dense_kernel),
-    "head.bias": (("head/bias",), _same),
+    **_npz_norm("norm", "Transformer/encoder_norm"),
+    **_npz_dense("pre_logits.fc", "pre_logits"),
+    **_npz_dense("head", "head"),
 }
 # where the model lives inside the file: checkpoints saved with optimizer state, big_vision, its
 # image tower of a two-tower model; the first with an embedding/kernel wins

@@ -26,12 +26,11 @@ replacement takes the call of the timm 1.0 module it replaces (``Attention(x, at
 ``Block(x, attn_mask=None)``, ``Mlp(x)``, ``LayerNorm(x)``, ``PatchEmbed(x)``), so a timm module left
 alone (e.g. a Block around a ReLU Mlp) still calls its converted parts as it did.
 """
+import functools
 import logging
 
 import torch
 import torch.nn as nn
-
-import functools
 
 from vit_fast.eva import EvaBlock
 from vit_fast.nn.attention import Attention, EvaAttention
@@ -257,30 +256,28 @@ def _eva_block(old):
     return block.train(old.training)
 
 
+# timm's class name -> the function that rebuilds such a module (None: it does not fit)
+_BY_CLASS_NAME = {
+    "Attention": _attention,
+    "Mlp": _mlp,
+    "PatchEmbed": _patch_embed,
+    "Block": _block,
+    "AttentionPoolLatent": _attention_pool,
+    "EvaAttention": _eva_attention,
+    "GluMlp": functools.partial(_gated_mlp, kind="GluMlp"),
+    "SwiGLU": functools.partial(_gated_mlp, kind="SwiGLU"),
+    "EvaBlock": _eva_block,
+}
+
+
 def _replacement(module):
     """The vit_fast module that takes ``module``'s place, or None to leave it."""
     if isinstance(module, VIT_FAST_MODULES):
         return None
-    if isinstance(module, nn.LayerNorm):
+    if isinstance(module, nn.LayerNorm):  # by class, not name: any subclass (timm's LayerNorm too)
         return _layer_norm(module)
-    kind = type(module).__name__
-    if kind == "Attention":
-        return _attention(module)
-    if kind == "Mlp":
-        return _mlp(module)
-    if kind == "PatchEmbed":
-        return _patch_embed(module)
-    if kind == "Block":
-        return _block(module)
-    if kind == "AttentionPoolLatent":
-        return _attention_pool(module)
-    if kind == "EvaAttention":
-        return _eva_attention(module)
-    if kind in ("GluMlp", "SwiGLU"):
-        return _gated_mlp(module, kind)
-    if kind == "EvaBlock":
-        return _eva_block(module)
-    return None
+    rebuild = _BY_CLASS_NAME.get(type(module).__name__)
+    return None if rebuild is None else rebuild(module)
 
 
 def _convert(module, path, left_alone):
