@@ -28,7 +28,7 @@ import warnings
 import numpy as np
 import torch
 
-from vit_fast.pos_embed import POS_RESAMPLE_MODES, resample_pos_embed  # also importable from here, as before
+from vit_fast.pos_embed import POS_RESAMPLE_MODES, resample_pos_embed  # resample_pos_embed: public here too
 
 TORCH_CHECKPOINT_EXTENSIONS = (".pth", ".pt", ".bin", ".safetensors")
 
