@@ -68,19 +68,16 @@ class Config(NamedTuple):
 
 
 # Hopper table: (kernel, BLOCK_D) -> (config for fp16/bf16 inputs, config for fp32 inputs).
-# 16-bit D=64 rows: the best of a sweep of the textbook kernels at [256,12,197,64] bf16 on an H100
-# (fwd 128 queries x 32 keys; bwd 32 queries x 128 keys for dK/dV, 128 x 32 for dQ; 4 warps,
-# 3 stages): at N = 197 narrow key tiles waste less on the ragged block while 128-row query tiles keep
-# the tensor cores busy. D=128 doubles the per-row registers: 8 warps. D=80 and 96 (two chunks, see
-# head_chunks) take the D=128 row: 122-201 registers and no spills there (sm_90 compile test), and
-# the 4-warp D=64 tiles may suit them better, unmeasured. D <= 32
-# halves them: forward key tiles widen to 64. fp32 (exact "ieee" dots, CUDA-core FMA) tiles take twice
-# the bytes: half the rows, and at D=128 4 warps and 2 stages (the earlier 8-warp D=128 dQ tile needed
-# 176 KB); offline compiles for sm_90 (Triton 3.9 + ptxas) put every fp32 entry at <= 106 KB of the
-# H100's 227 KB shared memory (74 KB at D=64), margin for Triton 3.6's different allocation.
-# The 16-bit D=128 forward (128 queries x 64 keys, 8 warps, 48 KB: the usual Hopper tile for D=128) is
-# UNMEASURED: the ViT-H/14 run had 128 x 32 at 0.436 ms vs SDPA flash 0.357 ms; keep it only if
-# `python benchmarks/attention.py --sweep` agrees. Re-tune on the target GPU with that sweep.
+# 16-bit D=64 rows (fwd 128 queries x 32 keys; bwd 32 queries x 128 keys for dK/dV, 128 x 32 for dQ;
+# 4 warps, 3 stages): at ViT's N = 197 or 257 narrow key tiles waste less on the ragged block while
+# 128-row query tiles keep the tensor cores busy. D=128 doubles the per-row registers: 8 warps; its
+# forward is the usual Hopper tile for D=128 (128 queries x 64 keys). D=80 and 96 (two chunks, see
+# head_chunks) take the D=128 row, which keeps them free of spills. D <= 32 halves the registers:
+# forward key tiles widen to 64. fp32 (exact "ieee" dots, CUDA-core FMA) tiles take twice the bytes:
+# half the rows, and at D=128 4 warps and 2 stages, so every fp32 entry stays well inside a block's
+# shared memory, with margin for other Triton versions' allocation (tests/sm90_scripts/attention.py
+# checks the fit and the spills). Re-tune on the target GPU with `python benchmarks/attention.py
+# --sweep`; benchmarks/NOTES.md has what each row was chosen from.
 CONFIGS = {
     ("fwd", 16): (Config(128, 64, 4, 3), Config(64, 64, 4, 3)),
     ("fwd", 32): (Config(128, 64, 4, 3), Config(64, 64, 4, 3)),
@@ -96,16 +93,15 @@ CONFIGS = {
     ("dq", 128): (Config(128, 32, 8, 3), Config(64, 32, 4, 2)),
 }
 # With RoPE (16-bit inputs): the rotation's sin / cos tiles and the rotated copies raise register
-# pressure; the 4-warp D=64 backward tiles spill there (dK/dV 1,024 B of stack, dQ 16 B, offline
-# sm_90 compile), the same tiles on 8 warps do not. UNMEASURED on a GPU. Other head dims take CONFIGS
-# (D=80's dK/dV spills 48 B with ROPE: printed by the compile test).
+# pressure; the 4-warp D=64 backward tiles spill there in the sm_90 build, the same tiles on 8 warps
+# do not. Other head dims take CONFIGS (the compile test prints their spills with ROPE).
 ROPE_CONFIGS = {
     ("dkdv", 64): Config(32, 128, 8, 3),
     ("dq", 64): Config(128, 32, 8, 3),
 }
 # Single-pass backward (the dK/dV kernel writes dQ too), used when N_KV <= block_n; 16-bit inputs.
-# Empty until measured: at D=64, Config(32, 256, 8, 3) compiles for sm_90 without spills (255 regs)
-# and is among the sweep's candidates.
+# Empty: the two-kernel backward stays the default until `python benchmarks/attention.py --sweep`
+# (whose candidates include 256-key single-pass tiles) shows a faster one.
 SINGLE_PASS_CONFIGS = {}
 
 

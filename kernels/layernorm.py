@@ -25,16 +25,13 @@ from .host import cdiv, next_power_of_2, sm_count, unit_stride_param
 
 MAX_C = 16384
 
-# Hopper (H100) launch configurations by width. Memory-bound kernels: what matters is enough bytes
-# in flight per SM without spilling the row out of registers and without block-wide barriers.
-# MEASURED on an H100 (bf16, torch 2.11, Triton 3.6): only the forward at C = 768, 2 rows / 1 warp,
-# 87% of copy bandwidth. EVERY OTHER ENTRY IS REASONED FROM THAT ONE, NOT MEASURED: the same
-# 1-warp tile of 2048 elements (64 per thread, ~107 registers on sm_90, no spills; up to ~18
-# programs per SM, so ~50 KB of loads in flight per SM; reductions are warp shuffles, no
-# barriers), i.e. rows = 2048 // BLOCK_C up to C = 1024. Above that a row takes 2 or more warps
-# (the textbook's 1 row / 2 warps at C = 1280 ran at 78% of copy, TARGETS.md). The 8 rows / 8 warps
-# the textbook found at C = 1024 ran at 23% here and is not used. `python benchmarks/layernorm.py
-# --sweep --widths 384,768,1024,1280` re-measures them on the card.
+# Hopper (sm_90) launch configurations by width. Memory-bound kernels: what matters is enough bytes
+# in flight per SM without spilling the row out of registers and without block-wide barriers. Up to
+# C = 1024 every entry is the same 1-warp tile of 2048 elements, rows = 2048 // BLOCK_C (64 values
+# per thread, no spills on sm_90; many such programs per SM keep ~50 KB of loads in flight;
+# reductions are warp shuffles, no barriers). Wider rows take 2 or more warps each. Most entries
+# follow from that tile rather than from a measurement of their own (benchmarks/NOTES.md);
+# `python benchmarks/layernorm.py --sweep --widths 384,768,1024,1280` re-measures them on the card.
 # Forward, (max C, rows per program, num_warps).
 HOPPER_FWD_CONFIGS = (
     (128, 16, 1),
@@ -48,17 +45,17 @@ HOPPER_FWD_CONFIGS = (
 )
 # Forward with a residual (add + LN): two loads and two stores per element, so half the rows of
 # that tile (32 elements per thread, ~70 registers, no spills): as many or more programs per SM,
-# with twice the bytes each. The one such tile measured, C = 1280 at 1 row / 2 warps, ran at 94% of
-# copy; at C = 768 the plain forward's 2 rows / 1 warp (128 registers) ran at 57%.
+# with twice the bytes each (the plain forward's tile was slower with a residual: benchmarks/
+# NOTES.md). `--sweep-kinds residual` of the same benchmark times them.
 # Backward, (max C, rows per block, num_warps, programs per SM for (16-bit, 16-bit with ds, fp32,
 # fp32 with ds)). It keeps more live than the forward (x, dy and the next block's x, dy, ds, x-hat,
 # w * dy, and weight, dweight, dbias per column), so it takes 16 elements per thread and one row
 # per block from C = 512 up. Its grid is one wave of persistent programs: programs per SM is how
-# many fit in an SM's registers (4 sub-partitions of 16K; from `ptxas -v` on Triton 3.6's sm_90
-# build: e.g. C = 768 bf16, 2 warps, 127 registers -> 8 programs, 155 with ds -> 6; no spills up to
-# C = 4096). A program more than fits would run as a second wave and double the time, so these
-# are upper bounds, not tuning knobs. At C = 768 bf16 that is ~24 KB of x and dy in flight per SM
-# at all times (the prefetch). Above C = 4096 a few values spill (correct, slower).
+# many fit in an SM's 64K registers at the sm_90 build's register count (tests/sm90_scripts/
+# layernorm.py prints the counts and checks the fit; no spills up to C = 4096). A program more
+# than fits would run as a second wave and double the time, so these are upper bounds, not tuning
+# knobs. At C = 768 bf16 that is ~24 KB of x and dy in flight per SM at all times (the
+# prefetch). Above C = 4096 a few values spill (correct, slower).
 HOPPER_BWD_CONFIGS = (
     (128, 4, 1, (12, 12, 12, 8)),
     (256, 2, 1, (16, 16, 16, 12)),
