@@ -425,15 +425,14 @@ class MatmulConfig:
     WARP_SPECIALIZE: bool = False  # TMA kernel only
 
 
-# (kernel, input element bytes) -> tile config on a GPU. Set these from `python benchmarks/mlp.py
-# --sweep` (M=50432, K=768, N=3072). Each compiles for sm_90 with Triton 3.6 and 3.9 within an
-# H100's shared memory (tests/test_mlp.py checks that without a GPU); 4-byte inputs (exact fp32
-# dots on CUDA cores, no tensor cores) take BLOCK_K 32 for that. WARP_SPECIALIZE on sm_90 with
-# Triton 3.6 compiled to the same binary as without it; FLATTEN lets the next tile's loads overlap
-# this tile's epilogue. ("tma", 2) is UNMEASURED: 128x128x64 / 4 stages ran ViT-B fc1 at 0.651 ms
-# (cuBLAS 0.386); 128x256x64 / 8 warps / 3 stages is the Hopper persistent tile of Triton's
-# tutorial (half the W re-reads per FLOP), its epilogue stored in two 128-column halves to fit
-# shared memory next to the 3 stages (pre and y). Confirm it with --sweep.
+# (kernel, input element bytes) -> tile config on a GPU. Each fits an sm_90 block's shared memory
+# (tests/sm90_scripts/mlp.py compiles them without a GPU); 4-byte inputs (exact fp32 dots on CUDA
+# cores, no tensor cores) take BLOCK_K 32 for that. WARP_SPECIALIZE stays off: on sm_90 it did not
+# change the binary. FLATTEN lets the next tile's loads overlap this tile's epilogue. ("tma", 2) is
+# 128x256x64 / 8 warps / 3 stages, the Hopper persistent tile of Triton's tutorial (half the W
+# re-reads per FLOP of a 128x128 tile), its epilogue stored in two 128-column halves to fit shared
+# memory next to the 3 stages (pre and y). Re-measure with `python benchmarks/mlp.py --sweep`
+# (M=50432, K=768, N=3072); benchmarks/NOTES.md has what the entries were chosen from.
 CONFIGS = {
     ("pointer", 2): MatmulConfig(128, 128, 64, GROUP_M=8, num_warps=8, num_stages=4),
     ("pointer", 4): MatmulConfig(128, 128, 32, GROUP_M=8, num_warps=8, num_stages=3),
@@ -442,8 +441,8 @@ CONFIGS = {
 }
 # Small M (ViT-B at batch 1-8: M = 197-1576): the tiles above leave most SMs idle (fc2 at batch 1,
 # 768 columns: 2 x 3 tiles of 128 x 256 for 132 SMs). When the table's tile gives less than one
-# wave, 64-row tiles with at most 128 columns give the device 4-8x the programs. Compiled for sm_90
-# by the compile test; their speed is unmeasured (benchmarks/vit.py's b1 / b8 rows measure it).
+# wave, 64-row tiles with at most 128 columns give the device 4-8x the programs. benchmarks/vit.py's
+# b1 / b8 rows time them.
 SMALL_M_CONFIGS = {
     ("pointer", 2): MatmulConfig(64, 64, 64, GROUP_M=8, num_warps=4, num_stages=4),
     ("pointer", 4): MatmulConfig(64, 64, 32, GROUP_M=8, num_warps=4, num_stages=3),
@@ -596,24 +595,33 @@ def activation_backward(dy, pre, dpre, activation, db_partial=None):
     """
     if activation not in GRAD_ACTIVATIONS:
         raise ValueError(f"activation: expected one of {GRAD_ACTIVATIONS}, got {activation!r}")
-    M, N = dy.shape
+    return _elementwise_backward(activation_backward_kernel, dy, pre, dpre, db_partial, BWD_BLOCK_N,
+                                 ACTIVATION=activation)
+
+
+def _elementwise_backward(kernel, grad, pre, out, db_partial, block_n, **constexprs):
+    """The launch both elementwise backward kernels share (``activation_backward_kernel``,
+    ``swiglu_backward_kernel``: the same leading parameters): grad [M, N] read through its strides,
+    pre and out through their row strides; one program per BWD_ROWS_PER_PROGRAM-row slab and
+    ``block_n``-column block, each writing its row of db_partial (optional). Nothing to launch when
+    M or N is 0: db_partial is zeroed (its sum is then the zero bias gradient). Returns out."""
+    M, N = grad.shape
     if M == 0 or N == 0:
         if db_partial is not None:
             db_partial.zero_()
-        return dpre
-    grid = (db_partial_rows(M) * cdiv(N, BWD_BLOCK_N),)
-    activation_backward_kernel[grid](
-        dy, pre, dpre, db_partial if db_partial is not None else dpre, M, N,
-        dy.stride(0), dy.stride(1), pre.stride(0), dpre.stride(0),
-        ACTIVATION=activation, HAS_BIAS=db_partial is not None,
-        ROWS_PER_PROGRAM=BWD_ROWS_PER_PROGRAM, BLOCK_M=BWD_BLOCK_M, BLOCK_N=BWD_BLOCK_N, num_warps=BWD_NUM_WARPS)
-    return dpre
+        return out
+    kernel[(db_partial_rows(M) * cdiv(N, block_n),)](
+        grad, pre, out, db_partial if db_partial is not None else out, M, N,
+        grad.stride(0), grad.stride(1), pre.stride(0), out.stride(0), **constexprs,
+        HAS_BIAS=db_partial is not None, ROWS_PER_PROGRAM=BWD_ROWS_PER_PROGRAM, BLOCK_M=BWD_BLOCK_M,
+        BLOCK_N=block_n, num_warps=BWD_NUM_WARPS)
+    return out
 
 
 # SwiGLU's two-accumulator matmul: twice linear_act_kernel's accumulator registers per tile (and two
 # weight tiles per stage in shared memory), so the 16-bit tile is 128 x 64 (x 2 products: the work
-# of a 128 x 128 tile), the fp32 one 64 x 64. UNMEASURED on a GPU; both compile for sm_90 within an
-# H100's shared memory (tests/test_mlp.py, where the registers and spills are printed).
+# of a 128 x 128 tile), the fp32 one 64 x 64, so both fit an sm_90 block's shared memory
+# (tests/sm90_scripts/mlp.py prints their registers and spills).
 SWIGLU_CONFIGS = {
     2: MatmulConfig(128, 64, 64, GROUP_M=8, num_warps=8, num_stages=3),
     4: MatmulConfig(64, 64, 32, GROUP_M=8, num_warps=4, num_stages=3),
@@ -662,17 +670,6 @@ def swiglu_backward(dh, pre, d, db_partial=None):
     """d = [dg | du] ([M, 2N]) from dh [M, N] (any strides) and pre = the forward's [g | u] ([M, 2N]);
     db_partial [db_partial_rows(M), 2N] fp32 (optional) gets per-row-program column sums of d (the
     two bias gradients are ``db_partial.sum(0)`` split at N). pre and d: unit column stride."""
-    M, N = dh.shape
     if pre.stride(1) != 1 or d.stride(1) != 1:
         raise ValueError("swiglu_backward: pre and d need a unit column stride")
-    if M == 0 or N == 0:
-        if db_partial is not None:
-            db_partial.zero_()
-        return d
-    grid = (db_partial_rows(M) * cdiv(N, SWIGLU_BWD_BLOCK_N),)
-    swiglu_backward_kernel[grid](
-        dh, pre, d, db_partial if db_partial is not None else d, M, N,
-        dh.stride(0), dh.stride(1), pre.stride(0), d.stride(0),
-        HAS_BIAS=db_partial is not None, ROWS_PER_PROGRAM=BWD_ROWS_PER_PROGRAM, BLOCK_M=BWD_BLOCK_M,
-        BLOCK_N=SWIGLU_BWD_BLOCK_N, num_warps=BWD_NUM_WARPS)
-    return d
+    return _elementwise_backward(swiglu_backward_kernel, dh, pre, d, db_partial, SWIGLU_BWD_BLOCK_N)
