@@ -30,8 +30,9 @@
 
 namespace vit_fast {
 
-// GatherPatches, AddPosAndCls (the device kernels the shared forward / backward call) and the
-// declarations of patch_embed_forward / patch_embed_backward: patch_embed.h.
+// GatherPatches, AddPosAndCls (the device kernels the shared forward / backward call), the
+// declarations of patch_embed_forward / patch_embed_backward and register_patch_embed_backend (the
+// TORCH_LIBRARY_IMPL registration of both backends): patch_embed.h.
 
 namespace {
 
@@ -278,19 +279,6 @@ void add_pos_and_cls_cpu(const at::Tensor& out, const at::Tensor& cls_token, con
   }
 }
 
-at::Tensor patch_embed_cpu(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                           const std::optional<at::Tensor>& cls_token, const std::optional<at::Tensor>& pos_embed,
-                           const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std) {
-  return patch_embed_forward(x, weight, bias, cls_token, pos_embed, mean, std, gather_patches_cpu,
-                             add_pos_and_cls_cpu);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& mean,
-    const std::optional<at::Tensor>& std, std::array<bool, 5> output_mask) {
-  return patch_embed_backward(grad_out, x, weight, mean, std, output_mask, gather_patches_cpu);
-}
-
 }  // namespace
 
 // The one TORCH_LIBRARY of namespace vit_fast: the Triton ops register into it from Python as
@@ -308,8 +296,7 @@ TORCH_LIBRARY(vit_fast, m) {
 }
 
 TORCH_LIBRARY_IMPL(vit_fast, CPU, m) {
-  m.impl("patch_embed", &patch_embed_cpu);
-  m.impl("patch_embed_backward", &patch_embed_backward_cpu);
+  register_patch_embed_backend<gather_patches_cpu, add_pos_and_cls_cpu>(m);
 }
 
 }  // namespace vit_fast

@@ -1,10 +1,11 @@
 // vit_fast._C's internal interface between patch_embed.cpp (schemas, checks, the device-independent
 // forward and backward, the CPU kernels) and patch_embed_cuda.cu (the CUDA kernels): the device
-// kernels' signatures and the shared forward / backward both implementations call. One copy,
-// included by both files.
+// kernels' signatures, the shared forward / backward both implementations call and the one
+// registration both backends use. One copy, included by both files.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <array>
 #include <cstdint>
@@ -31,5 +32,30 @@ at::Tensor patch_embed_forward(const at::Tensor& x, const at::Tensor& weight, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_backward(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& mean,
     const std::optional<at::Tensor>& std, std::array<bool, 5> output_mask, GatherPatches gather);
+
+// One backend's implementations of the two ops: the shared forward and backward bound to that
+// backend's gather and epilogue, with the schemas' signatures (what m.impl registers).
+template <GatherPatches gather, AddPosAndCls add_pos_and_cls>
+struct PatchEmbedBackend {
+  static at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& cls_token, const std::optional<at::Tensor>& pos_embed,
+                            const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std) {
+    return patch_embed_forward(x, weight, bias, cls_token, pos_embed, mean, std, gather, add_pos_and_cls);
+  }
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+      const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
+      const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std, std::array<bool, 5> output_mask) {
+    return patch_embed_backward(grad_out, x, weight, mean, std, output_mask, gather);
+  }
+};
+
+// Registers patch_embed and patch_embed_backward for the backend of a TORCH_LIBRARY_IMPL block `m`:
+// patch_embed.cpp (CPU) and patch_embed_cuda.cu (CUDA) each call it with their own gather and epilogue.
+template <GatherPatches gather, AddPosAndCls add_pos_and_cls>
+void register_patch_embed_backend(torch::Library& m) {
+  using Backend = PatchEmbedBackend<gather, add_pos_and_cls>;
+  m.impl("patch_embed", &Backend::forward);
+  m.impl("patch_embed_backward", &Backend::backward);
+}
 
 }  // namespace vit_fast

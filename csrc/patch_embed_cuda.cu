@@ -202,24 +202,10 @@ void add_pos_and_cls_cuda(const at::Tensor& out, const at::Tensor& cls_token, co
   });
 }
 
-at::Tensor patch_embed_cuda(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                            const std::optional<at::Tensor>& cls_token, const std::optional<at::Tensor>& pos_embed,
-                            const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std) {
-  return patch_embed_forward(x, weight, bias, cls_token, pos_embed, mean, std, gather_patches_cuda,
-                             add_pos_and_cls_cuda);
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& mean,
-    const std::optional<at::Tensor>& std, std::array<bool, 5> output_mask) {
-  return patch_embed_backward(grad_out, x, weight, mean, std, output_mask, gather_patches_cuda);
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(vit_fast, CUDA, m) {
-  m.impl("patch_embed", &patch_embed_cuda);
-  m.impl("patch_embed_backward", &patch_embed_backward_cuda);
+  register_patch_embed_backend<gather_patches_cuda, add_pos_and_cls_cuda>(m);
 }
 
 }  // namespace vit_fast
