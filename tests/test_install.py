@@ -117,13 +117,19 @@ def test_sdist_and_wheel_from_a_clean_clone_install_and_compile_on_first_use(tmp
     with tarfile.open(tmp_path / "sdist" / sdist) as tar:
         in_sdist = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
     in_wheel = set(zipfile.ZipFile(wheel).namelist())
+    # what the first-use build compiles and includes (_extension's lists, the header among them), and
+    # every committed file of csrc/: a source or header left out of either archive breaks that build
+    extension_files = {f"vit_fast/csrc/{name}" for name in (*_extension.CPU_SOURCES, *_extension.CUDA_SOURCES,
+                                                            *_extension.HEADERS)}
+    assert "vit_fast/csrc/patch_embed.h" in extension_files, sorted(extension_files)
+    extension_files |= {f"vit_fast/csrc/{path.name}" for path in (src / "csrc").iterdir() if path.is_file()}
     for files in (in_sdist, in_wheel):
-        for name in ("vit_fast/kernels/attention.py", "vit_fast/kernels/host.py", "vit_fast/csrc/patch_embed.cpp",
-                     "vit_fast/csrc/patch_embed_cuda.cu", "vit_fast/_extension.py"):
+        for name in ("vit_fast/kernels/attention.py", "vit_fast/kernels/host.py", "vit_fast/_extension.py",
+                     *sorted(extension_files)):
             assert name in files, name
         assert not [n for n in files if n.startswith(("tests/", "benchmarks/", "examples/", "kernels/", "csrc/"))
                     or n.endswith((".so", ".o", ".pyc", ".png", ".csv", ".json"))], sorted(files)
-    assert "pyproject.toml" in in_sdist and "setup.py" in in_sdist
+    assert {"pyproject.toml", "setup.py", "README.md"} <= in_sdist, sorted(in_sdist)  # README.md: pyproject's readme
     assert wheel.name.endswith("-py3-none-any.whl"), wheel.name  # built without torch: sources only
 
     user = _venv(tmp_path / "user-env")
