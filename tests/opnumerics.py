@@ -24,22 +24,35 @@ lost term still fails: `test_attention.py::test_comparison_still_catches_regress
 missing online-softmax rescale, an injected 1e-3 error, and an injected 5e-6 error (inside the
 fp32 bound, > 2x torch's error + the floor) each failing.
 """
+import collections
 import contextlib
 
+import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from numerics import DTYPE_BOUND, FLOOR_FACTOR, FP32_UNIT_ROUNDOFF, rel_err
+from vit_fast import dispatch
 
 
 @contextlib.contextmanager
 def exact_fp32_matmul():
-    """torch's same-dtype run uses full fp32 matmuls (no tf32), as the kernels' fp32 dots do."""
+    """torch's fp32 matmuls in full fp32 (no tf32) inside the block, as the kernels' fp32 dots are.
+    Restored by hand: cuda.matmul's allow_tf32 is no plain attribute, and monkeypatch's undo fails on it."""
     was = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32 = was
+
+
+@pytest.fixture
+def no_tf32():
+    """exact_fp32_matmul for a whole test, whatever an earlier test set (a module takes it with
+    ``pytestmark = pytest.mark.usefixtures("no_tf32")`` after importing it)."""
+    with exact_fp32_matmul():
+        yield
 
 
 def module_fn(module):
@@ -140,6 +153,19 @@ def compare_to_float64(names, fn, torch_fn, ref_fn, inputs, grads_out, bound=Non
 
 # ----------------------------------------------------------------------------- where an op runs
 
+
+def require_kernel_path(device):
+    """Skips the test where the ops on ``device`` take the PyTorch path (VIT_FAST_FORCE_TORCH=1, or a
+    CPU without the interpreter)."""
+    if not dispatch.use_kernels(torch.zeros(1, device=device)):
+        pytest.skip("kernel path off (VIT_FAST_FORCE_TORCH=1 or no interpreter)")
+
+
+def require_interpreter(device):
+    """Skips the test unless the kernels run under Triton's interpreter (CPU tensors, TRITON_INTERPRET=1)."""
+    if device != "cpu" or not dispatch.use_kernels(torch.zeros(1)):
+        pytest.skip("the interpreter is not in use")
+
 PATHS = ["kernel", "torch-forced", "torch-cpu"]
 
 
@@ -164,3 +190,103 @@ def float64_gradcheck(fn, inputs):
     leaves = [t.detach().double().requires_grad_() if isinstance(t, torch.Tensor) and t.is_floating_point() else t
               for t in inputs]
     assert torch.autograd.gradcheck(fn, leaves, eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the autograd Functions' two paths
+
+
+class _CustomOpLog(TorchDispatchMode):
+    """Counts the vit_fast custom ops that pass through the dispatcher (the launch functions do not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.called = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "vit_fast":
+            self.called[func.name()] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def check_op_paths(monkeypatch, fn, inputs, grads_out, ops, launches):
+    """An op's autograd Function reaches its kernels two ways (vit_fast.ops docstring): through the
+    launch functions in eager mode, through its fwd / bwd custom ops while torch.compile traces.
+    Runs ``fn`` (a public function, or the Function's apply) both ways, the second with
+    ``torch.compiler.is_compiling`` patched True, and checks: the eager run dispatches no vit_fast
+    custom op and the other exactly ``ops`` (e.g. ["vit_fast::mlp_fwd", "vit_fast::mlp_bwd"]); each
+    run launches each name in ``launches`` (``dispatch.kernel_launches``) once and nothing else; outputs and input
+    gradients bit-identical (the same bodies run). Where the PyTorch path runs (VIT_FAST_FORCE_TORCH=1)
+    neither run dispatches or launches anything."""
+    if not dispatch.use_kernels(next(t for t in inputs if isinstance(t, torch.Tensor))):
+        ops, launches = (), ()
+    results = []
+    for compiling in (False, True):
+        log, before = _CustomOpLog(), dispatch.kernel_launches.copy()
+        with monkeypatch.context() as patch, log:
+            patch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
+            outs, grads = run(fn, inputs, grads_out)
+        assert log.called == (collections.Counter(ops) if compiling else collections.Counter()), log.called
+        launched = dispatch.kernel_launches - before
+        assert launched == collections.Counter(launches), (launched, compiling)
+        results.append([*outs, *(g for g in grads if g is not None)])
+    eager, op_path = results
+    assert len(eager) == len(op_path)
+    for a, b in zip(eager, op_path):
+        assert torch.equal(a, b)
+
+
+def _recording_aot_eager(graphs):
+    """aot_eager (AOT autograd, the graphs run as traced, no decompositions) that keeps the forward
+    and backward graphs it is given in ``graphs``."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def keep(kind):
+        def compiler(gm, example_inputs):
+            graphs[kind].append(gm)
+            return make_boxed_func(gm.forward)
+        return compiler
+    return aot_autograd(fw_compiler=keep("forward"), bw_compiler=keep("backward"))
+
+
+def vit_fast_calls(graph_module):
+    """The vit_fast ops a graph calls, as nodes."""
+    return [n for n in graph_module.graph.nodes if n.op == "call_function" and str(n.target).startswith("vit_fast.")]
+
+
+def check_compiled(fn, inputs, grads_out, fwd_ops=None, bwd_ops=None, launches=None, backend="aot_eager",
+                   mode=None, calls=1, exact=True):
+    """torch.compile(fn, fullgraph=True) against fn run eagerly (``run``: every output and input
+    gradient). ``exact``: bit-identical (aot_eager runs the very ops eager mode runs), else
+    torch.testing.assert_close's defaults. With backend "aot_eager" the graphs are kept and must call
+    exactly the vit_fast ops ``fwd_ops`` (forward) and ``bwd_ops`` (backward), e.g.
+    ["layer_norm_fwd"]: the op stays one opaque node, its launch code is not traced through. Each name
+    in ``launches`` (default: fwd_ops + bwd_ops) counts one kernel launch per compiled call, and no
+    launch happens while compiling (under mode "reduce-overhead", where replays of the CUDA graph
+    launch nothing from Python: at least one call's). Returns the kept graphs."""
+    eager = run(fn, inputs, grads_out)
+    graphs = {"forward": [], "backward": []}
+    compiled = torch.compile(fn, fullgraph=True, dynamic=False, mode=mode,
+                             backend=_recording_aot_eager(graphs) if backend == "aot_eager" else backend)
+    before = dispatch.kernel_launches.copy()
+    for _ in range(calls):  # a second call replays a CUDA graph under reduce-overhead
+        got = run(compiled, inputs, grads_out)
+    if dispatch.use_kernels(next(t for t in inputs if isinstance(t, torch.Tensor))):
+        expected = collections.Counter(launches if launches is not None else [*(fwd_ops or ()), *(bwd_ops or ())])
+        for name, n in expected.items():
+            count = dispatch.kernel_launches[name] - before[name]
+            assert count == n * calls if mode in (None, "default") else count >= n, (name, count)
+        if backend == "aot_eager":
+            for kind, want in (("forward", fwd_ops or ()), ("backward", bwd_ops or ())):
+                assert len(graphs[kind]) == 1, (kind, len(graphs[kind]))
+                names = collections.Counter(str(n.target).split(".")[1] for n in vit_fast_calls(graphs[kind][0]))
+                assert names == collections.Counter(want), (kind, names)
+    for a, b in zip([*got[0], *got[1]], [*eager[0], *eager[1]]):
+        assert (a is None) == (b is None)
+        if a is None:
+            continue
+        if exact:
+            assert torch.equal(a, b)
+        else:
+            torch.testing.assert_close(a, b)
+    return graphs

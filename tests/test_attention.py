@@ -10,7 +10,8 @@ import torch
 import sm90
 import vit_fast.functional as VF
 from numerics import DTYPE_BOUND, rel_err
-from opnumerics import PATHS, check_close, compare_to_float64, float64_gradcheck, module_fn, rounding_floors, select_path
+from opnumerics import (PATHS, check_close, check_compiled, check_op_paths, compare_to_float64, float64_gradcheck,
+                        module_fn, require_interpreter, require_kernel_path, rounding_floors, select_path)
 from vit_fast import dispatch, reference
 from vit_fast.kernels import attention as kernels
 from vit_fast.nn import Attention
@@ -272,42 +273,48 @@ def test_attention_packed_reads_a_strided_qkv(device):
 
 
 def test_opcheck(device):
-    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 17, 17, 32, torch.float32, device))
+    """The custom ops' registration (schema, fake impls, dispatch); their gradients are the Functions'
+    (test_function_paths_match, test_torch_compile_holds_the_custom_ops)."""
+    q, k, v = make_qkv(1, 2, 17, 17, 32, torch.float32, device)
     torch.library.opcheck(torch.ops.vit_fast.attention_fwd.default, (q, k, v, 0.3))
     o, lse = torch.ops.vit_fast.attention_fwd(q, k, v, 0.3)
-    torch.library.opcheck(torch.ops.vit_fast.attention_bwd.default,
-                          (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o.detach(), lse, 0.3))
-    qkv = torch.randn(2, 17, 3 * 2 * 32, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.vit_fast.attention_bwd.default, (torch.randn_like(o), q, k, v, o, lse, 0.3))
+    qkv = torch.randn(2, 17, 3 * 2 * 32, device=device)
     torch.library.opcheck(torch.ops.vit_fast.attention_packed_fwd.default, (qkv, 2, 0.3))
     o, lse = torch.ops.vit_fast.attention_packed_fwd(qkv, 2, 0.3)
-    torch.library.opcheck(torch.ops.vit_fast.attention_packed_bwd.default,
-                          (torch.randn_like(o), qkv.detach(), o.detach(), lse, 2, 0.3))
+    torch.library.opcheck(torch.ops.vit_fast.attention_packed_bwd.default, (torch.randn_like(o), qkv, o, lse, 2, 0.3))
 
 
-def test_eager_function_path_matches_custom_op_path(device, monkeypatch):
-    """Eager calls take the autograd.Function fast path; under torch.compile (is_compiling) the custom ops.
-    Both run the same bodies: outputs and grads are bit-identical, and each path launches the kernels."""
+def _op_cases(device):
+    """(op, public call, inputs, upstream gradient) for each Function: plain, packed, packed with rope."""
     q, k, v = make_qkv(1, 2, 17, 23, 32, torch.float32, device)
     qkv = torch.randn(2, 17, 3 * 2 * 32, device=device)
-    calls = [("attention", lambda t: VF.attention(*t, 0.3), [q, k, v]),
-             ("attention_packed", lambda t: VF.attention_packed(*t, 2, 0.3), [qkv])]
-    for op, fn, inputs in calls:
-        results = {}
-        for compiling in (False, True):
-            monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
-            copies = [t.detach().clone().requires_grad_() for t in inputs]
-            before = launches(f"{op}_fwd"), launches(f"{op}_bwd")
-            out = fn(copies)
-            if dispatch.use_kernels(inputs[0]):
-                via_custom_op = f"vit_fast_{op}_fwd" in type(out.grad_fn).__name__
-                assert via_custom_op == compiling, type(out.grad_fn).__name__
-            grads = torch.autograd.grad(out, copies, torch.ones_like(out) * 0.5)
-            if dispatch.use_kernels(inputs[0]):
-                assert (launches(f"{op}_fwd"), launches(f"{op}_bwd")) == (before[0] + 1, before[1] + 1)
-            results[compiling] = (out.detach(), grads)
-        (eager_out, eager_grads), (op_out, op_grads) = results[False], results[True]
-        assert torch.equal(eager_out, op_out), op
-        assert all(torch.equal(a, b) for a, b in zip(eager_grads, op_grads)), op
+    sin, cos = rope_tables(16, 32, device)
+    return {
+        "attention": ("attention", lambda q, k, v: VF.attention(q, k, v, 0.3), [q, k, v], [torch.randn_like(q) * 0.5]),
+        "attention_packed": ("attention_packed", lambda t: VF.attention_packed(t, 2, 0.3), [qkv],
+                             [torch.randn(2, 17, 64, device=device)]),
+        "rope packed": ("attention_packed", lambda t: VF.attention_packed(t, 2, rope=(sin, cos), num_prefix_tokens=1),
+                        [qkv], [torch.randn(2, 17, 64, device=device)]),
+    }
+
+
+@pytest.mark.parametrize("case", ["attention", "attention_packed", "rope packed"])
+def test_function_paths_match(device, monkeypatch, case):
+    """The Function's eager path (launch functions) and its traced path (the custom ops, as under
+    torch.compile) run the same bodies: bit-identical outputs and grads, each launching the kernels."""
+    op, fn, inputs, grads_out = _op_cases(device)[case]
+    check_op_paths(monkeypatch, fn, inputs, grads_out, [f"vit_fast::{op}_fwd", f"vit_fast::{op}_bwd"],
+                   [f"{op}_fwd", f"{op}_bwd"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["attention", "attention_packed", "rope packed"])
+def test_torch_compile_holds_the_custom_ops(device, case):
+    """torch.compile(fullgraph=True, aot_eager) of the public function: the forward graph calls the
+    fwd custom op, the backward graph the bwd op, and outputs and gradients are eager's, bit for bit."""
+    op, fn, inputs, grads_out = _op_cases(device)[case]
+    check_compiled(fn, inputs, grads_out, [f"{op}_fwd"], [f"{op}_bwd"])
 
 
 def test_torch_path_matches_reference(monkeypatch):
@@ -343,8 +350,7 @@ def test_expanded_and_transposed_inputs(device, poison_empty):
 def test_bf16_under_the_interpreter_raises(device):
     """Triton's interpreter computes bf16 tl.dot wrongly (rel err ~1e8): every entry to the attention
     kernels says so instead of returning garbage. (On a GPU bf16 runs: the GPU tests.)"""
-    if device != "cpu" or not dispatch.use_kernels(torch.zeros(1)):
-        pytest.skip("the interpreter is not in use")
+    require_interpreter(device)
     q, k, v = (t.bfloat16() for t in make_qkv(1, 2, 17, 17, 32, torch.float32, "cpu"))
     qkv = torch.randn(1, 17, 3 * 2 * 32, dtype=torch.bfloat16)
     match = "bfloat16 under TRITON_INTERPRET=1: Triton's interpreter computes tl.dot on bf16 wrongly"
@@ -370,8 +376,7 @@ def test_float64_gradcheck_on_the_torch_path(monkeypatch, path):
 
 
 def test_float64_on_the_kernel_path_names_the_dtype(device):
-    if not dispatch.use_kernels(torch.zeros(1, device=device)):
-        pytest.skip("kernel path off (VIT_FAST_FORCE_TORCH=1)")
+    require_kernel_path(device)
     q = torch.randn(1, 1, 4, 32, device=device, dtype=torch.float64)
     with pytest.raises(ValueError, match="q: expected dtype in .* on the kernel path, got float64"):
         VF.attention(q, q, q)
@@ -616,30 +621,20 @@ def test_rope_empty_batch_on_every_path(device, monkeypatch, path):
 
 
 def test_rope_opcheck(device):
-    q, k, v = (t.requires_grad_() for t in make_qkv(1, 2, 20, 20, 32, torch.float32, device))
+    q, k, v = make_qkv(1, 2, 20, 20, 32, torch.float32, device)
     sin, cos = rope_tables(19, 32, device)
     torch.library.opcheck(torch.ops.vit_fast.attention_fwd, (q, k, v, 0.2, sin, cos, 1))
-    o, lse = torch.ops.vit_fast.attention_fwd(q.detach(), k.detach(), v.detach(), 0.2, sin, cos, 1)
-    torch.library.opcheck(torch.ops.vit_fast.attention_bwd,
-                          (torch.randn_like(o), q.detach(), k.detach(), v.detach(), o, lse, 0.2, sin, cos, 1))
-    qkv = torch.randn(1, 20, 3 * 64, device=device, requires_grad=True)
+    o, lse = torch.ops.vit_fast.attention_fwd(q, k, v, 0.2, sin, cos, 1)
+    torch.library.opcheck(torch.ops.vit_fast.attention_bwd, (torch.randn_like(o), q, k, v, o, lse, 0.2, sin, cos, 1))
+    qkv = torch.randn(1, 20, 3 * 64, device=device)
     torch.library.opcheck(torch.ops.vit_fast.attention_packed_fwd, (qkv, 2, 0.2, sin, cos, 1))
 
 
 @pytest.mark.slow
 def test_rope_torch_compile_fullgraph(device):
-    qkv = torch.randn(2, 17, 3 * 64, device=device, requires_grad=True)
-    sin, cos = rope_tables(16, 32, device)
-
-    def fn(qkv):
-        return VF.attention_packed(qkv, 2, rope=(sin, cos), num_prefix_tokens=1)
-
-    out = torch.compile(fn, fullgraph=True)(qkv)
-    expected = fn(qkv)
-    torch.testing.assert_close(out, expected)
-    (g,) = torch.autograd.grad(out.sum(), qkv)
-    (g_eager,) = torch.autograd.grad(expected.sum(), qkv)
-    torch.testing.assert_close(g, g_eager)
+    """The default backend (inductor) around the rope kernels: the eager numbers."""
+    _, fn, inputs, _ = _op_cases(device)["rope packed"]
+    check_compiled(fn, inputs, [torch.ones(2, 17, 64, device=device)], launches=[], backend="inductor", exact=False)
 
 
 def test_rope_configs_are_chosen_with_rope_only(monkeypatch):
@@ -655,8 +650,7 @@ def test_rope_configs_are_chosen_with_rope_only(monkeypatch):
 
 
 def test_rope_bf16_under_the_interpreter_raises(device):
-    if device != "cpu" or not dispatch.use_kernels(torch.zeros(1)):
-        pytest.skip("the interpreter is not in use")
+    require_interpreter(device)
     q = torch.randn(1, 2, 17, 32, dtype=torch.bfloat16)
     sin, cos = rope_tables(16, 32, "cpu")
     with pytest.raises(RuntimeError, match="bfloat16 under TRITON_INTERPRET=1"):
@@ -692,8 +686,7 @@ def test_rope_bad_inputs(call, error, match):
 
 
 def test_rope_tables_with_grad_are_refused_on_the_kernel_path(device):
-    if not dispatch.use_kernels(torch.zeros(1, device=device)):
-        pytest.skip("kernel path off")
+    require_kernel_path(device)
     sin, cos = (t.requires_grad_() for t in rope_tables(3, 32, device))
     q = torch.randn(1, 1, 4, 32, device=device)
     with pytest.raises(ValueError, match="rope: the kernels give the sin / cos tables no gradient"):

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from numerics import DTYPE_BOUND
-from opnumerics import (PATHS, check_close, compare_to_float64, float64_gradcheck, module_fn, rounding_floors, run,
-                        select_path)
+from opnumerics import (PATHS, check_close, check_compiled, check_op_paths, compare_to_float64, float64_gradcheck,
+                        module_fn, require_kernel_path, rounding_floors, run, select_path, vit_fast_calls)
 
 import sm90
 
@@ -362,24 +362,24 @@ def test_tables_compile_for_hopper_without_spills(tmp_path):
 
 
 def _opcheck_samples(device):
-    x = torch.randn(3, 5, 100, device=device, requires_grad=True)
-    r = torch.randn(3, 5, 100, device=device, requires_grad=True)
-    w = torch.randn(100, device=device, requires_grad=True)
-    b = torch.randn(100, device=device, requires_grad=True)
+    """The custom ops' registration (schema, fake impls, dispatch); their gradients are the Functions'
+    (test_function_paths_match, test_torch_compile_holds_the_custom_ops)."""
+    x, r = torch.randn(3, 5, 100, device=device), torch.randn(3, 5, 100, device=device)
+    w, b = torch.randn(100, device=device), torch.randn(100, device=device)
     dy, ds = torch.randn(3, 5, 100, device=device), torch.randn(3, 5, 100, device=device)
-    x16 = torch.randn(3, 5, 100, device=device, dtype=FP16, requires_grad=True)
-    _, mean, rstd = ops.layer_norm_fwd(x.detach(), w.detach(), b.detach(), 1e-6, FP32)
-    _, s, s_mean, s_rstd = ops.add_layer_norm_fwd(x.detach(), r.detach(), w.detach(), None, 1e-6, FP32)
+    x16 = torch.randn(3, 5, 100, device=device, dtype=FP16)
+    _, mean, rstd = ops.layer_norm_fwd(x, w, b, 1e-6, FP32)
+    _, s, s_mean, s_rstd = ops.add_layer_norm_fwd(x, r, w, None, 1e-6, FP32)
     return [
         (ops.layer_norm_fwd, (x, w, b, 1e-6, FP32)),
         (ops.layer_norm_fwd, (x, None, None, 1e-5, FP32)),
         (ops.layer_norm_fwd, (x16, w, b, 1e-6, FP16)),  # mixed precision: fp16 x, fp32 weights, fp16 y
-        (ops.layer_norm_bwd, (dy, x.detach(), w.detach(), mean, rstd, True, True)),
-        (ops.layer_norm_bwd, (dy, x.detach(), None, mean, rstd, False, False)),
+        (ops.layer_norm_bwd, (dy, x, w, mean, rstd, True, True)),
+        (ops.layer_norm_bwd, (dy, x, None, mean, rstd, False, False)),
         (ops.add_layer_norm_fwd, (x, r, w, b, 1e-6, FP32)),
         (ops.add_layer_norm_fwd, (x, r, None, None, 1e-5, FP32)),
         (ops.add_layer_norm_fwd, (x16, r, w, b, 1e-6, FP16)),  # fp16 x + fp32 residual: s fp32
-        (ops.add_layer_norm_bwd, (dy, ds, s, w.detach(), s_mean, s_rstd, True, False)),
+        (ops.add_layer_norm_bwd, (dy, ds, s, w, s_mean, s_rstd, True, False)),
         (ops.add_layer_norm_bwd, (dy, None, s, None, s_mean, s_rstd, False, True)),
     ]
 
@@ -390,29 +390,47 @@ def test_opcheck(device, index):
     torch.library.opcheck(op, args)
 
 
-def test_eager_function_path_matches_the_custom_ops_bit_for_bit(device):
-    """Eager calls take the autograd.Function fast path, torch.compile the custom ops: both run the
-    same launch code, so outputs and every gradient are bit-identical (and each launches once)."""
+def _op_cases(device):
+    """name -> (public call, inputs, upstream gradients, fwd op, bwd op) for each Function and the
+    stream with both outputs used, with s alone used, and with a frozen weight (no dweight asked)."""
     x, r = torch.randn(3, 5, 100, device=device), torch.randn(3, 5, 100, device=device)
     w, b = torch.randn(100, device=device), torch.randn(100, device=device)
     dy, ds = torch.randn(3, 5, 100, device=device), torch.randn(3, 5, 100, device=device)
-    before = dispatch.kernel_launches.copy()
-    fast = run(lambda x, w, b: ops.layer_norm(x, w, b, 1e-5), [x, w, b], [dy])
-    assert_kernel_ran(before, device, "layer_norm_fwd", "layer_norm_bwd")
-    slow = run(lambda x, w, b: ops.layer_norm_fwd(x, w, b, 1e-5, x.dtype)[0], [x, w, b], [dy])
-    before = dispatch.kernel_launches.copy()
-    fast_add = run(lambda x, r, w: ops.add_layer_norm(x, r, w, None), [x, r, w], [dy, ds])
-    assert_kernel_ran(before, device, "add_layer_norm_fwd", "add_layer_norm_bwd")
-    slow_add = run(lambda x, r, w: ops.add_layer_norm_fwd(x, r, w, None, 1e-6, x.dtype)[:2], [x, r, w], [dy, ds])
-    for (outs, grads), (want_outs, want_grads) in ((fast, slow), (fast_add, slow_add)):
-        for got, want in zip([*outs, *grads], [*want_outs, *want_grads]):
-            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    return {
+        "layer_norm": (lambda x, w, b: ops.layer_norm(x, w, b, 1e-5), [x, w, b], [dy], "layer_norm"),
+        "add_layer_norm": (lambda x, r, w: ops.add_layer_norm(x, r, w, None), [x, r, w], [dy, ds], "add_layer_norm"),
+        "add_layer_norm s only": (lambda x, r, w, b: ops.add_layer_norm(x, r, w, b), [x, r, w, b], [None, ds],
+                                  "add_layer_norm"),
+        "stream": (lambda x, w, b: ops.add_layer_norm(x, None, w, b), [x, w, b], [dy, ds], "layer_norm"),
+        "frozen weight": (lambda x: ops.layer_norm(x, w, b), [x], [dy], "layer_norm"),
+    }
+
+
+@pytest.mark.parametrize("case", ["layer_norm", "add_layer_norm", "add_layer_norm s only", "stream", "frozen weight"])
+def test_function_paths_match(device, monkeypatch, case):
+    """Each Function's eager path (launch functions) and its traced path (the custom ops, as under
+    torch.compile) give bit-identical outputs and every gradient, each launching once (fp32: the
+    stream's gradient added in the kernel or after it rounds the same)."""
+    fn, inputs, grads_out, op = _op_cases(device)[case]
+    check_op_paths(monkeypatch, fn, inputs, grads_out, [f"vit_fast::{op}_fwd", f"vit_fast::{op}_bwd"],
+                   [f"{op}_fwd", f"{op}_bwd"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["layer_norm", "add_layer_norm", "add_layer_norm s only", "stream", "frozen weight"])
+def test_torch_compile_holds_the_custom_ops(device, case):
+    """torch.compile(fullgraph=True, aot_eager) of the public function: the forward graph calls the
+    fwd custom op, the backward graph the bwd op, with compute_dweight / compute_dbias from
+    ctx.needs_input_grad, and outputs and gradients are eager's, bit for bit."""
+    fn, inputs, grads_out, op = _op_cases(device)[case]
+    graphs = check_compiled(fn, inputs, grads_out, [f"{op}_fwd"], [f"{op}_bwd"])
+    (bwd,) = vit_fast_calls(graphs["backward"][0])
+    assert bwd.args[-2:] == ((False, False) if case == "frozen weight" else (True, case != "add_layer_norm"))
 
 
 def test_eager_function_path_skips_gradients_not_asked_for(device):
     """Only x needs a gradient: dweight / dbias are not computed, weight and bias get none."""
-    if not dispatch.use_kernels(torch.zeros(1, device=device)):
-        pytest.skip("kernel path off")
+    require_kernel_path(device)
     x = torch.randn(4, 64, device=device, requires_grad=True)
     w, b = torch.randn(64, device=device), torch.randn(64, device=device)
     calls = []
@@ -427,9 +445,10 @@ def test_eager_function_path_skips_gradients_not_asked_for(device):
     assert w.grad is None and b.grad is None and x.grad is not None
 
 
-def _compiled_matches_eager(device, dtype, shape, mode="default"):
-    """A block-like step (add + LN, then LN of y + s) under torch.compile(fullgraph=True) against the
-    same ops run eagerly: outputs and every input gradient."""
+def _compiled_matches_eager(device, dtype, shape, mode=None):
+    """A block-like step (add + LN, then LN of y + s) under torch.compile(fullgraph=True) (the default
+    backend, inductor) against the same ops run eagerly: outputs and every input gradient, each
+    kernel launched by every compiled call."""
     C = shape[-1]
     x, r = (torch.randn(shape, device=device).to(dtype) for _ in range(2))
     w1, b1, w2 = (torch.randn(C, device=device).to(dtype) for _ in range(3))
@@ -439,16 +458,8 @@ def _compiled_matches_eager(device, dtype, shape, mode="default"):
         y, s = VF.add_layer_norm(x, r, w1, b1)
         return VF.layer_norm(y + s, w2, None, 1e-5), s
 
-    eager_outs, eager_grads = run(step, [x, r, w1, b1, w2], grads_out)
-    before = dispatch.kernel_launches.copy()
-    compiled = torch.compile(step, fullgraph=True, dynamic=False, mode=mode)
-    for _ in range(2):  # the second call replays the CUDA graph under reduce-overhead
-        outs, grads = run(compiled, [x, r, w1, b1, w2], grads_out)
-    if dispatch.use_kernels(x):
-        assert dispatch.kernel_launches["layer_norm_fwd"] > before["layer_norm_fwd"]
-        assert dispatch.kernel_launches["add_layer_norm_bwd"] > before["add_layer_norm_bwd"]
-    for got, want in zip([*outs, *grads], [*eager_outs, *eager_grads]):
-        torch.testing.assert_close(got, want)
+    check_compiled(step, [x, r, w1, b1, w2], grads_out, launches=["layer_norm_fwd", "add_layer_norm_bwd"],
+                   backend="inductor", mode=mode, calls=2, exact=False)
 
 
 @pytest.mark.slow
@@ -517,8 +528,7 @@ def test_bad_inputs_raise_clear_errors(call, error, match):
 
 
 def test_kernel_path_rejects_what_the_kernels_do_not_cover(device):
-    if not dispatch.use_kernels(torch.zeros(1, device=device)):
-        pytest.skip("kernel path off (VIT_FAST_FORCE_TORCH=1 or no interpreter)")
+    require_kernel_path(device)
     with pytest.raises(ValueError, match="x: expected dtype in"):
         VF.layer_norm(torch.randn(2, 100, dtype=torch.float64, device=device))
     with pytest.raises(ValueError, match=f"x: the kernels normalize 1 <= C <= {kernels.MAX_C}"):
@@ -580,8 +590,7 @@ def test_bf16_on_the_kernel_path(device, fn):
     """LayerNorm has no tl.dot, so bf16 is right under the interpreter too: within bf16's bound of
     float64, and no worse than torch computing in fp32 and rounding to bf16 the way this backend
     does (toward zero under the interpreter: its fp32 -> bf16 cast truncates)."""
-    if not dispatch.use_kernels(torch.zeros(1, device=device)):
-        pytest.skip("kernel path off (VIT_FAST_FORCE_TORCH=1)")
+    require_kernel_path(device)
     shape, C = (4, 197, 384), 384
     x, r, dy = (torch.randn(shape, device=device).to(BF16) for _ in range(3))
     w, b = make_affine(C, "both", BF16, device)
@@ -667,8 +676,7 @@ def test_float64_gradcheck_on_the_torch_path(monkeypatch, path):
 
 
 def test_float64_on_the_kernel_path_names_the_dtype(device):
-    if not dispatch.use_kernels(torch.zeros(1, device=device)):
-        pytest.skip("kernel path off (VIT_FAST_FORCE_TORCH=1)")
+    require_kernel_path(device)
     x = torch.randn(2, 100, device=device)
     with pytest.raises(ValueError, match="x: expected dtype in .* on the kernel path, got float64 .*PyTorch path"):
         VF.layer_norm(x.double(), torch.ones(100, device=device, dtype=torch.float64))

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 
 import sm90
 from numerics import DTYPE_BOUND, assert_close_to_ref
-from opnumerics import (PATHS, check_close, compare_to_float64, float64_gradcheck, module_fn, rounding_floors, run,
-                        select_path)
+from opnumerics import (PATHS, check_close, check_compiled, check_op_paths, compare_to_float64, float64_gradcheck,
+                        module_fn, no_tf32, require_interpreter, require_kernel_path, rounding_floors, run, select_path)
 from vit_fast import dispatch, reference
 from vit_fast import functional as VF
 from vit_fast.kernels import mlp as kernels
@@ -21,16 +21,9 @@ from vit_fast.ops import mlp as ops_mlp
 
 CPU_DTYPES = [torch.float32, torch.float16]  # tl.dot on bf16 is not trustworthy under the interpreter
 
-
-@pytest.fixture(autouse=True)
-def _exact_fp32_matmul():
-    """fp32 kernels run exact fp32 dots on a GPU: PyTorch's fp32 matmuls (the same-dtype comparison)
-    must not use tf32 either, whatever an earlier test set. Restored by hand: cuda.matmul's
-    allow_tf32 is no plain attribute, and monkeypatch's undo fails on it."""
-    saved = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = saved
+# fp32 kernels run exact fp32 dots on a GPU: PyTorch's fp32 matmuls (the same-dtype comparison) must
+# not use tf32 either, whatever an earlier test set
+pytestmark = pytest.mark.usefixtures(no_tf32.__name__)
 
 
 def _bound(dtype, device):
@@ -203,8 +196,7 @@ def test_empty_leading_dims_on_every_path(device, monkeypatch, path, fn, shape):
 def test_bf16_under_the_interpreter_raises(device):
     """Triton's interpreter computes bf16 tl.dot wrongly (rel err ~1e10 here): linear and linear_gelu
     say so instead of returning it. (On a GPU bf16 runs: the GPU tests.)"""
-    if device != "cpu" or not dispatch.use_kernels(torch.zeros(1)):
-        pytest.skip("the interpreter is not in use")
+    require_interpreter(device)
     x, w, b = (t.bfloat16() for t in _linear_inputs((20,), 32, 48, torch.float32, "cpu"))
     match = "bfloat16 under TRITON_INTERPRET=1: Triton's interpreter computes tl.dot on bf16 wrongly"
     for call in (lambda: VF.linear_gelu(x, w, b), lambda: VF.linear(x, w, b),
@@ -235,8 +227,7 @@ def test_float64_gradcheck_on_the_torch_path(monkeypatch, path):
 
 
 def test_float64_on_the_kernel_path_names_the_dtype(device):
-    if not dispatch.use_kernels(torch.zeros(1, device=device)):
-        pytest.skip("kernel path off (VIT_FAST_FORCE_TORCH=1)")
+    require_kernel_path(device)
     x, w, b = (t.double() for t in _linear_inputs((4,), 8, 6, torch.float32, device))
     for call in (lambda: VF.linear_gelu(x, w, b), lambda: VF.linear(x, w, b)):
         with pytest.raises(ValueError, match="x: expected dtype in .* on the kernel path, got float64"):
@@ -431,8 +422,7 @@ def test_mlp_empty_leading_dims(device, monkeypatch, path, shape, backend):
 
 def test_mlp_bf16_under_the_interpreter_raises(device, monkeypatch):
     """The Triton backend's matmuls (forward and the fused backward) refuse bf16 under the interpreter."""
-    if device != "cpu" or not dispatch.use_kernels(torch.zeros(1)):
-        pytest.skip("the interpreter is not in use")
+    require_interpreter(device)
     monkeypatch.setenv(ops_mlp.MLP_BACKEND_ENV, "triton")
     x, w1, b1, w2, b2, _ = (t.bfloat16() if t is not None else None
                             for t in _mlp_inputs((20,), 32, 48, torch.float32, "cpu"))
@@ -460,8 +450,7 @@ def test_mlp_float64_gradcheck_on_the_torch_path(monkeypatch, path):
 
 
 def test_mlp_float64_on_the_kernel_path_names_the_dtype(device):
-    if not dispatch.use_kernels(torch.zeros(1, device=device)):
-        pytest.skip("kernel path off (VIT_FAST_FORCE_TORCH=1)")
+    require_kernel_path(device)
     x, w1, b1, w2, b2, _ = (t.double() if t is not None else None
                             for t in _mlp_inputs((4,), 8, 12, torch.float32, device))
     with pytest.raises(ValueError, match="x: expected dtype in .* on the kernel path, got float64"):
@@ -530,58 +519,29 @@ def test_mlp_bad_inputs(kwargs, error, match):
 
 @pytest.mark.parametrize("backend", MLP_BACKENDS)
 def test_mlp_opcheck(device, backend):
-    x, w1, b1, w2, b2, r = (t.requires_grad_() for t in _mlp_inputs((20,), 32, 48, torch.float32, device,
-                                                                    residual_dtype=torch.float32))
+    """The custom ops' registration (schema, fake impls, dispatch); their gradients are MlpFunction's
+    (test_function_paths_match, test_torch_compile_holds_the_custom_ops)."""
+    x, w1, b1, w2, b2, r = _mlp_inputs((20,), 32, 48, torch.float32, device, residual_dtype=torch.float32)
     torch.library.opcheck(torch.ops.vit_fast.mlp_fwd, (x, w1, b1, w2, b2, r, "gelu_tanh", True, backend))
-    inference = [t.detach() for t in (x, w1, w2)]  # save=False: no backward to check
-    torch.library.opcheck(torch.ops.vit_fast.mlp_fwd, (inference[0], inference[1], None, inference[2], None, None,
-                                                       "gelu", False, backend))
+    torch.library.opcheck(torch.ops.vit_fast.mlp_fwd, (x, w1, None, w2, None, None, "gelu", False, backend))
     pre = torch.randn(20, 48, device=device)
     h, dy = F.gelu(pre), torch.randn(20, 32, device=device)
-    args = (x.detach(), w1.detach(), w2.detach(), pre, h, "gelu")
+    args = (x, w1, w2, pre, h, "gelu")
     torch.library.opcheck(torch.ops.vit_fast.mlp_bwd, (dy, *args, True, True, backend))
     torch.library.opcheck(torch.ops.vit_fast.mlp_bwd, (dy, *args, False, False, backend))
     torch.library.opcheck(torch.ops.vit_fast.mlp_bwd, (dy, *args[:-1], "quick_gelu", True, True, backend))
 
 
-@pytest.mark.parametrize("backend", MLP_BACKENDS)
-def test_mlp_eager_function_matches_custom_op(device, backend):
-    """Eager calls take MlpFunction, torch.compile the custom op: bit-identical outputs and gradients."""
-    inputs = _mlp_inputs((20,), 32, 48, torch.float32, device, residual_dtype=torch.float32)
-    dy = torch.randn(20, 32, device=device)
-    results = []
-    for fn in (torch.ops.vit_fast.mlp_fwd, ops_mlp.MlpFunction.apply):
-        leaves = _leaves(*inputs)
-        y, pre, h = fn(*leaves, "gelu", True, backend)
-        assert not pre.requires_grad and not h.requires_grad
-        results.append([y.detach()] + _grads(y, leaves, dy))
-    for ours, theirs in zip(*results):
-        assert torch.equal(ours, theirs)
-
-
 @pytest.mark.slow
 def test_mlp_torch_compile_fullgraph(device):
-    """torch.compile traces the custom ops (vit_fast::mlp_fwd / mlp_bwd): the eager numbers."""
+    """The default backend (inductor) around vit_fast::mlp_fwd / mlp_bwd: the eager numbers."""
     inputs = _mlp_inputs((2, 9), 32, 64, torch.float32, device, residual_dtype=torch.float32)
 
     def block_mlp(x, w1, b1, w2, b2, r):
         return VF.mlp(x, w1, b1, w2, b2, residual=r, approximate="tanh")
 
-    ours, theirs = _leaves(*inputs), _leaves(*inputs)
-    out = torch.compile(block_mlp, fullgraph=True)(*ours)
-    expected = block_mlp(*theirs)
-    torch.testing.assert_close(out, expected)
-    out.sum().backward()
-    expected.sum().backward()
-    for a, e in zip(ours, theirs):
-        torch.testing.assert_close(a.grad, e.grad)
-
-
-def test_mlp_backward_without_saved_pre(device):
-    leaves = [t.requires_grad_() for t in _mlp_inputs((4,), 8, 12, torch.float32, device)[:5]]
-    y, _, _ = torch.ops.vit_fast.mlp_fwd(*leaves, None, "gelu", False, "triton")
-    with pytest.raises(RuntimeError, match="save=True"):
-        y.sum().backward()
+    check_compiled(block_mlp, list(inputs), [torch.ones(2, 9, 32, device=device)], launches=["mlp_fwd", "mlp_bwd"],
+                   backend="inductor", exact=False)
 
 
 # ----------------------------------------------------------------------------- SwiGLU
@@ -672,8 +632,7 @@ def test_swiglu_empty_leading_dims(device, monkeypatch, path, shape):
 
 
 def test_swiglu_bf16_under_the_interpreter_raises(device):
-    if device != "cpu" or not dispatch.use_kernels(torch.zeros(1)):
-        pytest.skip("the interpreter is not in use")
+    require_interpreter(device)
     x, wg, bg, wx, bx = (t.bfloat16() for t in _swiglu_inputs((20,), 32, 48, torch.float32, "cpu"))
     match = "bfloat16 under TRITON_INTERPRET=1: Triton's interpreter computes tl.dot on bf16 wrongly"
     for call in (lambda: VF.swiglu(x, wg, bg, wx, bx),
@@ -697,8 +656,7 @@ def test_swiglu_float64_gradcheck_on_the_torch_path(monkeypatch, path):
 
 
 def test_swiglu_float64_on_the_kernel_path_names_the_dtype(device):
-    if not dispatch.use_kernels(torch.zeros(1, device=device)):
-        pytest.skip("kernel path off (VIT_FAST_FORCE_TORCH=1)")
+    require_kernel_path(device)
     inputs = [t.double() for t in _swiglu_inputs((4,), 8, 12, torch.float32, device)]
     with pytest.raises(ValueError, match="x: expected dtype in .* on the kernel path, got float64"):
         VF.swiglu(*inputs)
@@ -735,31 +693,18 @@ def test_swiglu_bad_inputs(kwargs, error, match):
 
 
 def test_swiglu_opcheck(device):
-    x, wg, bg, wx, bx = (t.requires_grad_() for t in _swiglu_inputs((20,), 32, 48, torch.float32, device))
+    x, wg, bg, wx, bx = _swiglu_inputs((20,), 32, 48, torch.float32, device)
     torch.library.opcheck(torch.ops.vit_fast.swiglu_fwd, (x, wg, bg, wx, bx, True))
-    torch.library.opcheck(torch.ops.vit_fast.swiglu_fwd, (x.detach(), wg.detach(), None, wx.detach(), None, False))
+    torch.library.opcheck(torch.ops.vit_fast.swiglu_fwd, (x, wg, None, wx, None, False))
     pre, dh = torch.randn(20, 96, device=device), torch.randn(20, 48, device=device)
     for has_bias in (True, False):
-        torch.library.opcheck(torch.ops.vit_fast.swiglu_bwd, (dh, x.detach(), wg.detach(), wx.detach(), pre, has_bias))
-
-
-def test_swiglu_eager_function_matches_custom_op(device):
-    """Eager calls take SwigluFunction, torch.compile the custom op: bit-identical outputs and gradients."""
-    inputs = _swiglu_inputs((20,), 32, 48, torch.float32, device)
-    dy = torch.randn(20, 48, device=device)
-    results = []
-    for fn in (torch.ops.vit_fast.swiglu_fwd, ops_mlp.SwigluFunction.apply):
-        leaves = _leaves(*inputs)
-        h, pre = fn(*leaves, True)
-        assert not pre.requires_grad and pre.shape == (20, 96)
-        results.append([h.detach()] + _grads(h, leaves, dy))
-    for ours, theirs in zip(*results):
-        assert torch.equal(ours, theirs)
+        torch.library.opcheck(torch.ops.vit_fast.swiglu_bwd, (dh, x, wg, wx, pre, has_bias))
 
 
 @pytest.mark.slow
 def test_swiglu_torch_compile_fullgraph(device):
-    """EVA-02's MLP as the family wires it: swiglu, LayerNorm (scale_mlp), fc2 with the residual."""
+    """EVA-02's MLP as the family wires it (swiglu, LayerNorm (scale_mlp), fc2 with the residual) under
+    the default backend (inductor): the eager numbers."""
     x, wg, bg, wx, bx = _swiglu_inputs((2, 9), 32, 64, torch.float32, device)
     _, w2, b2 = _linear_inputs((1,), 64, 32, torch.float32, device)
 
@@ -767,21 +712,8 @@ def test_swiglu_torch_compile_fullgraph(device):
         h = F.layer_norm(VF.swiglu(x, wg, bg, wx, bx), (64,))
         return VF.linear(h, w2, b2, residual=x)
 
-    ours, theirs = _leaves(x, wg, bg, wx, bx, w2, b2), _leaves(x, wg, bg, wx, bx, w2, b2)
-    out = torch.compile(eva_mlp, fullgraph=True)(*ours)
-    expected = eva_mlp(*theirs)
-    torch.testing.assert_close(out, expected)
-    out.sum().backward()
-    expected.sum().backward()
-    for a, e in zip(ours, theirs):
-        torch.testing.assert_close(a.grad, e.grad)
-
-
-def test_swiglu_backward_without_saved_pre(device):
-    leaves = [t.requires_grad_() for t in _swiglu_inputs((4,), 8, 12, torch.float32, device)]
-    h, _ = torch.ops.vit_fast.swiglu_fwd(*leaves, False)
-    with pytest.raises(RuntimeError, match="save=True"):
-        h.sum().backward()
+    check_compiled(eva_mlp, [x, wg, bg, wx, bx, w2, b2], [torch.ones(2, 9, 32, device=device)],
+                   launches=["swiglu_fwd", "swiglu_bwd", "linear_act_fwd"], backend="inductor", exact=False)
 
 
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
@@ -926,53 +858,105 @@ def test_kernels_compile_for_hopper(tmp_path):
 
 
 def test_opcheck(device):
+    """The custom ops' registration (schema, fake impls, dispatch); their gradients are
+    LinearActFunction's (test_function_paths_match, test_torch_compile_holds_the_custom_ops)."""
     x, w, b = _linear_inputs((20,), 32, 48, torch.float32, device)
-    x, w, b = (t.requires_grad_() for t in (x, w, b))
     r = torch.randn(20, 48, device=device)
     torch.library.opcheck(torch.ops.vit_fast.linear_act_fwd, (x, w, b, None, "gelu_tanh", True))
     torch.library.opcheck(torch.ops.vit_fast.linear_act_fwd, (x, w, None, r, "none", False))
     torch.library.opcheck(torch.ops.vit_fast.linear_act_fwd, (x, w, b, None, "quick_gelu", True))
     dy, pre = torch.randn(20, 48, device=device), torch.randn(20, 48, device=device)
-    torch.library.opcheck(torch.ops.vit_fast.linear_act_bwd, (dy, pre, x.detach(), w.detach(), "gelu", True))
-    torch.library.opcheck(torch.ops.vit_fast.linear_act_bwd, (dy, pre, x.detach(), w.detach(), "quick_gelu", True))
+    torch.library.opcheck(torch.ops.vit_fast.linear_act_bwd, (dy, pre, x, w, "gelu", True))
+    torch.library.opcheck(torch.ops.vit_fast.linear_act_bwd, (dy, pre, x, w, "quick_gelu", True))
 
 
-@pytest.mark.parametrize("activation,residual", [("gelu", False), ("none", True)])
-def test_eager_function_matches_custom_op(device, activation, residual):
-    """Eager calls take LinearActFunction (the custom op's dispatch costs host time); torch.compile
-    takes the custom op. Both run the same code: bit-identical outputs and gradients."""
+def _saved_are_not_differentiable(function, n_outputs):
+    """function.apply, checking that its outputs past the first (saved intermediates) need no grad."""
+    def call(*args):
+        outs = function.apply(*args)
+        assert len(outs) == n_outputs and not any(t.requires_grad for t in outs[1:])
+        return outs
+    return call
+
+
+def _function_cases(device):
+    """name -> (Function call on 2-D inputs, inputs, upstream gradients, custom ops, launches)."""
     x, w, b = _linear_inputs((20,), 32, 48, torch.float32, device)
-    r = torch.randn(20, 48, device=device) if residual else None
-    dy = torch.randn(20, 48, device=device)
-    results = []
-    for fn in (torch.ops.vit_fast.linear_act_fwd, ops_mlp.LinearActFunction.apply):
-        inputs = _leaves(x, w, b, r)
-        before = dispatch.kernel_launches.copy()
-        y, pre = fn(*inputs, activation, activation != "none")
-        assert dispatch.kernel_launches["linear_act_fwd"] == before["linear_act_fwd"] + 1 and not pre.requires_grad
-        results.append([y.detach()] + _grads(y, inputs, dy))
-        # the backward launches the activation-backward kernel; activation "none" runs torch's matmuls
-        assert dispatch.kernel_launches["linear_act_bwd"] == before["linear_act_bwd"] + (activation != "none")
-    for ours, theirs in zip(*results):
-        assert torch.equal(ours, theirs)
+    r, dy = torch.randn(20, 48, device=device), torch.randn(20, 48, device=device)
+    mlp_inputs = list(_mlp_inputs((20,), 32, 48, torch.float32, device, residual_dtype=torch.float32))
+    linear_act = _saved_are_not_differentiable(ops_mlp.LinearActFunction, 2)
+    mlp = _saved_are_not_differentiable(ops_mlp.MlpFunction, 3)
+    swiglu = _saved_are_not_differentiable(ops_mlp.SwigluFunction, 2)
+    return {
+        # activation "none": its backward is torch's matmuls (no bwd op, no launch)
+        "linear_act gelu": (lambda *t: linear_act(*t, None, "gelu", True), [x, w, b], [dy],
+                            ["linear_act_fwd", "linear_act_bwd"], ["linear_act_fwd", "linear_act_bwd"]),
+        "linear residual": (lambda *t: linear_act(*t, "none", False), [x, w, b, r], [dy], ["linear_act_fwd"],
+                            ["linear_act_fwd"]),
+        "mlp triton": (lambda *t: mlp(*t, "gelu", True, "triton"), mlp_inputs, [torch.randn(20, 32, device=device)],
+                       ["mlp_fwd", "mlp_bwd"], ["mlp_fwd", "mlp_bwd"]),
+        "mlp torch": (lambda *t: mlp(*t, "gelu", True, "torch"), mlp_inputs, [torch.randn(20, 32, device=device)],
+                      ["mlp_fwd", "mlp_bwd"], ["mlp_torch_fwd", "mlp_torch_bwd"]),
+        "swiglu": (lambda *t: swiglu(*t, True), list(_swiglu_inputs((20,), 32, 48, torch.float32, device)), [dy],
+                   ["swiglu_fwd", "swiglu_bwd"], ["swiglu_fwd", "swiglu_bwd"]),
+    }
+
+
+@pytest.mark.parametrize("case", ["linear_act gelu", "linear residual", "mlp triton", "mlp torch", "swiglu"])
+def test_function_paths_match(device, monkeypatch, case):
+    """Each Function's eager path (launch functions: the custom op's dispatch costs host time) and its
+    traced path (the custom ops, as under torch.compile) run the same code: bit-identical outputs and
+    gradients, each launching once, and the saved intermediates (pre, h) need no gradient."""
+    fn, inputs, grads_out, ops, launches = _function_cases(device)[case]
+    check_op_paths(monkeypatch, fn, inputs, grads_out, [f"vit_fast::{op}" for op in ops], launches)
+
+
+def _public_cases(device):
+    """name -> (public call, inputs, upstream gradient, fwd ops, bwd ops, launches, MLP backend)."""
+    x, w, b = _linear_inputs((2, 9), 32, 64, torch.float32, device)
+    r = torch.randn(2, 9, 64, device=device)
+    dy = torch.randn(2, 9, 64, device=device)
+    mlp_inputs = list(_mlp_inputs((2, 9), 32, 64, torch.float32, device, residual_dtype=torch.float32))
+    mlp = (lambda *t: VF.mlp(*t, approximate="tanh"), mlp_inputs, [torch.randn(2, 9, 32, device=device)],
+           ["mlp_fwd"], ["mlp_bwd"])
+    return {
+        "linear_gelu": (lambda x, w, b: VF.linear_gelu(x, w, b, "tanh"), [x, w, b], [dy], ["linear_act_fwd"],
+                        ["linear_act_bwd"], None, None),
+        "linear_act quick_gelu": (lambda x, w, b: VF.linear_act(x, w, b, "quick_gelu"), [x, w, b], [dy],
+                                  ["linear_act_fwd"], ["linear_act_bwd"], None, None),
+        "linear residual": (lambda x, w, b, r: VF.linear(x, w, b, residual=r), [x, w, b, r], [dy],
+                            ["linear_act_fwd"], [], None, None),
+        "mlp triton": (*mlp, None, "triton"),
+        "mlp torch": (*mlp, ["mlp_torch_fwd", "mlp_torch_bwd"], "torch"),
+        "swiglu": (VF.swiglu, list(_swiglu_inputs((2, 9), 32, 64, torch.float32, device)), [dy], ["swiglu_fwd"],
+                   ["swiglu_bwd"], None, None),
+    }
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["linear_gelu", "linear_act quick_gelu", "linear residual", "mlp triton",
+                                  "mlp torch", "swiglu"])
+def test_torch_compile_holds_the_custom_ops(device, monkeypatch, case):
+    """torch.compile(fullgraph=True, aot_eager) of the public function: the forward graph calls the
+    fwd custom op, the backward graph the bwd op (none for a plain linear: torch's matmuls), and
+    outputs and gradients are eager's, bit for bit."""
+    fn, inputs, grads_out, fwd_ops, bwd_ops, launches, backend = _public_cases(device)[case]
+    if backend is not None:
+        monkeypatch.setenv(ops_mlp.MLP_BACKEND_ENV, backend)
+    check_compiled(fn, inputs, grads_out, fwd_ops, bwd_ops, launches)
 
 
 @pytest.mark.slow
 def test_torch_compile_fullgraph(device):
+    """The default backend (inductor) around linear_gelu and a linear with the residual: the eager numbers."""
     x, w1, b1 = _linear_inputs((2, 9), 32, 64, torch.float32, device)
     _, w2, b2 = _linear_inputs((1,), 64, 32, torch.float32, device)
 
     def mlp(x, w1, b1, w2, b2):
         return VF.linear(VF.linear_gelu(x, w1, b1, "tanh"), w2, b2, residual=x)
 
-    ours, theirs = _leaves(x, w1, b1, w2, b2), _leaves(x, w1, b1, w2, b2)
-    out = torch.compile(mlp, fullgraph=True)(*ours)
-    expected = mlp(*theirs)
-    torch.testing.assert_close(out, expected)
-    out.sum().backward()
-    expected.sum().backward()
-    for a, e in zip(ours, theirs):
-        torch.testing.assert_close(a.grad, e.grad)
+    check_compiled(mlp, [x, w1, b1, w2, b2], [torch.ones(2, 9, 32, device=device)],
+                   launches=["linear_act_fwd", "linear_act_fwd", "linear_act_bwd"], backend="inductor", exact=False)
 
 
 def _bad(**kw):
@@ -1011,11 +995,23 @@ def test_bad_inputs(fn, kwargs, error, match):
         getattr(VF, fn)(**kwargs)
 
 
-def test_backward_without_saved_pre(device):
-    x, w, b = (t.requires_grad_() for t in _linear_inputs((4,), 8, 6, torch.float32, device))
-    y, _ = torch.ops.vit_fast.linear_act_fwd(x, w, b, None, "gelu", False)
-    with pytest.raises(RuntimeError, match="save_pre=True"):
-        y.sum().backward()
+WITHOUT_SAVED = {  # op -> (its leaves, its Function called with the save flag off, what the error names)
+    "linear_act": (lambda device: _linear_inputs((4,), 8, 6, torch.float32, device),
+                   lambda x, w, b: ops_mlp.LinearActFunction.apply(x, w, b, None, "gelu", False), "save_pre=True"),
+    "mlp": (lambda device: _mlp_inputs((4,), 8, 12, torch.float32, device)[:5],
+            lambda *t: ops_mlp.MlpFunction.apply(*t, None, "gelu", False, "triton"), "save=True"),
+    "swiglu": (lambda device: _swiglu_inputs((4,), 8, 12, torch.float32, device),
+               lambda *t: ops_mlp.SwigluFunction.apply(*t, False), "save=True"),
+}
+
+
+@pytest.mark.parametrize("op", list(WITHOUT_SAVED))
+def test_backward_without_saved_intermediates(device, op):
+    """The backward of a forward that saved nothing (no grad was expected) says which flag to set."""
+    make, call, match = WITHOUT_SAVED[op]
+    out = call(*(t.requires_grad_() for t in make(device)))[0]
+    with pytest.raises(RuntimeError, match=match):
+        out.sum().backward()
 
 
 # ----------------------------------------------------------------------------- Mlp
@@ -1105,7 +1101,7 @@ def test_mlp_constructor_options(device):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_gpu_vit_shapes(dtype, approximate):
     """ViT-B's fc1 (768 -> 3072, 4096 tokens) with GELU and fc2 (3072 -> 768) with the residual.
-    fp32 runs exact fp32 dots, against PyTorch's fp32 without tf32 (the autouse fixture)."""
+    fp32 runs exact fp32 dots, against PyTorch's fp32 without tf32 (the no_tf32 fixture)."""
     x, w, b = _linear_inputs((16, 256), 768, 3072, dtype, "cuda")
     _check_fwd_bwd(f"fc1 gelu {approximate} {dtype}", lambda x, w, b: VF.linear_gelu(x, w, b, approximate),
                    lambda x, w, b: F.gelu(F.linear(x, w, b), approximate=approximate),
@@ -1193,7 +1189,7 @@ def test_gpu_mlp_compile_fullgraph(act_layer):
     (g_compiled,) = torch.autograd.grad(compiled.sum(), x)
     torch.testing.assert_close(g_compiled, g_eager)
     torch.library.opcheck(torch.ops.vit_fast.linear_act_fwd,
-                          (x.detach().view(-1, 768)[:512].requires_grad_(), mlp.fc1.weight, mlp.fc1.bias, None,
+                          (x.detach().view(-1, 768)[:512], mlp.fc1.weight.detach(), mlp.fc1.bias.detach(), None,
                            "gelu", True))
 
 

@@ -7,7 +7,8 @@
 - CPU tensor otherwise (and any other device): the plain PyTorch path.
 - ``VIT_FAST_FORCE_TORCH=1`` forces the PyTorch path everywhere, for A/B comparisons.
 
-``kernel_launches`` counts kernel-path calls per op so tests can prove the kernel ran.
+``kernel_launches`` counts kernel-path calls per op so tests can prove the kernel ran;
+``op_or_launch`` picks how an op's autograd Function reaches its kernels (``vit_fast.ops`` docstring).
 """
 import collections
 import contextlib
@@ -48,6 +49,12 @@ def use_kernels(x: torch.Tensor) -> bool:
 
 def record_launch(op: str) -> None:
     kernel_launches[op] += 1
+
+
+def op_or_launch(custom_op, launch):
+    """The registered custom op while torch.compile traces (what the graph records), else its plain
+    launch function, which runs the same body without the custom-op dispatch (``vit_fast.ops``)."""
+    return custom_op if torch.compiler.is_compiling() else launch
 
 
 def device_of(x: torch.Tensor):

@@ -14,6 +14,9 @@ tables get no gradient.
 The packed ops read q, k, v as strided views of qkv (timm's order: reshape(B, N, 3, H, D)), write O
 in [B, N, H, D] order (the layout the output projection reads, no transpose copy) and write
 dq, dk, dv straight into one dqkv buffer.
+
+Launch functions, custom ops, fake impls and autograd Functions follow the package's one pattern
+(``vit_fast.ops`` docstring).
 """
 from typing import Optional
 
@@ -42,13 +45,12 @@ def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-# ----------------------------------------------------------------------------- [B, H, N, D] ops
-# The pattern of vit_fast/ops/__init__.py: _<op>_fwd_launch / _<op>_bwd_launch bodies shared by the
-# custom ops and the eager <Op>Function twins.
-
-
 def _rope(sin, cos):
     return None if sin is None else (sin, cos)
+
+
+# ----------------------------------------------------------------------------- launches
+# vit_fast.ops docstring, 1.
 
 
 def _attention_fwd_launch(q, k, v, scale, sin=None, cos=None, num_prefix_tokens=0):
@@ -68,73 +70,6 @@ def _attention_bwd_launch(do, q, k, v, o, lse, scale, sin=None, cos=None, num_pr
         kernels.attention_bwd(do, q, k, v, o, lse, dq, dk, dv, scale, rope=_rope(sin, cos),
                               num_prefix_tokens=num_prefix_tokens)
     return dq, dk, dv
-
-
-@torch.library.custom_op("vit_fast::attention_fwd", mutates_args=())
-def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sin: Optional[torch.Tensor] = None,
-                  cos: Optional[torch.Tensor] = None, num_prefix_tokens: int = 0
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _attention_fwd_launch(q, k, v, scale, sin, cos, num_prefix_tokens)
-
-
-@attention_fwd.register_fake
-def _attention_fwd_fake(q, k, v, scale, sin=None, cos=None, num_prefix_tokens=0):
-    B, H, N, _ = q.shape
-    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, H, N, dtype=torch.float32)
-
-
-@torch.library.custom_op("vit_fast::attention_bwd", mutates_args=())
-def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-                  lse: torch.Tensor, scale: float, sin: Optional[torch.Tensor] = None,
-                  cos: Optional[torch.Tensor] = None, num_prefix_tokens: int = 0
-                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _attention_bwd_launch(do, q, k, v, o, lse, scale, sin, cos, num_prefix_tokens)
-
-
-@attention_bwd.register_fake
-def _attention_bwd_fake(do, q, k, v, o, lse, scale, sin=None, cos=None, num_prefix_tokens=0):
-    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
-
-
-def _attention_setup_context(ctx, inputs, output):
-    q, k, v, scale, sin, cos, num_prefix_tokens = inputs
-    o, lse = output
-    ctx.save_for_backward(q, k, v, o, lse, sin, cos)
-    ctx.scale, ctx.num_prefix_tokens = scale, num_prefix_tokens
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)  # no zeros kernel for lse's unused gradient; dO always arrives
-
-
-def _attention_grads(bwd, ctx, do):
-    q, k, v, o, lse, sin, cos = ctx.saved_tensors
-    dq, dk, dv = bwd(_unit_last_stride(do), q, k, v, o, lse, ctx.scale, sin, cos, ctx.num_prefix_tokens)
-    return dq, dk, dv, None, None, None, None
-
-
-def _attention_backward(ctx, do, _dlse):
-    return _attention_grads(attention_bwd, ctx, do)
-
-
-attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup_context)
-
-
-class AttentionFunction(torch.autograd.Function):
-    """Eager twin of vit_fast::attention_fwd + its registered autograd: same bodies, no custom-op dispatch."""
-
-    # forward(ctx, ...) rather than a separate setup_context: apply() would inspect.signature-bind the args
-    @staticmethod
-    def forward(ctx, q, k, v, scale, sin, cos, num_prefix_tokens):
-        output = _attention_fwd_launch(q, k, v, scale, sin, cos, num_prefix_tokens)
-        _attention_setup_context(ctx, (q, k, v, scale, sin, cos, num_prefix_tokens), output)
-        return output
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, do, _dlse):
-        return _attention_grads(_attention_bwd_launch, ctx, do)
-
-
-# ----------------------------------------------------------------------------- packed [B, N, 3*H*D] ops
 
 
 def _attention_packed_fwd_launch(qkv, num_heads, scale, sin=None, cos=None, num_prefix_tokens=0):
@@ -159,17 +94,30 @@ def _attention_packed_bwd_launch(do, qkv, o, lse, num_heads, scale, sin=None, co
     return dqkv
 
 
+# ----------------------------------------------------------------------------- custom ops
+# vit_fast.ops docstring, 2.
+
+
+@torch.library.custom_op("vit_fast::attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, sin: Optional[torch.Tensor] = None,
+                  cos: Optional[torch.Tensor] = None, num_prefix_tokens: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _attention_fwd_launch(q, k, v, scale, sin, cos, num_prefix_tokens)
+
+
+@torch.library.custom_op("vit_fast::attention_bwd", mutates_args=())
+def attention_bwd(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
+                  lse: torch.Tensor, scale: float, sin: Optional[torch.Tensor] = None,
+                  cos: Optional[torch.Tensor] = None, num_prefix_tokens: int = 0
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _attention_bwd_launch(do, q, k, v, o, lse, scale, sin, cos, num_prefix_tokens)
+
+
 @torch.library.custom_op("vit_fast::attention_packed_fwd", mutates_args=())
 def attention_packed_fwd(qkv: torch.Tensor, num_heads: int, scale: float, sin: Optional[torch.Tensor] = None,
                          cos: Optional[torch.Tensor] = None, num_prefix_tokens: int = 0
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     return _attention_packed_fwd_launch(qkv, num_heads, scale, sin, cos, num_prefix_tokens)
-
-
-@attention_packed_fwd.register_fake
-def _attention_packed_fwd_fake(qkv, num_heads, scale, sin=None, cos=None, num_prefix_tokens=0):
-    B, N, C3 = qkv.shape
-    return qkv.new_empty(B, N, C3 // 3), qkv.new_empty(B, num_heads, N, dtype=torch.float32)
 
 
 @torch.library.custom_op("vit_fast::attention_packed_bwd", mutates_args=())
@@ -179,46 +127,75 @@ def attention_packed_bwd(do: torch.Tensor, qkv: torch.Tensor, o: torch.Tensor, l
     return _attention_packed_bwd_launch(do, qkv, o, lse, num_heads, scale, sin, cos, num_prefix_tokens)
 
 
+# ----------------------------------------------------------------------------- fake impls
+
+
+@attention_fwd.register_fake
+def _attention_fwd_fake(q, k, v, scale, sin=None, cos=None, num_prefix_tokens=0):
+    B, H, N, _ = q.shape
+    return torch.empty_like(q, memory_format=torch.contiguous_format), q.new_empty(B, H, N, dtype=torch.float32)
+
+
+@attention_bwd.register_fake
+def _attention_bwd_fake(do, q, k, v, o, lse, scale, sin=None, cos=None, num_prefix_tokens=0):
+    return tuple(torch.empty_like(t, memory_format=torch.contiguous_format) for t in (q, k, v))
+
+
+@attention_packed_fwd.register_fake
+def _attention_packed_fwd_fake(qkv, num_heads, scale, sin=None, cos=None, num_prefix_tokens=0):
+    B, N, C3 = qkv.shape
+    return qkv.new_empty(B, N, C3 // 3), qkv.new_empty(B, num_heads, N, dtype=torch.float32)
+
+
 @attention_packed_bwd.register_fake
 def _attention_packed_bwd_fake(do, qkv, o, lse, num_heads, scale, sin=None, cos=None, num_prefix_tokens=0):
     return torch.empty_like(qkv, memory_format=torch.contiguous_format)
 
 
-def _attention_packed_setup_context(ctx, inputs, output):
-    qkv, num_heads, scale, sin, cos, num_prefix_tokens = inputs
-    o, lse = output
-    ctx.save_for_backward(qkv, o, lse, sin, cos)
-    ctx.num_heads, ctx.scale, ctx.num_prefix_tokens = num_heads, scale, num_prefix_tokens
-    ctx.mark_non_differentiable(lse)
-    ctx.set_materialize_grads(False)  # as in _attention_setup_context
+# ----------------------------------------------------------------------------- autograd Functions
+# vit_fast.ops docstring, 3. Both return (o, lse); lse is saved for the backward, not a result.
 
 
-def _attention_packed_grads(bwd, ctx, do):
-    qkv, o, lse, sin, cos = ctx.saved_tensors
-    dqkv = bwd(_unit_last_stride(do), qkv, o, lse, ctx.num_heads, ctx.scale, sin, cos, ctx.num_prefix_tokens)
-    return dqkv, None, None, None, None, None
-
-
-def _attention_packed_backward(ctx, do, _dlse):
-    return _attention_packed_grads(attention_packed_bwd, ctx, do)
-
-
-attention_packed_fwd.register_autograd(_attention_packed_backward, setup_context=_attention_packed_setup_context)
-
-
-class AttentionPackedFunction(torch.autograd.Function):
-    """Eager twin of vit_fast::attention_packed_fwd + its registered autograd (as AttentionFunction)."""
+class AttentionFunction(torch.autograd.Function):
 
     @staticmethod
-    def forward(ctx, qkv, num_heads, scale, sin, cos, num_prefix_tokens):
-        output = _attention_packed_fwd_launch(qkv, num_heads, scale, sin, cos, num_prefix_tokens)
-        _attention_packed_setup_context(ctx, (qkv, num_heads, scale, sin, cos, num_prefix_tokens), output)
-        return output
+    def forward(ctx, q, k, v, scale, sin, cos, num_prefix_tokens):
+        o, lse = dispatch.op_or_launch(attention_fwd, _attention_fwd_launch)(q, k, v, scale, sin, cos,
+                                                                             num_prefix_tokens)
+        ctx.save_for_backward(q, k, v, o, lse, sin, cos)
+        ctx.scale, ctx.num_prefix_tokens = scale, num_prefix_tokens
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # no zeros kernel for lse's unused gradient; dO always arrives
+        return o, lse
 
     @staticmethod
     @once_differentiable
     def backward(ctx, do, _dlse):
-        return _attention_packed_grads(_attention_packed_bwd_launch, ctx, do)
+        q, k, v, o, lse, sin, cos = ctx.saved_tensors
+        dq, dk, dv = dispatch.op_or_launch(attention_bwd, _attention_bwd_launch)(
+            _unit_last_stride(do), q, k, v, o, lse, ctx.scale, sin, cos, ctx.num_prefix_tokens)
+        return dq, dk, dv, None, None, None, None
+
+
+class AttentionPackedFunction(torch.autograd.Function):
+
+    @staticmethod
+    def forward(ctx, qkv, num_heads, scale, sin, cos, num_prefix_tokens):
+        o, lse = dispatch.op_or_launch(attention_packed_fwd, _attention_packed_fwd_launch)(
+            qkv, num_heads, scale, sin, cos, num_prefix_tokens)
+        ctx.save_for_backward(qkv, o, lse, sin, cos)
+        ctx.num_heads, ctx.scale, ctx.num_prefix_tokens = num_heads, scale, num_prefix_tokens
+        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # as in AttentionFunction
+        return o, lse
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, do, _dlse):
+        qkv, o, lse, sin, cos = ctx.saved_tensors
+        dqkv = dispatch.op_or_launch(attention_packed_bwd, _attention_packed_bwd_launch)(
+            _unit_last_stride(do), qkv, o, lse, ctx.num_heads, ctx.scale, sin, cos, ctx.num_prefix_tokens)
+        return dqkv, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -278,10 +255,6 @@ def _check_scale(scale, head_dim: int) -> float:
     return float(scale)
 
 
-# Kernel path: torch.compile traces the custom ops, eager calls take the Function twins (why:
-# vit_fast/ops/__init__.py).
-
-
 def attention(q, k, v, scale=None, rope=None, num_prefix_tokens=0):
     """softmax(scale * q k^T) v: q [B, H, N_Q, D], k and v [B, H, N_KV, D] -> [B, H, N_Q, D].
 
@@ -316,8 +289,6 @@ def attention(q, k, v, scale=None, rope=None, num_prefix_tokens=0):
         return F.scaled_dot_product_attention(q, k, v, scale=scale)
     check_kernel_dtypes(q=q, rope_sin=sin, rope_cos=cos)  # k and v share q's dtype
     _check_rope_no_grad(sin, cos)
-    if torch.compiler.is_compiling():
-        return attention_fwd(q, k, v, scale, sin, cos, num_prefix_tokens)[0]
     return AttentionFunction.apply(q, k, v, scale, sin, cos, num_prefix_tokens)[0]
 
 
@@ -345,6 +316,4 @@ def attention_packed(qkv, num_heads, scale=None, rope=None, num_prefix_tokens=0)
         return F.scaled_dot_product_attention(q, k, v, scale=scale).transpose(1, 2).reshape(B, N, C3 // 3)
     check_kernel_dtypes(qkv=qkv, rope_sin=sin, rope_cos=cos)
     _check_rope_no_grad(sin, cos)
-    if torch.compiler.is_compiling():
-        return attention_packed_fwd(qkv, num_heads, scale, sin, cos, num_prefix_tokens)[0]
     return AttentionPackedFunction.apply(qkv, num_heads, scale, sin, cos, num_prefix_tokens)[0]

@@ -9,11 +9,10 @@ Ops (all in the `vit_fast` namespace; mean and rstd are [rows] fp32, rows = nume
   -> (dx, dweight, dbias); dx = ds + dLN/ds is the gradient of both x and residual
 The kernels read every input in its own dtype and compute in fp32, so mixed precision needs no cast
 passes: bf16 x with fp32 weight (and an fp32 residual) under autocast, y written in y_dtype. dweight
-and dbias come in weight's dtype. A gradient not asked for comes back as an empty [0] tensor (a
-custom op cannot return None).
+and dbias come in weight's dtype. A gradient not asked for comes back as an empty [0] tensor.
 
-Launch functions, custom ops, fake impls, autograd and the eager Function twins follow the package's
-one pattern (``vit_fast.ops`` docstring).
+Launch functions, custom ops, fake impls and autograd Functions follow the package's one pattern
+(``vit_fast.ops`` docstring).
 """
 import math
 from typing import Optional
@@ -26,8 +25,7 @@ from vit_fast.kernels import layernorm as kernels
 from vit_fast.ops.checks import ANY_FLOAT_DTYPES, FLOAT_DTYPES, check_kernel_dtypes, check_tensor
 
 # ----------------------------------------------------------------------------- launches
-# One body per kernel, run by the custom ops and the eager Functions (vit_fast.ops docstring, 1).
-# A gradient not asked for comes back as None here.
+# vit_fast.ops docstring, 1. A gradient not asked for comes back as None here.
 
 
 def _layer_norm_fwd_launch(x, weight, bias, eps, y_dtype):
@@ -57,7 +55,7 @@ def _add_layer_norm_bwd_launch(dy, ds, s, weight, mean, rstd, compute_dweight, c
 
 
 # ----------------------------------------------------------------------------- custom ops
-# What torch.compile traces and opcheck tests (vit_fast.ops docstring, 2).
+# vit_fast.ops docstring, 2.
 
 
 @torch.library.custom_op("vit_fast::layer_norm_fwd", mutates_args=())
@@ -130,7 +128,9 @@ def _add_layer_norm_bwd_fake(dy, ds, s, weight, mean, rstd, compute_dweight, com
     return _fake_grads(s, weight, compute_dweight, compute_dbias)
 
 
-# ----------------------------------------------------------------------------- autograd
+# ----------------------------------------------------------------------------- autograd Functions
+# One per op (vit_fast.ops docstring, 3). They return y (and s) alone: mean and rstd stay inside,
+# saved for the backward.
 
 
 def _wanted(ctx, weight_index):
@@ -138,79 +138,33 @@ def _wanted(ctx, weight_index):
     return ctx.needs_input_grad[weight_index], ctx.needs_input_grad[weight_index + 1]
 
 
-def _layer_norm_setup_context(ctx, inputs, output):
-    x, weight, _, _, _ = inputs
-    _, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.mark_non_differentiable(mean, rstd)
-
-
-def _layer_norm_grads(ctx, dy, backward):
-    """Gradients of (x, weight, bias, eps, y_dtype); `backward` is the bwd custom op or its launch function."""
-    x, weight, mean, rstd = ctx.saved_tensors
-    compute_dweight, compute_dbias = _wanted(ctx, 1)
-    dx, dweight, dbias = backward(dy, x, weight, mean, rstd, compute_dweight, compute_dbias)
-    return dx, dweight if compute_dweight else None, dbias if compute_dbias else None, None, None
-
-
-def _layer_norm_backward(ctx, dy, _dmean, _drstd):
-    return _layer_norm_grads(ctx, dy, layer_norm_bwd)
-
-
-def _add_layer_norm_setup_context(ctx, inputs, output):
-    _, _, weight, _, _, _ = inputs
-    _, s, mean, rstd = output
-    ctx.save_for_backward(s, weight, mean, rstd)
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.set_materialize_grads(False)  # an unused s gives ds = None: no zeros to read
-
-
-def _add_layer_norm_grads(ctx, dy, ds, backward):
-    """Gradients of (x, residual, weight, bias, eps, y_dtype); `backward` is the bwd custom op or its
-    launch function. dx is in s's dtype; autograd casts it for an x or residual of another dtype."""
-    s, weight, mean, rstd = ctx.saved_tensors
-    compute_dweight, compute_dbias = _wanted(ctx, 2)
-    if dy is None:  # only s was used: y contributes nothing
-        dy = torch.zeros_like(s)
-    dx, dweight, dbias = backward(dy, ds, s, weight, mean, rstd, compute_dweight, compute_dbias)
-    return dx, dx, dweight if compute_dweight else None, dbias if compute_dbias else None, None, None
-
-
-def _add_layer_norm_backward(ctx, dy, ds, _dmean, _drstd):
-    return _add_layer_norm_grads(ctx, dy, ds, add_layer_norm_bwd)
-
-
-layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup_context)
-add_layer_norm_fwd.register_autograd(_add_layer_norm_backward, setup_context=_add_layer_norm_setup_context)
-
-
-# ----------------------------------------------------------------------------- eager Functions
-# The custom ops' eager twins (vit_fast.ops docstring, 3). They return y (and s) alone: mean and
-# rstd stay inside, saved as the setup_context functions above save them.
-
-
 class LayerNormFunction(torch.autograd.Function):
-    """layer_norm_fwd's eager twin."""
+    """Gradients of (x, weight, bias, eps, y_dtype)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, y_dtype):
-        y, mean, rstd = _layer_norm_fwd_launch(x, weight, bias, eps, y_dtype)
+        y, mean, rstd = dispatch.op_or_launch(layer_norm_fwd, _layer_norm_fwd_launch)(x, weight, bias, eps, y_dtype)
         ctx.save_for_backward(x, weight, mean, rstd)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        return _layer_norm_grads(ctx, dy, _layer_norm_bwd_launch)
+        x, weight, mean, rstd = ctx.saved_tensors
+        compute_dweight, compute_dbias = _wanted(ctx, 1)
+        dx, dweight, dbias = dispatch.op_or_launch(layer_norm_bwd, _layer_norm_bwd_launch)(
+            dy, x, weight, mean, rstd, compute_dweight, compute_dbias)
+        return dx, dweight if compute_dweight else None, dbias if compute_dbias else None, None, None
 
 
 class LayerNormStreamFunction(torch.autograd.Function):
     """(LN(x), x), the second output x itself: where the stream also feeds a later op (the next add +
     LayerNorm), its gradient joins dx inside the LayerNorm backward kernel instead of autograd adding
-    two [rows, C] gradients in a pass of its own. Eager only: a custom op cannot return its input."""
+    two [rows, C] gradients in a pass of its own. Compiled, the graph adds them after the bwd op
+    (layer_norm_bwd takes no extra gradient), where the compiler fuses the sum into its neighbours."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, y_dtype):
-        y, mean, rstd = _layer_norm_fwd_launch(x, weight, bias, eps, y_dtype)
+        y, mean, rstd = dispatch.op_or_launch(layer_norm_fwd, _layer_norm_fwd_launch)(x, weight, bias, eps, y_dtype)
         ctx.save_for_backward(x, weight, mean, rstd)
         ctx.set_materialize_grads(False)  # an unused output's gradient comes as None: nothing to read
         return y, x
@@ -221,23 +175,35 @@ class LayerNormStreamFunction(torch.autograd.Function):
             return ds, None, None, None, None
         x, weight, mean, rstd = ctx.saved_tensors
         compute_dweight, compute_dbias = _wanted(ctx, 1)
-        dx, dweight, dbias = _layer_norm_bwd_launch(dy, x, weight, mean, rstd, compute_dweight, compute_dbias, ds)
+        if torch.compiler.is_compiling():
+            dx, dweight, dbias = layer_norm_bwd(dy, x, weight, mean, rstd, compute_dweight, compute_dbias)
+            dx = dx if ds is None else dx + ds
+        else:
+            dx, dweight, dbias = _layer_norm_bwd_launch(dy, x, weight, mean, rstd, compute_dweight, compute_dbias, ds)
         return dx, dweight if compute_dweight else None, dbias if compute_dbias else None, None, None
 
 
 class AddLayerNormFunction(torch.autograd.Function):
-    """add_layer_norm_fwd's eager twin."""
+    """Gradients of (x, residual, weight, bias, eps, y_dtype). dx is in s's dtype; autograd casts it
+    for an x or residual of another dtype."""
 
     @staticmethod
     def forward(ctx, x, residual, weight, bias, eps, y_dtype):
-        y, s, mean, rstd = _add_layer_norm_fwd_launch(x, residual, weight, bias, eps, y_dtype)
+        y, s, mean, rstd = dispatch.op_or_launch(add_layer_norm_fwd, _add_layer_norm_fwd_launch)(
+            x, residual, weight, bias, eps, y_dtype)
         ctx.save_for_backward(s, weight, mean, rstd)
         ctx.set_materialize_grads(False)  # an unused s gives ds = None: no zeros to read
         return y, s
 
     @staticmethod
     def backward(ctx, dy, ds):
-        return _add_layer_norm_grads(ctx, dy, ds, _add_layer_norm_bwd_launch)
+        s, weight, mean, rstd = ctx.saved_tensors
+        compute_dweight, compute_dbias = _wanted(ctx, 2)
+        if dy is None:  # only s was used: y contributes nothing
+            dy = torch.zeros_like(s)
+        dx, dweight, dbias = dispatch.op_or_launch(add_layer_norm_bwd, _add_layer_norm_bwd_launch)(
+            dy, ds, s, weight, mean, rstd, compute_dweight, compute_dbias)
+        return dx, dx, dweight if compute_dweight else None, dbias if compute_dbias else None, None, None
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -321,10 +287,7 @@ def layer_norm(x, weight=None, bias=None, eps=1e-6, out_dtype=None):
     """
     autocast = _under_autocast(x)
     if _check_inputs(x, weight, bias, None, out_dtype, autocast):
-        y_dtype = _y_dtype(x.dtype, out_dtype, autocast)
-        if torch.compiler.is_compiling():
-            return layer_norm_fwd(x, weight, bias, float(eps), y_dtype)[0]
-        return LayerNormFunction.apply(x, weight, bias, float(eps), y_dtype)  # eager twin (vit_fast.ops docstring)
+        return LayerNormFunction.apply(x, weight, bias, float(eps), _y_dtype(x.dtype, out_dtype, autocast))
     return _torch_layer_norm(x, weight, bias, eps, out_dtype, autocast)
 
 
@@ -344,16 +307,10 @@ def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-6, out_dtype=None
     if residual is None:
         if not _check_inputs(x, weight, bias, None, out_dtype, autocast):
             return _torch_layer_norm(x, weight, bias, eps, out_dtype, autocast), x
-        y_dtype = _y_dtype(x.dtype, out_dtype, autocast)
-        if torch.compiler.is_compiling():  # the compiler fuses the gradient sum itself
-            return layer_norm_fwd(x, weight, bias, float(eps), y_dtype)[0], x
-        return LayerNormStreamFunction.apply(x, weight, bias, float(eps), y_dtype)
+        return LayerNormStreamFunction.apply(x, weight, bias, float(eps), _y_dtype(x.dtype, out_dtype, autocast))
     check_tensor("residual", residual)  # required here: _check_inputs reads None as "no residual"
     if _check_inputs(x, weight, bias, residual, out_dtype, autocast):
         y_dtype = _y_dtype(torch.promote_types(x.dtype, residual.dtype), out_dtype, autocast)
-        if torch.compiler.is_compiling():
-            y, s, _, _ = add_layer_norm_fwd(x, residual, weight, bias, float(eps), y_dtype)
-            return y, s
-        return AddLayerNormFunction.apply(x, residual, weight, bias, float(eps), y_dtype)  # eager twin
+        return AddLayerNormFunction.apply(x, residual, weight, bias, float(eps), y_dtype)
     s = x + residual
     return _torch_layer_norm(s, weight, bias, eps, out_dtype, autocast), s

@@ -28,11 +28,10 @@ as a torch matmul (cuBLAS on a GPU) with F.gelu in the forward and the existing
 anything not in it (CPU tensors under the interpreter included).
 
 Saving ``pre`` vs recomputing it: the forward writes ``pre`` (x @ W^T + b, input dtype) beside y
-only when a gradient is needed, one extra [M, N] store (ViT-B b256: 310 MB, ~0.1 ms at 3 TB/s,
-estimated, not yet timed), the same memory eager autograd keeps (F.gelu saves its input).
-Recomputing it in the backward would cost a whole [M,K]x[K,N] GEMM (cuBLAS: 0.38 ms at
-768 -> 3072 on an H100, perf/TARGETS.md) to save that memory: saving is the default and the only
-mode. Inference (no grad) writes y alone.
+only when a gradient is needed, one extra [M, N] store, the same memory eager autograd keeps
+(F.gelu saves its input). Recomputing it in the backward would cost a whole [M,K]x[K,N] GEMM to
+save that memory, far more than the store: saving is the default and the only mode. Inference (no
+grad) writes y alone.
 
 Autocast: ``torch.library.register_autocast`` casts to one fixed dtype, whereas F.linear follows the
 region's dtype, so the public functions cast x, weight and bias to ``torch.get_autocast_dtype``
@@ -47,8 +46,8 @@ SwiGLU (timm's SwiGLU up to its norm and fc2):
       outputs must not alias each other); db likewise (fp32 partials summed in a fixed order, in
       the weights' dtype).
 
-Launch functions, custom ops, fake impls, autograd and the eager Function twins follow the package's
-one pattern (``vit_fast.ops`` docstring).
+Launch functions, custom ops, fake impls and autograd Functions follow the package's one pattern
+(``vit_fast.ops`` docstring).
 """
 import functools
 import os
@@ -108,11 +107,9 @@ def torch_activation(pre, activation: str):
 
 MLP_BACKEND_ENV = "VIT_FAST_MLP_BACKEND"  # "triton" | "torch"; unset: the table below
 MLP_BACKENDS = ("triton", "torch")
-# (device capability, dtype, activation) -> backend. An entry is a measurement: the Triton path
-# where it ran faster than the cuBLAS one (README Results, H100, bf16: fc1+GELU(erf) fwd 0.557 ms vs
-# eager cuBLAS + GELU 0.590, 1.06x; GELU(tanh) 0.499 ms, 1.12x eager). The fused MLP backward
-# itself is not measured yet: `python benchmarks/mlp.py --quick` times both backends
-# (VIT_FAST_MLP_BACKEND) at ViT-B b128 / b256; add or change entries from those rows.
+# (device capability, dtype, activation) -> backend. An entry is a measured win of the Triton path
+# over the cuBLAS one on that device; `python benchmarks/mlp.py --quick` re-measures both backends
+# (VIT_FAST_MLP_BACKEND), and entries are added or changed from its rows.
 MLP_BACKEND_TABLE = {
     ((9, 0), torch.bfloat16, "gelu"): "triton",
     ((9, 0), torch.bfloat16, "gelu_tanh"): "triton",
@@ -145,7 +142,7 @@ def mlp_backend(x, activation) -> str:
 
 
 # ----------------------------------------------------------------------------- launches
-# One body per kernel, run by the custom ops and the eager Functions (vit_fast.ops docstring, 1).
+# vit_fast.ops docstring, 1.
 
 
 def _linear_act_fwd_launch(x, weight, bias, residual, activation, save_pre):
@@ -251,7 +248,7 @@ def _swiglu_bwd_launch(dh, x, wg, wx, pre, has_bias):
 
 
 # ----------------------------------------------------------------------------- custom ops
-# What torch.compile traces and opcheck tests (vit_fast.ops docstring, 2).
+# vit_fast.ops docstring, 2.
 
 
 @torch.library.custom_op("vit_fast::linear_act_fwd", mutates_args=())
@@ -335,144 +332,99 @@ def _swiglu_bwd_fake(dh, x, wg, wx, pre, has_bias):
     return x.new_empty(x.shape), wg.new_empty((2 * N, K)), wg.new_empty((2 * N,) if has_bias else (0,))
 
 
-# ----------------------------------------------------------------------------- autograd
-
-
-def _linear_act_setup_context(ctx, inputs, output):
-    x, weight, bias, residual, activation, save_pre = inputs
-    # pre is a saved intermediate, not a result: without these two, autograd would hand the backward
-    # a zero-filled [M, N] gradient for it (a 310 MB memset at ViT-B b256)
-    ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)
-    ctx.activation = activation
-    ctx.has_bias = bias is not None
-    ctx.has_residual = residual is not None
-    ctx.save_for_backward(x, weight, output[1] if activation != "none" else None)
-
-
-def _linear_act_grads(ctx, dy, backward):
-    """Input gradients from dy; ``backward`` is the bwd custom op or its launch function."""
-    if dy is None:  # y unused by the loss (grads are not materialized)
-        return None, None, None, None, None, None
-    x, weight, pre = ctx.saved_tensors
-    dresidual = dy if ctx.has_residual else None
-    if ctx.activation == "none":
-        dy = dy.to(x.dtype)  # a float32 residual makes y (and dy) float32
-        dx, dw = dy @ weight, dy.t() @ x
-        db = dy.sum(0) if ctx.has_bias else None
-        return dx, dw, db, dresidual, None, None
-    if pre.numel() != dy.numel():
-        raise RuntimeError("vit_fast::linear_act_fwd: backward needs the forward called with save_pre=True")
-    dx, dw, db = backward(dy, pre, x, weight, ctx.activation, ctx.has_bias)
-    return dx, dw, db if ctx.has_bias else None, dresidual, None, None
-
-
-def _linear_act_backward(ctx, dy, _dpre):
-    return _linear_act_grads(ctx, dy, torch.ops.vit_fast.linear_act_bwd)
-
-
-linear_act_fwd.register_autograd(_linear_act_backward, setup_context=_linear_act_setup_context)
-
-
-def _mlp_setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, residual, activation, save, backend = inputs
-    ctx.mark_non_differentiable(output[1], output[2])  # pre and h: saved intermediates, not results
-    ctx.set_materialize_grads(False)
-    ctx.activation, ctx.backend = activation, backend
-    ctx.has_b1, ctx.has_b2, ctx.has_residual = b1 is not None, b2 is not None, residual is not None
-    ctx.save_for_backward(x, w1, w2, output[1], output[2])
-
-
-def _mlp_grads(ctx, dy, backward):
-    if dy is None:  # y unused by the loss
-        return (None,) * 9
-    x, w1, w2, pre, h = ctx.saved_tensors
-    if pre.numel() != h.numel():
-        raise RuntimeError("vit_fast::mlp_fwd: backward needs the forward called with save=True")
-    dx, dw1, db1, dw2, db2 = backward(dy, x, w1, w2, pre, h, ctx.activation, ctx.has_b1, ctx.has_b2, ctx.backend)
-    return (dx, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None,
-            dy if ctx.has_residual else None, None, None, None)
-
-
-def _mlp_backward(ctx, dy, _dpre, _dh):
-    return _mlp_grads(ctx, dy, torch.ops.vit_fast.mlp_bwd)
-
-
-mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
-
-
-def _swiglu_setup_context(ctx, inputs, output):
-    x, wg, bg, wx, bx, save = inputs
-    ctx.mark_non_differentiable(output[1])  # pre: a saved intermediate
-    ctx.set_materialize_grads(False)
-    ctx.has_bg, ctx.has_bx = bg is not None, bx is not None
-    ctx.save_for_backward(x, wg, wx, output[1])
-
-
-def _swiglu_grads(ctx, dh, backward):
-    if dh is None:  # h unused by the loss
-        return (None,) * 6
-    x, wg, wx, pre = ctx.saved_tensors
-    N = wg.shape[0]
-    if pre.numel() != 2 * dh.numel():
-        raise RuntimeError("vit_fast::swiglu_fwd: backward needs the forward called with save=True")
-    dx, dw, db = backward(dh, x, wg, wx, pre, ctx.has_bg or ctx.has_bx)  # dh: any strides
-    dbg = db[:N] if ctx.has_bg else None
-    dbx = db[N:] if ctx.has_bx else None
-    return dx, dw[:N], dbg, dw[N:], dbx, None
-
-
-def _swiglu_backward(ctx, dh, _dpre):
-    return _swiglu_grads(ctx, dh, torch.ops.vit_fast.swiglu_bwd)
-
-
-swiglu_fwd.register_autograd(_swiglu_backward, setup_context=_swiglu_setup_context)
-
-
-# ----------------------------------------------------------------------------- eager Functions
-# The custom ops' eager twins (vit_fast.ops docstring, 3).
+# ----------------------------------------------------------------------------- autograd Functions
+# vit_fast.ops docstring, 3. The second and third outputs (pre, h) are saved intermediates, not
+# results: marked non-differentiable, with grads not materialized, so autograd hands the backward
+# no zero-filled [M, N] gradient for them (a 310 MB memset at ViT-B b256).
 
 
 class LinearActFunction(torch.autograd.Function):
-    """linear_act_fwd's eager twin."""
+    """Gradients of (x, weight, bias, residual, activation, save_pre); activation "none" needs no
+    kernel in the backward: dresidual = dy and three torch matmuls / sums."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, residual, activation, save_pre):
-        output = _linear_act_fwd_launch(x, weight, bias, residual, activation, save_pre)
-        _linear_act_setup_context(ctx, (x, weight, bias, residual, activation, save_pre), output)
-        return output
+        y, pre = dispatch.op_or_launch(linear_act_fwd, _linear_act_fwd_launch)(x, weight, bias, residual, activation,
+                                                                                save_pre)
+        ctx.mark_non_differentiable(pre)
+        ctx.set_materialize_grads(False)
+        ctx.activation = activation
+        ctx.has_bias = bias is not None
+        ctx.has_residual = residual is not None
+        ctx.save_for_backward(x, weight, pre if activation != "none" else None)
+        return y, pre
 
     @staticmethod
     def backward(ctx, dy, _dpre):
-        return _linear_act_grads(ctx, dy, _linear_act_bwd_launch)
+        if dy is None:  # y unused by the loss
+            return None, None, None, None, None, None
+        x, weight, pre = ctx.saved_tensors
+        dresidual = dy if ctx.has_residual else None
+        if ctx.activation == "none":
+            dy = dy.to(x.dtype)  # a float32 residual makes y (and dy) float32
+            dx, dw = dy @ weight, dy.t() @ x
+            db = dy.sum(0) if ctx.has_bias else None
+            return dx, dw, db, dresidual, None, None
+        if pre.numel() != dy.numel():
+            raise RuntimeError("vit_fast::linear_act_fwd: backward needs the forward called with save_pre=True")
+        dx, dw, db = dispatch.op_or_launch(linear_act_bwd, _linear_act_bwd_launch)(dy, pre, x, weight, ctx.activation,
+                                                                                    ctx.has_bias)
+        return dx, dw, db if ctx.has_bias else None, dresidual, None, None
 
 
 class MlpFunction(torch.autograd.Function):
-    """mlp_fwd's eager twin."""
+    """Gradients of (x, w1, b1, w2, b2, residual, activation, save, backend)."""
 
     @staticmethod
     def forward(ctx, x, w1, b1, w2, b2, residual, activation, save, backend):
-        output = _mlp_fwd_launch(x, w1, b1, w2, b2, residual, activation, save, backend)
-        _mlp_setup_context(ctx, (x, w1, b1, w2, b2, residual, activation, save, backend), output)
-        return output
+        y, pre, h = dispatch.op_or_launch(mlp_fwd, _mlp_fwd_launch)(x, w1, b1, w2, b2, residual, activation, save,
+                                                                    backend)
+        ctx.mark_non_differentiable(pre, h)
+        ctx.set_materialize_grads(False)
+        ctx.activation, ctx.backend = activation, backend
+        ctx.has_b1, ctx.has_b2, ctx.has_residual = b1 is not None, b2 is not None, residual is not None
+        ctx.save_for_backward(x, w1, w2, pre, h)
+        return y, pre, h
 
     @staticmethod
     def backward(ctx, dy, _dpre, _dh):
-        return _mlp_grads(ctx, dy, _mlp_bwd_launch)
+        if dy is None:  # y unused by the loss
+            return (None,) * 9
+        x, w1, w2, pre, h = ctx.saved_tensors
+        if pre.numel() != h.numel():
+            raise RuntimeError("vit_fast::mlp_fwd: backward needs the forward called with save=True")
+        dx, dw1, db1, dw2, db2 = dispatch.op_or_launch(mlp_bwd, _mlp_bwd_launch)(
+            dy, x, w1, w2, pre, h, ctx.activation, ctx.has_b1, ctx.has_b2, ctx.backend)
+        return (dx, dw1, db1 if ctx.has_b1 else None, dw2, db2 if ctx.has_b2 else None,
+                dy if ctx.has_residual else None, None, None, None)
 
 
 class SwigluFunction(torch.autograd.Function):
-    """swiglu_fwd's eager twin."""
+    """Gradients of (x, wg, bg, wx, bx, save): the bwd op's stacked dw and db split into their halves
+    here (a custom op's outputs must not alias each other)."""
 
     @staticmethod
     def forward(ctx, x, wg, bg, wx, bx, save):
-        output = _swiglu_fwd_launch(x, wg, bg, wx, bx, save)
-        _swiglu_setup_context(ctx, (x, wg, bg, wx, bx, save), output)
-        return output
+        h, pre = dispatch.op_or_launch(swiglu_fwd, _swiglu_fwd_launch)(x, wg, bg, wx, bx, save)
+        ctx.mark_non_differentiable(pre)
+        ctx.set_materialize_grads(False)
+        ctx.has_bg, ctx.has_bx = bg is not None, bx is not None
+        ctx.save_for_backward(x, wg, wx, pre)
+        return h, pre
 
     @staticmethod
     def backward(ctx, dh, _dpre):
-        return _swiglu_grads(ctx, dh, _swiglu_bwd_launch)
+        if dh is None:  # h unused by the loss
+            return (None,) * 6
+        x, wg, wx, pre = ctx.saved_tensors
+        N = wg.shape[0]
+        if pre.numel() != 2 * dh.numel():
+            raise RuntimeError("vit_fast::swiglu_fwd: backward needs the forward called with save=True")
+        dx, dw, db = dispatch.op_or_launch(swiglu_bwd, _swiglu_bwd_launch)(  # dh: any strides
+            dh, x, wg, wx, pre, ctx.has_bg or ctx.has_bx)
+        dbg = db[:N] if ctx.has_bg else None
+        dbx = db[N:] if ctx.has_bx else None
+        return dx, dw[:N], dbg, dw[N:], dbx, None
 
 
 # ----------------------------------------------------------------------------- public functions
@@ -538,10 +490,7 @@ def _linear_act(x, weight, bias, residual, activation):
     r2d = residual.reshape(-1, N) if residual is not None else None
     save_pre = activation != "none" and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias))
-    if torch.compiler.is_compiling():  # the custom op: what the graph records
-        y, _ = torch.ops.vit_fast.linear_act_fwd(x2d, weight, bias, r2d, activation, save_pre)
-    else:  # eager: the same code, a fraction of the host time (LinearActFunction)
-        y, _ = LinearActFunction.apply(x2d, weight, bias, r2d, activation, save_pre)
+    y, _ = LinearActFunction.apply(x2d, weight, bias, r2d, activation, save_pre)
     return y.view(*x.shape[:-1], N)
 
 
@@ -629,10 +578,7 @@ def mlp(x, fc1_weight, fc1_bias, fc2_weight, fc2_bias, residual=None, approximat
     x2d = x.reshape(-1, x.shape[-1])
     r2d = residual.reshape(-1, N) if residual is not None else None
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
-    if torch.compiler.is_compiling():
-        y, _, _ = torch.ops.vit_fast.mlp_fwd(x2d, w1, b1, w2, b2, r2d, activation, save, backend)
-    else:
-        y, _, _ = MlpFunction.apply(x2d, w1, b1, w2, b2, r2d, activation, save, backend)
+    y, _, _ = MlpFunction.apply(x2d, w1, b1, w2, b2, r2d, activation, save, backend)
     return y.view(*x.shape[:-1], N)
 
 
@@ -665,8 +611,5 @@ def swiglu(x, fc1_g_weight, fc1_g_bias, fc1_x_weight, fc1_x_bias):
     N = wg.shape[0]
     x2d = x.reshape(-1, x.shape[-1])
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, wg, bg, wx, bx))
-    if torch.compiler.is_compiling():
-        h, _ = torch.ops.vit_fast.swiglu_fwd(x2d, wg, bg, wx, bx, save)
-    else:
-        h, _ = SwigluFunction.apply(x2d, wg, bg, wx, bx, save)
+    h, _ = SwigluFunction.apply(x2d, wg, bg, wx, bx, save)
     return h.view(*x.shape[:-1], N)
