@@ -234,6 +234,19 @@ def _unrope(g, rows, cols, n_rows, head_dim, SIN, COS, stride_sn, stride_cn, n_p
 
 
 @triton.jit
+def _next_key_block(k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, BLOCK_N: tl.constexpr, stride_kn, stride_vn,
+                    BLOCK_D_TAIL: tl.constexpr):
+    # the K / V pointer tiles one key block on (the second column chunk's too when there is one;
+    # without it kt_ptrs / vt_ptrs are stand-ins and stay as they are)
+    k_ptrs += BLOCK_N * stride_kn
+    v_ptrs += BLOCK_N * stride_vn
+    if BLOCK_D_TAIL > 0:
+        kt_ptrs += BLOCK_N * stride_kn
+        vt_ptrs += BLOCK_N * stride_vn
+    return k_ptrs, v_ptrs, kt_ptrs, vt_ptrs
+
+
+@triton.jit
 def _fwd_key_block(acc, acc_t, m_i, l_i, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, keys, n_kv, offs_d, offs_dt,
                    head_dim, qk_scale, SIN, COS, stride_sn, stride_cn, n_prefix,
                    MASK_KEYS: tl.constexpr, PAD_D: tl.constexpr, PAD_D_TAIL: tl.constexpr,
@@ -310,11 +323,8 @@ def attention_fwd_kernel(
                                               start_n + offs_n, N_KV, offs_d, offs_dt, head_dim, qk_scale, SIN, COS,
                                               stride_sn, stride_cn, n_prefix, False, PAD_D, PAD_D_TAIL,
                                               BLOCK_D_TAIL, DOT_PRECISION, ROPE, BLOCK_N, BLOCK_D)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-        if BLOCK_D_TAIL > 0:
-            kt_ptrs += BLOCK_N * stride_kn
-            vt_ptrs += BLOCK_N * stride_vn
+        k_ptrs, v_ptrs, kt_ptrs, vt_ptrs = _next_key_block(k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, BLOCK_N, stride_kn,
+                                                           stride_vn, BLOCK_D_TAIL)
     if n_full < N_KV:  # the ragged last key block
         acc, acc_t, m_i, l_i = _fwd_key_block(acc, acc_t, m_i, l_i, q, q_t, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs,
                                               n_full + offs_n, N_KV, offs_d, offs_dt, head_dim, qk_scale, SIN, COS,
@@ -604,11 +614,8 @@ def attention_bwd_dq_kernel(
                                  start_n + offs_n, N_KV, offs_d, offs_dt, head_dim, qk_scale, SIN, COS, stride_sn,
                                  stride_cn, n_prefix, False, PAD_D, PAD_D_TAIL, BLOCK_D_TAIL, DOT_PRECISION, ROPE,
                                  BLOCK_N, BLOCK_D)
-        k_ptrs += BLOCK_N * stride_kn
-        v_ptrs += BLOCK_N * stride_vn
-        if BLOCK_D_TAIL > 0:
-            kt_ptrs += BLOCK_N * stride_kn
-            vt_ptrs += BLOCK_N * stride_vn
+        k_ptrs, v_ptrs, kt_ptrs, vt_ptrs = _next_key_block(k_ptrs, v_ptrs, kt_ptrs, vt_ptrs, BLOCK_N, stride_kn,
+                                                           stride_vn, BLOCK_D_TAIL)
     if n_full < N_KV:  # the ragged last key block
         dq, dq_t = _dq_key_block(dq, dq_t, q, q_t, do, do_t, lse, delta, k_ptrs, v_ptrs, kt_ptrs, vt_ptrs,
                                  n_full + offs_n, N_KV, offs_d, offs_dt, head_dim, qk_scale, SIN, COS, stride_sn,
