@@ -1,4 +1,6 @@
 """Error measures shared by the op tests: the kernel, torch in the same dtype, and float64."""
+import contextlib
+
 import pytest
 import torch
 
@@ -78,3 +80,15 @@ def launches_during(call):
     before = dict(dispatch.kernel_launches)
     result = call()
     return result, {op: n - before.get(op, 0) for op, n in dispatch.kernel_launches.items() if n != before.get(op, 0)}
+
+
+@contextlib.contextmanager
+def torch_tf32(enabled):
+    """torch's fp32 matmuls and convs with tf32 ``enabled`` or not inside the block. Restored by hand:
+    cuda.matmul's allow_tf32 is no plain attribute, and monkeypatch's undo fails on it."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved

@@ -25,26 +25,18 @@ missing online-softmax rescale, an injected 1e-3 error, and an injected 5e-6 err
 fp32 bound, > 2x torch's error + the floor) each failing.
 """
 import collections
-import contextlib
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from numerics import DTYPE_BOUND, FLOOR_FACTOR, FP32_UNIT_ROUNDOFF, rel_err
+from numerics import DTYPE_BOUND, FLOOR_FACTOR, FP32_UNIT_ROUNDOFF, rel_err, torch_tf32
 from vit_fast import dispatch
 
 
-@contextlib.contextmanager
 def exact_fp32_matmul():
-    """torch's fp32 matmuls in full fp32 (no tf32) inside the block, as the kernels' fp32 dots are.
-    Restored by hand: cuda.matmul's allow_tf32 is no plain attribute, and monkeypatch's undo fails on it."""
-    was = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = was
+    """torch's fp32 matmuls in full fp32 (no tf32) inside the block, as the kernels' fp32 dots are."""
+    return torch_tf32(False)
 
 
 @pytest.fixture

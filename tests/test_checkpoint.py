@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import vit_fast
 from vit_fast import dispatch, reference
 from vit_fast.checkpoint import resample_pos_embed
-from numerics import DTYPE_BOUND, assert_close_to_ref, rel_err
+from numerics import DTYPE_BOUND, assert_close_to_ref, rel_err, torch_tf32
 
 # small model: 4x4 patch grid; MODEL builds the model under test
 CFG = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=10)
@@ -314,13 +314,8 @@ def test_load_npz_on_the_kernel_path(tmp_path, monkeypatch, device):
     """The loaded model on its kernels (Triton's interpreter on CPU): within the fp32 tolerance, against
     torch fp32 on the same device with tf32 off (the kernels' fp32 dots are exact fp32, not tf32)."""
     monkeypatch.delenv("VIT_FAST_FORCE_TORCH")
-    # save and restore by hand: cuda.matmul's allow_tf32 is no plain attribute, monkeypatch's undo fails on it
-    saved_tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    try:
+    with torch_tf32(False):
         _check_npz_on_the_kernel_path(tmp_path, device)
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved_tf32
 
 
 def _check_npz_on_the_kernel_path(tmp_path, device):

@@ -21,7 +21,7 @@ from vit_fast import dispatch, reference
 from vit_fast.checkpoint import resample_pos_embed
 from vit_fast.nn.block import Block, DropPath
 
-from numerics import DTYPE_BOUND, assert_close_to_ref
+from numerics import DTYPE_BOUND, assert_close_to_ref, launches_during, torch_tf32
 from numerics import forward_backward as run
 
 SMALL = dict(img_size=64, patch_size=16, embed_dim=96, depth=2, num_heads=3, num_classes=10)
@@ -40,16 +40,10 @@ def fp32_bound(device):
     return DTYPE_BOUND["tf32" if device == "cuda" else torch.float32]
 
 
-@contextlib.contextmanager
 def torch_in_tf32(device):
     """On a GPU, torch's fp32 matmuls and convs in tf32 as the kernels' fp32 dots may be: the
     "torch in the same dtype" of assert_close_to_ref."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = device == "cuda"
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    return torch_tf32(device == "cuda")
 
 
 def fp32_tolerance(device):
@@ -624,12 +618,6 @@ def launches_per_forward(depth, backward=False):
         counts.update({"patch_embed_bwd": 1, "attention_packed_bwd": depth - 1, "attention_bwd": 1,
                        "layer_norm_bwd": depth + 1, "add_layer_norm_bwd": depth, "mlp_bwd": depth})
     return {op: n for op, n in counts.items() if n}
-
-
-def launches_during(call):
-    before = collections.Counter(dispatch.kernel_launches)
-    result = call()
-    return result, {op: n - before[op] for op, n in dispatch.kernel_launches.items() if n != before[op]}
 
 
 @pytest.mark.parametrize("images", ["float", "uint8"])
