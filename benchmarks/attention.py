@@ -16,7 +16,6 @@ and files (benchmarks/results/<device>/attention.json, stamped; .csv, .png) are 
 Without a GPU: says so, checks the kernels under Triton's interpreter on a small ViT shape, times
 the CPU paths against SDPA on the CPU (no files written), exits 0.
 """
-import argparse
 import os
 import sys
 
@@ -71,6 +70,9 @@ REPS = {True: dict(warmup=10, rep=40), False: dict(warmup=25, rep=100)}  # do_be
 CPU_CHECK_SHAPE = (2, 3, 197, 64)  # B, H, N, D: ViT-Ti/16, 3 heads of 64 (the interpreter check)
 CPU_TIMING_SHAPE = (8, 197, 384, 6)  # B, N, dim, heads: ViT-S/16, batch 8 (the CPU timings)
 CPU_CHECK_BOUND = {torch.float32: 1e-5, torch.float16: 1e-2}
+OPTIONS = {"--quick": "fewer shapes and repetitions", "--sweep": "time kernel tile configs and print the best"}
+NOT_MEASURED = ("attention timings not measured; checking the Triton kernels under the interpreter and timing the "
+                "CPU paths instead")
 
 
 class TimmStyleAttention(nn.Module):
@@ -187,9 +189,9 @@ def sweep(args=None):
         scale = D**-0.5
         flops = 4 * B * H * N * N * D
 
-        def best(label, candidates, launch):  # {config: ms} of the ones that ran, and the fastest
+        def best(label, candidates, launch):  # {config: median ms} of the ones that ran, and the fastest
             times = {c: harness.time_config(f"{label} {c}", launch(c)) for c in candidates}
-            times = {c: ms for c, ms in times.items() if ms is not None}
+            times = {c: stats["ms"] for c, stats in times.items() if stats is not None}
             return times, (min(times, key=times.get) if times else None)
 
         def bwd(cfgs):
@@ -276,12 +278,7 @@ def run_cpu(args=None):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer shapes and repetitions")
-    parser.add_argument("--sweep", action="store_true", help="time kernel tile configs and print the best")
-    harness.main(parser.parse_args(argv), run_gpu, run_cpu,
-                 "attention timings not measured; checking the Triton kernels under the interpreter "
-                 "and timing the CPU paths instead")
+    harness.main(argv, __doc__.splitlines()[0], OPTIONS, run_gpu, run_cpu, NOT_MEASURED)
 
 
 if __name__ == "__main__":

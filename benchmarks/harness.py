@@ -1,17 +1,23 @@
-"""What every benchmark shares: the device's measured ceilings, timing, the table and the files.
+"""What every benchmark shares: the command line, the device's measured ceilings, timing, the table and the files.
 
-`run_benchmark(op, cases, peers, modes, flops=..., nbytes=...)` owns the loop most benchmarks are:
-every case (a shape) x peer (name -> factory of the callable to time) x mode (fwd / bwd / fwd+bwd),
-each timed with `triton.testing.do_bench` (median, min and max) and replayed from a CUDA graph
-(`graph_ms`), as TFLOP/s or GB/s and % of the ceilings measured in the same run (`ceilings()`),
-with ratios to named peers; it prints the table and writes `benchmarks/results/<device>/<op>.json`
-(stamped with `stamp()`: commit, device, date, versions), `.csv` and a PNG bar chart
-(`write_results`). Benchmarks with other loops build rows themselves and use `print_table` and
-`write_results`. All GPU work goes through this module's functions (`bench_stats`,
-`graph_ms_or_none`, `host_ms`, `peak_memory_mib`, `ceilings`, `sync`) and tensors are made on
-`DEVICE`, so a test can run a benchmark's GPU path on the CPU by replacing those
-(tests/test_benchmarks.py).
+`run_benchmark(op, cases, peers, modes, flops=..., nbytes=...)` owns the loop every benchmark runs:
+every case (a shape; a model) x peer (name -> factory of the callable to time) x mode (fwd / bwd /
+fwd+bwd; vit.py's batch sizes), each timed with `triton.testing.do_bench` (median, min and max) and
+replayed from a CUDA graph (`graph_ms`), as TFLOP/s or GB/s and % of the ceilings measured in the
+same run (`ceilings()`), with ratios to named peers; it prints the table and writes
+`benchmarks/results/<device>/<op>.json` (stamped with `stamp()`: commit, dirty, device, date,
+versions), `.csv` (each row with the commit) and a PNG bar chart (`write_results`). Rows that are
+not one op's timing go through the same loop: a peer that measures itself returns `Samples` (a
+data loader, a whole training run), `timer` swaps do_bench for `bench_cpu_stats` where the CPU is
+what is measured, measure="peak_gib" adds the allocator's peaks of a whole row (weights, optimizer
+state and graph pools in). The attention and layernorm launch-config sweeps build their rows
+themselves (`time_config`) and use `print_table` and `write_results`.
+All GPU work goes through this module's functions (`bench_stats`, `bench_graph_stats`,
+`graph_ms_or_none`, `host_ms`, `peak_memory_mib`, `reset_peak_memory`, `peak_memory_gib`,
+`profile_kernels`, `ceilings`, `sync`) and tensors are made on `DEVICE`, so a test can run a
+benchmark's GPU path on the CPU by replacing those (tests/test_benchmarks.py).
 """
+import argparse
 import contextlib
 import csv
 import datetime
@@ -136,8 +142,8 @@ def profile_kernels(fn, top=15) -> dict:
     return summary
 
 
-def bench_graph_ms(fn, warmup=25, rep=100) -> float:
-    """Median milliseconds of `fn`'s kernels replayed from a captured CUDA graph.
+def bench_graph_stats(fn, warmup=25, rep=100) -> dict:
+    """min, median and max milliseconds (`bench_stats`) of `fn`'s kernels replayed from a captured CUDA graph.
 
     `bench_ms` times what a caller sees, host launch path included: where that path is longer than
     the kernels (small ops, autograd), the GPU idles between launches and the row times Python.
@@ -155,31 +161,37 @@ def bench_graph_ms(fn, warmup=25, rep=100) -> float:
     try:
         with torch.cuda.graph(graph):
             fn()
-        return bench_ms(graph.replay, warmup=warmup, rep=rep)
+        return bench_stats(graph.replay, warmup=warmup, rep=rep)
     finally:
         del graph
         torch.cuda.empty_cache()
 
 
 def graph_ms_or_none(label, fn, warmup=25, rep=100):
-    """`bench_graph_ms`, or None (said once, with the reason) when `fn` cannot be captured."""
+    """The median of `bench_graph_stats`, or None (said once, with the reason) when `fn` cannot be captured."""
     try:
-        return bench_graph_ms(fn, warmup=warmup, rep=rep)
+        return bench_graph_stats(fn, warmup=warmup, rep=rep)["ms"]
     except Exception as e:  # e.g. a peer with a host sync: its eager time still stands
         print(f"{label}: no CUDA-graph time ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"[:200])
         torch.cuda.synchronize()
         return None
 
 
-def bench_cpu_ms(fn, reps=5) -> float:
-    """Median wall-clock milliseconds on the CPU, after one warm-up call."""
+def summarize_ms(samples) -> dict:
+    """min, median and max of per-call milliseconds, as `bench_stats` reports them."""
+    ordered = sorted(samples)
+    return {"min_ms": ordered[0], "ms": ordered[len(ordered) // 2], "max_ms": ordered[-1]}
+
+
+def bench_cpu_stats(fn, reps=5) -> dict:
+    """min, median and max wall-clock milliseconds of `fn()` on the CPU, after one warm-up call."""
     fn()
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
+    return summarize_ms(times)
 
 
 def sync():
@@ -210,15 +222,15 @@ def host_ms(fn, calls=20) -> float:
 
 
 def time_config(label, fn, warmup=25, rep=100):
-    """A sweep candidate's kernels alone (CUDA-graph replay: launch cost is no config's), or None, said,
-    when it does not compile or fit (out of shared memory, registers)."""
+    """A sweep candidate's kernels alone (CUDA-graph replay: launch cost is no config's) as
+    `bench_graph_stats`, or None, said, when it does not compile or fit (out of shared memory, registers)."""
     try:
-        ms = bench_graph_ms(fn, warmup=warmup, rep=rep)
+        stats = bench_graph_stats(fn, warmup=warmup, rep=rep)
     except Exception as e:
         print(f"  {label}: failed ({type(e).__name__})")
         return None
-    print(f"  {label}: {ms:.4f} ms")
-    return ms
+    print(f"  {label}: {stats['ms']:.4f} ms (min {stats['min_ms']:.4f}, max {stats['max_ms']:.4f})")
+    return stats
 
 
 def rel_err(got, want) -> float:
@@ -227,15 +239,28 @@ def rel_err(got, want) -> float:
     return ((got.double() - want).norm() / want.norm()).item()
 
 
+def cpu_ms_columns(fn, reps=5) -> dict:
+    """cpu_min_ms, cpu_ms (median) and cpu_max_ms of `fn()` on the CPU (`bench_cpu_stats`), rounded."""
+    stats = bench_cpu_stats(fn, reps)
+    return {"cpu_min_ms": round(stats["min_ms"], 3), "cpu_ms": round(stats["ms"], 3),
+            "cpu_max_ms": round(stats["max_ms"], 3)}
+
+
 def cpu_timings(cases, title, key="impl") -> list:
-    """[{key: name, cpu_ms}] of (name, fn) cases timed with `bench_cpu_ms`, printed under `title`."""
-    rows = [{key: name, "cpu_ms": round(bench_cpu_ms(fn), 3)} for name, fn in cases]
+    """[{key: name, cpu_min_ms, cpu_ms, cpu_max_ms}] of (name, fn) cases (`cpu_ms_columns`), printed under `title`."""
+    rows = [{key: name, **cpu_ms_columns(fn)} for name, fn in cases]
     print_table(rows, title=title)
     return rows
 
 
-def main(args, gpu, cpu, missing):
-    """`gpu(args)` on a CUDA machine; else says what was not measured (`missing`) and runs `cpu(args)`."""
+def main(argv, description, options, gpu, cpu, missing):
+    """A benchmark's command line, then `gpu(args)` on a CUDA machine; else says what was not measured
+    (`missing`) and runs `cpu(args)`. options: {flag: help} for an on/off flag, {flag: add_argument
+    keywords} for the others; `description` is printed as written."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for flag, spec in options.items():
+        parser.add_argument(flag, **({"action": "store_true", "help": spec} if isinstance(spec, str) else spec))
+    args = parser.parse_args(argv)
     if has_gpu():
         return gpu(args)
     print(f"no CUDA GPU: {missing}")
@@ -249,6 +274,20 @@ def peak_memory_mib(fn) -> float:
     fn()
     torch.cuda.synchronize()
     return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def reset_peak_memory():
+    """Start a row's allocator peaks from what is allocated now (cached free blocks returned first)."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def peak_memory_gib() -> dict:
+    """The allocator's peaks since `reset_peak_memory()`: most allocated and most reserved, GiB."""
+    torch.cuda.synchronize()
+    return {"peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+            "reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
 
 
 _CEILINGS = {}
@@ -288,7 +327,8 @@ def print_table(rows, columns=None, title=None):
 
 def write_results(op: str, rows, plot_key=None, label_keys=("shape", "impl"), extra=None):
     """Save rows as JSON (with `stamp()`, the ceilings and `extra`, a dict of more top-level entries) and
-    CSV; a PNG of `plot_key` if matplotlib is there."""
+    CSV (each row stamped with the commit and the dirty flag: a CSV has no header block); a PNG of
+    `plot_key` if matplotlib is there."""
     out_dir = os.path.join(RESULTS_DIR, device_slug())
     os.makedirs(out_dir, exist_ok=True)
     meta = stamp()
@@ -296,11 +336,12 @@ def write_results(op: str, rows, plot_key=None, label_keys=("shape", "impl"), ex
         meta["ceilings"] = ceilings()
     with open(os.path.join(out_dir, f"{op}.json"), "w") as f:
         json.dump({"meta": meta, "rows": rows, **(extra or {})}, f, indent=1)
-    columns = sorted({c for r in rows for c in r}, key=lambda c: min(list(r).index(c) for r in rows if c in r))
+    stamped = [{**r, "commit": meta["commit"], "dirty": meta["dirty"]} for r in rows]
+    columns = sorted({c for r in stamped for c in r}, key=lambda c: min(list(r).index(c) for r in stamped if c in r))
     with open(os.path.join(out_dir, f"{op}.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows(stamped)
     if plot_key:
         _plot(os.path.join(out_dir, f"{op}.png"), op, rows, plot_key, label_keys, meta["device"])
     return out_dir
@@ -368,23 +409,60 @@ def autograd_mode(mode, fn, inputs, grads=None, no_grad_fwd=False):
 
 
 def _round(row):
-    digits = {"ms": 4, "min_ms": 4, "max_ms": 4, "graph_ms": 4, "host_ms": 4, "peak_mib": 1, "tflops": 1,
-              "graph_tflops": 1, "gbps": 0, "graph_gbps": 0}
+    digits = {"ms": 4, "min_ms": 4, "max_ms": 4, "graph_ms": 4, "host_ms": 4, "peak_mib": 1, "peak_gib": 3,
+              "reserved_gib": 3, "tflops": 1, "graph_tflops": 1, "gbps": 0, "graph_gbps": 0}
     for key, value in row.items():
         if isinstance(value, float):
             row[key] = round(value, digits.get(key, 1 if "pct" in key else 3))
     return row
 
 
-def _measure(label, fn, reps, measure):
-    """ms (median), min_ms, max_ms from do_bench; graph_ms (None: not capturable); host_ms, peak_mib if asked."""
-    found = bench_stats(fn, **reps)
-    found["graph_ms"] = graph_ms_or_none(label, fn, **reps)
+class Samples(NamedTuple):
+    """What a peer that times itself returns instead of a callable: its per-call milliseconds (e.g. a
+    data loader's batches, a training run's epochs as ms per step), summarized as min / median / max."""
+    ms: list
+
+
+def _measure(label, fn, timer, reps, measure, graph):
+    """ms (median), min_ms, max_ms from `timer`; graph_ms (None: not capturable) where `graph`; host_ms,
+    peak_mib, peak_gib (the row's allocator peaks, make included) if asked."""
+    if isinstance(fn, Samples):
+        return summarize_ms(fn.ms)
+    found = timer(fn, **reps)
+    if graph:
+        found["graph_ms"] = graph_ms_or_none(label, fn, **reps)
     if "host_ms" in measure:
         found["host_ms"] = host_ms(fn)
     if "peak_mib" in measure:
         found["peak_mib"] = peak_memory_mib(fn)
+    if "peak_gib" in measure:
+        found.update(peak_memory_gib())
     return found
+
+
+def _timed_row(row, label, peer, inputs, mode, timer, reps, measure, graph):
+    """`row` with the measurement of `peer` in `mode`, or None where the peer has no such mode; the
+    callable is dropped on return, before the next peer builds (its memory is not the next row's)."""
+    try:
+        with peer.context() if peer.context else contextlib.nullcontext():
+            if "peak_gib" in measure:
+                reset_peak_memory()
+            fn = peer.make(inputs, mode)
+            if fn is None:
+                return None
+            row.update(_measure(label, fn, timer, reps, measure, graph))
+    except Exception as e:  # a peer that refuses the shape, or runs out of memory: said, not fatal
+        message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
+        print(f"  {label}: n/a ({message})", flush=True)
+        row.update(ms="n/a", error=message, **({"graph_ms": "n/a"} if graph else {}))
+        sync()
+        return row
+    said = f"  {label}: {row['ms']:.4f} ms (min {row['min_ms']:.4f}, max {row['max_ms']:.4f})"
+    if graph:
+        row["graph_ms"] = "n/a" if row.get("graph_ms") is None else row["graph_ms"]
+        said += ", graph " + (f"{row['graph_ms']:.4f} ms" if isinstance(row["graph_ms"], float) else row["graph_ms"])
+    print(said, flush=True)
+    return row
 
 
 def _throughput(row, work, ceiling, unit, pct):
@@ -415,69 +493,66 @@ def add_ratios(rows, ratios, group=("shape", "mode")):
 
 
 def run_benchmark(op, cases, peers, modes=MODES, *, setup=None, flops=None, nbytes=None, ratios=None,
-                  measure=(), reps=None, derive=None, limit_row=False, after_case=None, columns=None,
-                  title=None, write=True, plot_key=None, label_keys=("shape", "impl", "mode"), extra=None):
+                  measure=(), reps=None, derive=None, relate=None, limit_row=False, after_case=None, columns=None,
+                  title=None, write=True, plot_key=None, label_keys=("shape", "impl", "mode"), extra=None,
+                  mode_key="mode", graph=True, timer=None):
     """Every case x peer x mode, timed, as rows; printed as a table and (write=True) written as `op`'s files.
 
-    cases: dicts with "shape" (the row's label) and whatever `setup` and the peers read; "columns"
-      (a dict) adds columns to each of the case's rows. setup(case) -> the inputs handed to the peers,
-      made once per case (freed after it); default: the case itself.
-    peers: {name: Peer or make(inputs, mode)}, or a function case -> that dict.
+    cases: dicts with "shape" (the row's label; optional) and "columns" (a dict of more leading columns
+      of each of the case's rows), "modes" and "reps" (the case's own, instead of `modes` / `reps`) and
+      whatever `setup` and the peers read. setup(case) -> the inputs handed to the peers, made once per
+      case (freed after it); default: the case itself.
+    peers: {name: Peer or make(inputs, mode)}, or a function case -> that dict; make returns the
+      callable to time, None (no such mode), or `Samples` it measured itself.
+    modes: the third axis, in the column `mode_key` (e.g. vit.py's batch sizes under "batch").
     flops / nbytes: (case, mode) -> the work of one call (or None): tflops and pct_peak of the matmul
       ceiling, gbps and pct_copy of the copy ceiling, and graph_* of the same on graph_ms.
     ratios: {column: impl -> bool}: the fastest such peer's time / each row's (`add_ratios`).
-    measure: also "host_ms" (`host_ms`), "peak_mib" (`peak_memory_mib`). reps: do_bench's warmup/rep.
-    derive(case, mode, row) -> more columns of a timed row. limit_row: a "bytes-moved limit" row per
-      case and mode with nbytes: the time at copy bandwidth. after_case(case): cleanup hook.
+    measure: also "host_ms" (`host_ms`), "peak_mib" (`peak_memory_mib`), "peak_gib" (`peak_memory_gib`
+      of the whole row, reset before make). reps: the timer's keywords (do_bench's warmup / rep).
+    graph: also time each callable replayed from a CUDA graph (graph_ms). timer: fn -> min_ms / ms /
+      max_ms; default `bench_stats` (do_bench), `bench_cpu_stats` where the CPU is what is timed.
+    derive(case, mode, row) -> more columns of a timed row; relate(case_rows): columns relating a
+      case's rows to each other, set in place after the ratios. limit_row: a "bytes-moved limit" row
+      per case and mode with nbytes: the time at copy bandwidth. after_case(case): cleanup hook.
     A peer or mode that fails is a row with ms "n/a" and its error, said when it happens.
     Returns the rows.
     """
-    reps = reps or {}
+    timer = timer or bench_stats
     ceil = ceilings() if flops or nbytes else {}
     rows = []
     for case in cases:
         inputs = setup(case) if setup else case
         case_peers = peers(case) if callable(peers) else peers
+        case_modes, case_reps = case.get("modes", modes), case.get("reps", reps or {})
+        leading = {**({"shape": case["shape"]} if "shape" in case else {}), **case.get("columns", {})}
         case_rows = []
         for impl, peer in case_peers.items():
             peer = peer if isinstance(peer, Peer) else Peer(peer)
-            for mode in modes:
-                label = f"{case['shape']} {impl} {mode}"
-                row = {"shape": case["shape"], **case.get("columns", {}), "impl": impl, "mode": mode}
-                try:
-                    with peer.context() if peer.context else contextlib.nullcontext():
-                        fn = peer.make(inputs, mode)
-                        if fn is None:
-                            continue
-                        row.update(_measure(label, fn, reps, measure))
-                except Exception as e:  # a peer that refuses the shape, or runs out of memory: said, not fatal
-                    message = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:160]
-                    print(f"  {label}: n/a ({message})", flush=True)
-                    row.update(ms="n/a", graph_ms="n/a", error=message)
+            for mode in case_modes:
+                label = " ".join(str(v) for v in (*leading.values(), impl, mode))
+                row = _timed_row({**leading, "impl": impl, mode_key: mode}, label, peer, inputs, mode, timer,
+                                 case_reps, measure, graph)
+                if row is not None:
                     case_rows.append(row)
-                    sync()
-                    continue
-                graph = row["graph_ms"] = row["graph_ms"] if row["graph_ms"] is not None else "n/a"
-                print(f"  {label}: {row['ms']:.4f} ms (min {row['min_ms']:.4f}, max {row['max_ms']:.4f}), graph "
-                      + (f"{graph:.4f} ms" if isinstance(graph, float) else graph), flush=True)
-                case_rows.append(row)
-        fn = None  # noqa: F841  (the last callable holds the case's tensors)
         if limit_row and nbytes and ceil:
-            for mode in modes:
+            for mode in case_modes:
                 work = nbytes(case, mode)
-                if work and any(r["mode"] == mode for r in case_rows):
-                    case_rows.append({"shape": case["shape"], **case.get("columns", {}), "impl": "bytes-moved limit",
-                                      "mode": mode, "ms": work / ceil["copy_gbps"] / 1e6})
+                if work and any(r[mode_key] == mode for r in case_rows):
+                    case_rows.append({**leading, "impl": "bytes-moved limit", mode_key: mode,
+                                      "ms": work / ceil["copy_gbps"] / 1e6})
         for row in case_rows:
             if not isinstance(row.get("ms"), float):
                 continue
             if flops:
-                _throughput(row, flops(case, row["mode"]), ceil.get("matmul_tflops"), "tflops", "pct_peak")
+                _throughput(row, flops(case, row[mode_key]), ceil.get("matmul_tflops"), "tflops", "pct_peak")
             if nbytes:
-                _throughput(row, nbytes(case, row["mode"]), ceil.get("copy_gbps"), "gbps", "pct_copy")
+                _throughput(row, nbytes(case, row[mode_key]), ceil.get("copy_gbps"), "gbps", "pct_copy")
             if derive:
-                row.update(derive(case, row["mode"], row))
-        add_ratios(case_rows, ratios or {})
+                row.update(derive(case, row[mode_key], row))
+        add_ratios(case_rows, ratios or {}, group=(mode_key,))
+        if relate:
+            relate(case_rows)
         rows += [_round(r) for r in case_rows]
         del inputs
         if after_case:
@@ -487,4 +562,3 @@ def run_benchmark(op, cases, peers, modes=MODES, *, setup=None, flops=None, nbyt
     if write:
         print("results in", write_results(op, rows, plot_key=plot_key, label_keys=label_keys, extra=extra))
     return rows
-

@@ -11,7 +11,6 @@ No GPU: says so, times the C++ CPU path against the eager CPU pipeline on a smal
 
     python benchmarks/patch_embed.py [--quick]
 """
-import argparse
 import os
 import sys
 
@@ -143,18 +142,16 @@ def run_cpu(quick):
         x, params, norm = make_inputs(batch, img, patch, dim, dtype, "cpu")
         shape = (f"[{batch},3,{img},{img}] uint8 -> [{batch},{(img // patch) ** 2 + 1},{dim}] "
                  f"{str(dtype).replace('torch.', '')}")
-        timings = {"vit_fast (C++)": harness.bench_cpu_ms(lambda: vit_fast_fn(x, params, norm)),
-                   "eager": harness.bench_cpu_ms(lambda: eager_fn(x, params, norm))}
-        rows += [dict(shape=shape, impl=impl, ms=ms, img_per_s=batch / ms * 1e3, x_vs_eager=timings["eager"] / ms)
-                 for impl, ms in timings.items()]
+        timings = {"vit_fast (C++)": harness.bench_cpu_stats(lambda: vit_fast_fn(x, params, norm)),
+                   "eager": harness.bench_cpu_stats(lambda: eager_fn(x, params, norm))}
+        rows += [dict(shape=shape, impl=impl, **stats, img_per_s=batch / stats["ms"] * 1e3,
+                      x_vs_eager=timings["eager"]["ms"] / stats["ms"]) for impl, stats in timings.items()]
     harness.print_table(rows, title=f"patch embedding on {harness.device_name()}, {torch.get_num_threads()} threads")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="ViT-B/16 b256 only (GPU) / batch 4 (CPU)")
-    harness.main(parser.parse_args(argv), lambda args: run_gpu(CONFIGS[:1] if args.quick else CONFIGS),
-                 lambda args: run_cpu(args.quick),
+    harness.main(argv, __doc__.splitlines()[0], {"--quick": "ViT-B/16 b256 only (GPU) / batch 4 (CPU)"},
+                 lambda args: run_gpu(CONFIGS[:1] if args.quick else CONFIGS), lambda args: run_cpu(args.quick),
                  "GPU numbers not measured; timing the C++ CPU path against the eager CPU pipeline instead")
 
 

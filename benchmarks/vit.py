@@ -24,13 +24,15 @@ peak reservation, what the device gave up). Plus a torch.profiler breakdown of o
 vit_fast forward at b256, eager and replayed: top kernels by device time, device busy time
 against the kernels' span, the synchronized wall time and the host's enqueue time.
 Without timm installed, the reference model with SDPA attention stands in for timm, labelled
-"timm-style (reference+SDPA)". Results: benchmarks/results/<device>/vit.json (stamped with the
-commit, dirty flag, device, date, torch and Triton), .csv and .png.
+"timm-style (reference+SDPA)" (the source column). The loop, timing, table and files are
+harness.run_benchmark's: a case per model and mode, its batches the third axis (the batch column),
+each impl's inference model built once for its batches. Results: benchmarks/results/<device>/vit.json
+(stamped with the commit, dirty flag, device, date, torch and Triton), .csv and .png.
 Without a GPU: says what it could not measure, times a tiny ViT forward on the CPU (PyTorch
 path, eager and through `vit_fast.inference`, which runs CPU tensors eagerly), writes no files,
 exits 0.
 """
-import argparse
+import gc
 import os
 import sys
 
@@ -42,6 +44,11 @@ import harness  # noqa: E402
 import vit_fast  # noqa: E402
 from vit_fast import dispatch, reference  # noqa: E402
 
+try:
+    import timm
+except ImportError:  # the reference model with SDPA attention stands in (timm_model)
+    timm = None
+
 # (model name, throughput batch): batches that fill an H100, as in perf/TARGETS.md
 MODELS = [("vit_small_patch16_224", 256), ("vit_base_patch16_224", 256), ("vit_large_patch16_224", 128),
           ("vit_base_patch16_384", 256),
@@ -52,7 +59,16 @@ QUICK = ("vit_base_patch16_224",)
 INFER_IMPLS = ("timm eager", "timm compile", "timm compile ro", "timm graph", "vit_fast", "vit_fast graph",
                "vit_fast compile")
 TRAIN_IMPLS = ("timm eager", "timm compile", "timm captured", "vit_fast", "vit_fast captured", "vit_fast compile")
+CPU_BATCH = 4  # the no-GPU forward timing's
+OPTIONS = {"--quick": "ViT-B/16 only; compiled inference rows only at the batch each goal is judged at; no compiled "
+                      "training rows", "--no-compile": "no torch.compile rows"}
+NOT_MEASURED = ("nothing of vit_fast's GPU performance is measured here (no inference latency or throughput, no "
+                "CUDA-graph replay, no torch.compile, no training step, no peak memory, no kernel profile); timing a "
+                "tiny ViT forward on the CPU (PyTorch path) instead")
+UINT8_IMPL = "vit_fast (uint8 in)"  # takes uint8 images, normalized inside its patch embedding
 PROFILE = ("vit_base_patch16_224", 256)
+COLUMNS = ["model", "mode", "impl", "batch", "ms", "min_ms", "max_ms", "img_s", "mfu_pct", "peak_gib", "reserved_gib",
+           "x_timm", "x_timm_compile", "x_timm_ro", "source", "error"]
 
 
 def forward_macs(name, num_classes=1000):
@@ -77,137 +93,181 @@ class SdpaAttention(reference.Attention):
 
 
 def timm_model(name):
-    """(timm's model, its label): timm when importable, else the reference model with SDPA attention."""
-    try:
-        import timm
-    except ImportError:
+    """timm's model when timm is importable, else the reference model with SDPA attention."""
+    if timm is None:
         model = reference.create_reference(name)
         for block in model.blocks:
             old = block.attn
             block.attn = SdpaAttention(old.qkv.in_features, old.num_heads, qkv_bias=old.qkv.bias is not None)
             block.attn.load_state_dict(old.state_dict())
-        return model, "timm-style (reference+SDPA)"
-    return timm.create_model(name, pretrained=False), f"timm {timm.__version__}"
+        return model
+    return timm.create_model(name, pretrained=False)
+
+
+def source(impl):
+    """Where `impl`'s model comes from: timm (its version), the stand-in without timm, or vit_fast."""
+    if not impl.startswith("timm"):
+        return "vit_fast"
+    return f"timm {timm.__version__}" if timm is not None else "timm-style (reference+SDPA)"
 
 
 def build(impl, name):
-    model, label = timm_model(name) if impl.startswith("timm") else (vit_fast.MODELS[name](), "vit_fast")
-    return model.cuda(), label
+    """`impl`'s model (timm's or vit_fast's) on the device, fp32."""
+    return (timm_model(name) if impl.startswith("timm") else vit_fast.MODELS[name]()).to(harness.DEVICE)
 
 
 def images(batch, img_size, dtype):
-    x = torch.randint(0, 256, (batch, 3, img_size, img_size), dtype=torch.uint8, device="cuda")
+    x = torch.randint(0, 256, (batch, 3, img_size, img_size), dtype=torch.uint8, device=harness.DEVICE)
     return x if dtype == torch.uint8 else (x.to(dtype) / 127.5 - 1)
 
 
 def inference_batches(impl, big, quick):
     """The batches a row set runs at. --quick keeps each compiled peer to the goal it is judged by:
     default compile at the throughput batch, reduce-overhead at the latency batches."""
-    if quick and impl in ("timm compile", "vit_fast compile"):
+    if impl == UINT8_IMPL or (quick and impl in ("timm compile", "vit_fast compile")):
         return (big,)
     if impl == "timm compile ro":
         return LATENCY_BATCHES if quick else (*LATENCY_BATCHES, big)
     return (*LATENCY_BATCHES, big)
 
 
-def _reset_memory():
-    torch.cuda.synchronize()
-    torch.cuda.empty_cache()
-    torch.cuda.reset_peak_memory_stats()
+class InferenceModel:
+    """The inference model (bf16, eval, compiled as the impl says) of one (impl, model name) at a time,
+    kept across its batches: built on first use, dropped (with dynamo's caches and the cached blocks)
+    before another is built, so a row's memory peaks hold its own model alone."""
+
+    def __init__(self):
+        self.key = self.model = None
+
+    def get(self, impl, name):
+        if self.key != (impl, name):
+            self.release()
+            with torch.inference_mode(False):  # parameters, not inference tensors
+                model = build(impl, name).bfloat16().eval()
+                if impl == "timm compile ro":
+                    model = torch.compile(model, mode="reduce-overhead", dynamic=False)
+                elif impl.endswith("compile"):
+                    model = torch.compile(model, dynamic=False)
+                self.model = model
+            self.key = (impl, name)
+        return self.model
+
+    def release(self):
+        self.key = self.model = None
+        gc.collect()
+        torch._dynamo.reset()
+        harness.free()
 
 
-def _memory():
-    torch.cuda.synchronize()
-    return {"peak_gib": torch.cuda.max_memory_allocated() / 2**30,
-            "reserved_gib": torch.cuda.max_memory_reserved() / 2**30}
-
-
-def inference_rows(impl, name, big, quick, uint8=False):
-    """Rows of one inference implementation, one per batch; a failing batch becomes an error row."""
-    model, label = build(impl, name)
-    model = model.bfloat16().eval()
-    if impl == "timm compile ro":
-        model = torch.compile(model, mode="reduce-overhead", dynamic=False)
-    elif impl.endswith("compile"):
-        model = torch.compile(model, dynamic=False)
+def inference_peer(models, impl, name, big, quick):
+    """make(case, batch) -> one forward of `impl` at `batch` (compiled / captured and warmed up first)."""
     img_size = reference.CONFIGS[name].get("img_size", 224)
-    reps = dict(warmup=50 if quick else 100, rep=200 if quick else 500)
-    out = []
-    for batch in ((big,) if uint8 else inference_batches(impl, big, quick)):
-        try:
-            _reset_memory()
-            x = images(batch, img_size, torch.uint8 if uint8 else torch.bfloat16)
-            fn = vit_fast.inference(model) if impl.endswith("graph") else model
-            with torch.inference_mode():
-                fn(x)  # compile / capture and warm up outside the timing
-                fn(x)
-                stats = harness.bench_stats(lambda: fn(x), **reps)
-            out.append({"batch": batch, "source": label, **stats, **_memory()})
-            del fn
-        except Exception as err:  # one failing row must not cost the rest of a GPU lease
-            out.append({"batch": batch, "source": label, "error": f"{type(err).__name__}: {err}"[:200]})
-    return out
+
+    def make(case, batch):
+        if batch not in inference_batches(impl, big, quick):
+            return None
+        model = models.get(impl, name)
+        harness.reset_peak_memory()  # again, after the swap: the previous impl's model is no part of this row
+        x = images(batch, img_size, torch.uint8 if impl == UINT8_IMPL else torch.bfloat16)
+        fn = vit_fast.inference(model) if impl.endswith("graph") else model  # a runner (graph pool) per row
+        fn(x)  # compile / capture and warm up outside the timing
+        fn(x)
+        return lambda: fn(x)
+    return harness.Peer(make, torch.inference_mode)
 
 
-def training_row(impl, name, batch, quick):
-    _reset_memory()
-    model, label = build(impl, name)
-    model.train()
+def training_peer(models, impl, name):
+    """make(case, batch) -> one training step of `impl`: AMP bf16 forward, backward, fused AdamW step."""
     img_size = reference.CONFIGS[name].get("img_size", 224)
-    x = images(batch, img_size, torch.float32)
-    y = torch.randint(0, 1000, (batch,), device="cuda")
-    if impl.endswith("captured"):
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=True)
-        captured = vit_fast.capture_train_step(model, optimizer, F.cross_entropy, x, y, amp_dtype=torch.bfloat16)
-        assert captured.graphed
 
-        def step():
-            captured(x, y)
-    else:
-        model = torch.compile(model) if impl.endswith("compile") else model
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    def make(case, batch):
+        models.release()  # the previous row's model and graphs, before this row's peaks start
+        harness.reset_peak_memory()
+        model = build(impl, name).train()
+        x = images(batch, img_size, torch.float32)
+        y = torch.randint(0, 1000, (batch,), device=harness.DEVICE)
+        if impl.endswith("captured"):
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True, capturable=True)
+            captured = vit_fast.capture_train_step(model, optimizer, F.cross_entropy, x, y, amp_dtype=torch.bfloat16)
+            if not captured.graphed:
+                raise RuntimeError("capture_train_step did not capture the step")
 
-        def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16):
-                loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            def step():
+                captured(x, y)
+        else:
+            model = torch.compile(model) if impl.endswith("compile") else model
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
 
-    step()  # compile, and allocate the optimizer state
-    step()
-    stats = harness.bench_stats(step, warmup=100 if quick else 200, rep=300 if quick else 1000)
-    return {"batch": batch, "source": label, **stats, **_memory()}
+            def step():
+                with torch.autocast(torch.device(harness.DEVICE).type, dtype=torch.bfloat16):
+                    loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
-
-def finish_row(r, name, mode, impl, flops_per_image, peak_tflops):
-    r.update(model=name, mode=mode, impl=impl)
-    if "ms" in r:
-        r["img_s"] = r["batch"] / r["ms"] * 1e3
-        r["mfu_pct"] = 100 * r["img_s"] * flops_per_image / (peak_tflops * 1e12)
-        print(f"{name} {mode} {impl} b{r['batch']}: {r['ms']:.3f} ms (min {r['min_ms']:.3f}, max {r['max_ms']:.3f}), "
-              f"{r['img_s']:,.0f} img/s, MFU {r['mfu_pct']:.1f}%, peak {r['peak_gib']:.2f} GiB "
-              f"(reserved {r['reserved_gib']:.2f})", flush=True)
-    else:
-        print(f"{name} {mode} {impl} b{r['batch']}: {r['error']}", flush=True)
-    return r
+        step()  # compile, and allocate the optimizer state
+        step()
+        return step
+    return make
 
 
-def add_ratios(rows):
-    """Each row's img/s over timm eager's, torch.compile(timm)'s and its reduce-overhead mode's, same model,
-    mode and batch (a latency ratio is the inverse)."""
-    base = {(r["model"], r["mode"], r["batch"], r["impl"]): r["img_s"] for r in rows if r.get("img_s")}
-    for r in rows:
-        if r.get("img_s"):
-            for peer, key in (("timm eager", "x_timm"), ("timm compile", "x_timm_compile"),
-                              ("timm compile ro", "x_timm_ro")):
-                ref = base.get((r["model"], r["mode"], r["batch"], peer))
-                r[key] = r["img_s"] / ref if ref else ""
+def cases_and_peers(quick, compile_rows):
+    """The cases (one per model and mode: inference at its batches, train at its batch) and a function
+    case -> its peers."""
+    keep = (lambda impl: True) if compile_rows else (lambda impl: "compile" not in impl)
+    reps = {"inference": dict(warmup=50 if quick else 100, rep=200 if quick else 500),
+            "train": dict(warmup=100 if quick else 200, rep=300 if quick else 1000)}
+    cases = [{"columns": {"model": name, "mode": "inference"}, "modes": (*LATENCY_BATCHES, big), "big": big,
+              "reps": reps["inference"]} for name, big in MODELS if not quick or name in QUICK]
+    cases += [{"columns": {"model": name, "mode": "train"}, "modes": (batch,), "reps": reps["train"]}
+              for name, batch in TRAIN if not quick or name in QUICK]
+    models = InferenceModel()
+
+    def peers(case):
+        name = case["columns"]["model"]
+        if case["columns"]["mode"] == "inference":
+            impls = [impl for impl in (*INFER_IMPLS, UINT8_IMPL) if keep(impl) and not (quick and impl == "timm graph")]
+            return {impl: inference_peer(models, impl, name, case["big"], quick) for impl in impls}
+        # --quick: no compiled or timm-captured training rows (their compiles do not fit a short lease)
+        impls = [impl for impl in TRAIN_IMPLS
+                 if keep(impl) and not (quick and (impl.endswith("compile") or impl == "timm captured"))]
+        return {impl: training_peer(models, impl, name) for impl in impls}
+    return cases, peers, models
+
+
+def run_gpu(quick, compile_rows):
+    peak_tflops = harness.ceilings()["matmul_tflops"]
+    print(f"{harness.device_name()}: bf16 matmul peak {peak_tflops:.0f} TFLOP/s (measured now)")
+    assert round(forward_macs("vit_base_patch16_224") / 1e9, 2) == 17.56
+    cases, peers, models = cases_and_peers(quick, compile_rows)
+
+    def throughput(case, batch, row):  # MFU: forward FLOPs (x3 for a training step) per second / peak
+        flops = 2 * forward_macs(case["columns"]["model"]) * (3 if case["columns"]["mode"] == "train" else 1)
+        img_s = batch / row["ms"] * 1e3
+        return {"img_s": img_s, "mfu_pct": 100 * img_s * flops / (peak_tflops * 1e12), "source": source(row["impl"])}
+
+    rows = harness.run_benchmark(
+        "vit", cases, peers, mode_key="batch", measure=("peak_gib",), graph=False, derive=throughput,
+        ratios={"x_timm": lambda impl: impl == "timm eager", "x_timm_compile": lambda impl: impl == "timm compile",
+                "x_timm_ro": lambda impl: impl == "timm compile ro"},
+        after_case=lambda case: models.release(), write=False, columns=COLUMNS,
+        title="ViT end to end, bf16 (inference: bf16 weights; train: AMP + fused AdamW; "
+              "x_*: img/s over that peer's at the same batch)")
+    profile = None
+    try:
+        profile = profile_forward(*PROFILE)
+    except Exception as err:
+        print(f"profile: {type(err).__name__}: {err}"[:200])
+    summarize(rows)
+    out_dir = harness.write_results("vit", rows, plot_key="img_s", label_keys=("model", "mode", "impl", "batch"),
+                                    extra={"profile": profile})
+    print("results in", out_dir)
+    return rows
 
 
 def profile_forward(name, batch):
     """torch.profiler breakdown of one vit_fast forward, eager and replayed from its graph."""
-    model = vit_fast.MODELS[name]().cuda().bfloat16().eval()
+    model = build("vit_fast", name).bfloat16().eval()
     x = images(batch, reference.CONFIGS[name].get("img_size", 224), torch.bfloat16)
     runner = vit_fast.inference(model)
     result = {"model": name, "batch": batch}
@@ -229,66 +289,16 @@ def profile_forward(name, batch):
     return result
 
 
-def run_gpu(quick, compile_rows):
-    peak_tflops = harness.ceilings()["matmul_tflops"]
-    print(f"{harness.device_name()}: bf16 matmul peak {peak_tflops:.0f} TFLOP/s (measured now)")
-    assert round(forward_macs("vit_base_patch16_224") / 1e9, 2) == 17.56
-    keep = (lambda impl: "compile" not in impl) if not compile_rows else (lambda impl: True)
-    rows = []
-    for name, big in MODELS:
-        if quick and name not in QUICK:
-            continue
-        flops = 2 * forward_macs(name)
-        jobs = [(impl, False) for impl in INFER_IMPLS if keep(impl) and not (quick and impl == "timm graph")]
-        for impl, uint8 in jobs + [("vit_fast", True)]:
-            label = impl + (" (uint8 in)" if uint8 else "")
-            try:
-                found = inference_rows(impl, name, big, quick, uint8)
-            except Exception as err:
-                found = [{"batch": big, "error": f"{type(err).__name__}: {err}"[:200]}]
-            rows += [finish_row(r, name, "inference", label, flops, peak_tflops) for r in found]
-            torch._dynamo.reset()
-            torch.cuda.empty_cache()
-    for name, batch in TRAIN:
-        if quick and name not in QUICK:
-            continue
-        flops = 2 * forward_macs(name)
-        # --quick: no compiled or timm-captured training rows (their compiles do not fit a short lease)
-        for impl in TRAIN_IMPLS:
-            if not keep(impl) or (quick and (impl.endswith("compile") or impl == "timm captured")):
-                continue
-            try:
-                r = training_row(impl, name, batch, quick)
-            except Exception as err:
-                r = {"batch": batch, "error": f"{type(err).__name__}: {err}"[:200]}
-            rows.append(finish_row(r, name, "train", impl, 3 * flops, peak_tflops))
-            torch._dynamo.reset()
-            torch.cuda.empty_cache()
-    add_ratios(rows)
-    profile = None
-    try:
-        profile = profile_forward(*PROFILE)
-    except Exception as err:
-        print(f"profile: {type(err).__name__}: {err}"[:200])
-    columns = ["model", "mode", "impl", "batch", "ms", "min_ms", "max_ms", "img_s", "mfu_pct", "peak_gib",
-               "reserved_gib", "x_timm", "x_timm_compile", "x_timm_ro", "error"]
-    harness.print_table(rows, columns, title="ViT end to end, bf16 (inference: bf16 weights; train: AMP + fused AdamW)")
-    summarize(rows)
-    out_dir = harness.write_results("vit", rows, plot_key="img_s", label_keys=("model", "mode", "impl", "batch"),
-                                    extra={"profile": profile})
-    print("results in", out_dir)
-
-
 def summarize(rows):
     """The ViT-B/16 rows against the goals in perf/TARGETS.md."""
     def get(mode, impl, batch):
         for r in rows:
             if (r["model"], r["mode"], r["impl"], r["batch"]) == ("vit_base_patch16_224", mode, impl, batch):
-                return r if r.get("img_s") else None
+                return r if isinstance(r.get("img_s"), float) else None
         return None
 
     def ratio(r, key):
-        return f"{r[key]:.2f}x" if r and r.get(key) else "n/a"
+        return f"{r[key]:.2f}x" if r and isinstance(r.get(key), float) else "n/a"
 
     for impl in ("vit_fast", "vit_fast graph", "vit_fast compile"):
         r = get("inference", impl, 256)
@@ -313,42 +323,31 @@ def summarize(rows):
 
 
 def run_cpu():
-    print("no CUDA GPU: nothing of vit_fast's GPU performance is measured here (no inference latency or "
-          "throughput, no CUDA-graph replay, no torch.compile, no training step, no peak memory, no kernel "
-          "profile); timing a tiny ViT forward on the CPU (PyTorch path) instead")
     os.environ[dispatch.FORCE_TORCH_ENV] = "1"
     torch.manual_seed(0)
     ref = reference.create_reference("vit_tiny_patch16_224").eval()
     model = vit_fast.vit_tiny_patch16_224().eval()
     model.load_state_dict(ref.state_dict())
     runner = vit_fast.inference(model)  # CPU tensors: runs the model eagerly
-    x = torch.randn(4, 3, 224, 224)
+    x = torch.randn(CPU_BATCH, 3, 224, 224)
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref(x), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(runner(x), model(x), rtol=0, atol=0)
         rows = []
         for impl, m in (("vit_fast (PyTorch path)", model), ("vit_fast.inference (eager on CPU)", runner),
                         ("reference", ref)):
-            ms = harness.bench_cpu_ms(lambda: m(x), reps=3)
-            rows.append({"model": "vit_tiny_patch16_224", "impl": impl, "batch": len(x), "ms": ms,
-                         "img_s": len(x) / ms * 1e3})
+            timed = harness.cpu_ms_columns(lambda: m(x), reps=3)
+            rows.append({"model": "vit_tiny_patch16_224", "impl": impl, "batch": len(x), **timed,
+                         "img_s": len(x) / timed["cpu_ms"] * 1e3})
     harness.print_table(rows, title=f"CPU forward, fp32 ({harness.device_name()}, {torch.get_num_threads()} threads)")
     s = harness.stamp()
     print(f"commit {s['commit']}{' (dirty)' if s['dirty'] else ''}, torch {s['torch']}, Triton {s['triton']}; "
           "no files written")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="ViT-B/16 only; compiled inference rows only at the batch each goal is judged at; "
-                             "no compiled training rows")
-    parser.add_argument("--no-compile", action="store_true", help="no torch.compile rows")
-    args = parser.parse_args()
-    if harness.has_gpu():
-        run_gpu(args.quick, not args.no_compile)
-    else:
-        run_cpu()
+def main(argv=None):
+    harness.main(argv, __doc__.split("\n\n")[0], OPTIONS, lambda args: run_gpu(args.quick, not args.no_compile),
+                 lambda args: run_cpu(), NOT_MEASURED)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,13 @@
 """The benchmarks' GPU code paths run on the CPU with CUDA timing mocked, and their no-GPU paths.
 
-Every GPU call of a ported benchmark goes through benchmarks/harness.py (`bench_stats`,
-`graph_ms_or_none`, `bench_graph_ms`, `host_ms`, `peak_memory_mib`, `ceilings`, `sync`, `sm_count`)
-and its tensors are made on `harness.DEVICE`; the `mock_gpu` fixture replaces those with CPU
-stand-ins that call each timed function once (so every peer and mode really runs, on the PyTorch
-path) and return fixed times. That proves the loops, the rows, the table, the ratios and the
-files, not any GPU number.
+Every GPU call of a benchmark goes through benchmarks/harness.py (`bench_stats`,
+`graph_ms_or_none`, `bench_graph_stats`, `host_ms`, `peak_memory_mib`, `reset_peak_memory`,
+`peak_memory_gib`, `profile_kernels`, `ceilings`, `sync`, `sm_count`) and its tensors are made on
+`harness.DEVICE`; the `mock_gpu` fixture replaces those with CPU stand-ins that call each timed
+function once (so every peer and mode really runs, on the PyTorch path) and return fixed times.
+That proves the loops, the rows, the table, the ratios and the files, not any GPU number.
 """
+import csv
 import importlib.util
 import json
 import os
@@ -23,6 +24,10 @@ import harness  # noqa: E402
 
 STATS = {"min_ms": 0.9, "ms": 1.0, "max_ms": 1.25}
 GRAPH_MS = 0.5
+GRAPH_STATS = {"min_ms": 0.45, "ms": GRAPH_MS, "max_ms": 0.6}
+PEAKS = {"peak_gib": 1.5, "reserved_gib": 2.0}
+PROFILE = {"kernels": 3, "busy_us": 9.0, "span_us": 10.0, "gaps_us": 1.0, "wall_us": 12.0, "host_us": 5.0,
+           "top": [{"name": "k", "us": 9.0, "calls": 3, "pct_busy": 100.0}]}
 CEILINGS = {"matmul_tflops": 100.0, "copy_gbps": 1000.0}
 
 
@@ -47,10 +52,12 @@ def mock_gpu(monkeypatch, tmp_path):
     """The benchmark thinks it has a GPU: CPU tensors, PyTorch paths, fixed times, files under tmp_path."""
     for name, value in (("has_gpu", lambda: True), ("DEVICE", "cpu"), ("device_name", lambda: "Mock GPU"),
                         ("RESULTS_DIR", str(tmp_path)), ("ceilings", lambda: dict(CEILINGS)),
-                        ("bench_stats", _ran(lambda: dict(STATS))), ("bench_graph_ms", _ran(GRAPH_MS)),
+                        ("bench_stats", _ran(lambda: dict(STATS))),
+                        ("bench_graph_stats", _ran(lambda: dict(GRAPH_STATS))),
                         ("graph_ms_or_none", lambda label, fn, **kw: _ran(GRAPH_MS)(fn)),
                         ("host_ms", _ran(0.01)), ("peak_memory_mib", _ran(2.0)), ("sync", lambda: None),
-                        ("sm_count", lambda: 2)):
+                        ("reset_peak_memory", lambda: None), ("peak_memory_gib", lambda: dict(PEAKS)),
+                        ("profile_kernels", _ran(lambda: dict(PROFILE))), ("sm_count", lambda: 2)):
         monkeypatch.setattr(harness, name, value)
     monkeypatch.setattr(torch, "compile", lambda fn=None, **kwargs: fn)  # no inductor builds in a unit test
     monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
@@ -63,6 +70,15 @@ def results(out_dir, op):
     assert {"commit", "dirty", "device", "date", "time_utc", "torch", "triton", "python"} <= set(data["meta"])
     assert data["meta"]["device"] == "Mock GPU" and data["meta"]["ceilings"] == CEILINGS
     assert os.path.exists(os.path.join(out_dir, f"{op}.csv"))
+    with open(os.path.join(out_dir, f"{op}.csv"), newline="") as f:
+        assert all(row["commit"] == str(data["meta"]["commit"]) for row in csv.DictReader(f))
+    timed = 0
+    for r in data["rows"]:  # each timing as min / median / max: "ms" (as called) or, alone, "graph_ms"
+        key = "ms" if "ms" in r else "graph_ms"
+        if isinstance(r.get(key), float) and r.get("impl") != "bytes-moved limit":
+            assert r[key.replace("ms", "min_ms")] <= r[key] <= r[key.replace("ms", "max_ms")], r
+            timed += 1
+    assert timed
     return data
 
 
@@ -168,7 +184,9 @@ def test_patch_embed_gpu_path(mock_gpu, monkeypatch, capsys):
 @pytest.mark.parametrize("name, argv, message", [
     ("attention", [], "no CUDA GPU: attention timings not measured"),
     ("layernorm", [], "no CUDA GPU: LayerNorm / add + LayerNorm GPU timings not measured"),
-    ("patch_embed", ["--quick"], "no CUDA GPU: GPU numbers not measured")])
+    ("patch_embed", ["--quick"], "no CUDA GPU: GPU numbers not measured"),
+    ("mlp", [], "no CUDA GPU: fused Linear+GELU / Mlp / fused-MLP GPU timings not measured"),
+    ("vit", [], "no CUDA GPU: nothing of vit_fast's GPU performance is measured here")])
 def test_no_gpu_path(name, argv, message, monkeypatch, capsys, tmp_path):
     """Without a GPU each says what it did not measure, runs its CPU check and timings, writes nothing."""
     bench = load(name)
@@ -177,12 +195,13 @@ def test_no_gpu_path(name, argv, message, monkeypatch, capsys, tmp_path):
     monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "0")  # the interpreter checks run the kernels (restored after)
     small = {"attention": {"CPU_CHECK_SHAPE": (1, 2, 17, 16), "CPU_TIMING_SHAPE": (1, 9, 32, 2)},
              "layernorm": {"CPU_CHECK_SHAPE": (1, 5, 32), "CPU_TIMING_ROWS": 8},
-             "patch_embed": {"CPU_CONFIG": (32, 16, 64)}}[name]
+             "patch_embed": {"CPU_CONFIG": (32, 16, 64)}, "mlp": {}, "vit": {"CPU_BATCH": 1}}[name]
     for attr, value in small.items():
         monkeypatch.setattr(bench, attr, value)
     bench.main(argv)  # returns: exit status 0
     out = capsys.readouterr().out
     assert out.startswith(message) and ("cpu_ms" in out or "img_per_s" in out)
+    assert "min_ms" in out and "max_ms" in out  # min / median / max of the CPU timings
     assert not os.listdir(tmp_path)
 
 
@@ -194,3 +213,131 @@ def test_add_ratios_takes_the_fastest_base():
     harness.add_ratios(rows, {"vs": lambda impl: impl.startswith("sdpa")})
     assert [r["vs"] for r in rows] == [1.5, 0.75, 1.0, "n/a"]
     assert [r.get("graph_vs") for r in rows] == [2.0, None, 1.0, "n/a"]
+
+
+def test_mlp_gpu_path(mock_gpu, monkeypatch, capsys):
+    bench = load("mlp")
+    monkeypatch.setattr(bench, "SHAPES", [("ViT-B b1", 197, 768, 64)])  # K = 768: the max-autotune peer too
+    monkeypatch.setattr(bench, "FUSED_MLP_SHAPES", [("ViT-B b1", 197, 32, 64)])
+    bench.main([])
+    out = capsys.readouterr().out
+    rows = results(mock_gpu, "mlp")["rows"]
+    shape, fused = "ViT-B b1 197x768->64", "ViT-B b1 197x32->64->32"
+    expected = {  # (shape, part) -> {(impl, mode)}
+        (shape, "fc1 gelu(none)"): {("vit_fast gelu(none)", m) for m in ("fwd", "fwd+bwd")}
+        | {("eager gelu(none)", m) for m in ("fwd", "fwd+bwd")}
+        | {("cuBLAS linear alone", "fwd"), ("torch.compile gelu(none)", "fwd"),
+           ("torch.compile max-autotune gelu(none)", "fwd")},
+        (shape, "fc1 gelu(tanh)"): {("vit_fast gelu(tanh)", "fwd"), ("eager gelu(tanh)", "fwd"),
+                                    ("cuBLASLt gelu(tanh) epilogue", "fwd")},
+        (shape, "fc2+residual"): {("vit_fast linear(residual)", "fwd"), ("eager linear + add", "fwd"),
+                                  ("cuBLAS addmm(residual) + bias", "fwd")},
+        (shape, "Mlp"): {(impl, m) for impl in ("vit_fast.nn.Mlp", "eager timm-style Mlp", "torch.compile(eager Mlp)")
+                         for m in ("fwd", "fwd+bwd")},
+        (fused, "MLP+residual"): {(impl, m) for impl in bench._peers({"columns": {"part": "MLP+residual"}}, False, False)
+                                  for m in ("fwd", "fwd+bwd")}}
+    for (s, part), found in expected.items():
+        assert {(r["impl"], r["mode"]) for r in rows_of(rows, shape=s, part=part)} == found
+    assert all("error" not in r for r in rows)
+    row = rows_of(rows, shape=shape, part="fc1 gelu(none)", impl="vit_fast gelu(none)", mode="fwd+bwd")[0]
+    assert (row["ms"], row["min_ms"], row["max_ms"], row["graph_ms"], row["peak_mib"]) == (1.0, 0.9, 1.25, 0.5, 2.0)
+    assert row["tflops"] == round(3 * 2 * 197 * 768 * 64 / 1e9, 1) and row["vs_eager"] == 1.0
+    mlp = rows_of(rows, shape=fused, part="MLP+residual", mode="fwd+bwd")
+    assert all(r["tflops"] == round(6 * 197 * 32 * 64 / 1e9, 1) and r["graph_vs_eager"] == 1.0 for r in mlp)
+    assert "Linear + GELU, fc2 + residual, Mlp and the fused MLP" in out
+
+    bench.main(["--fused-mlp"])
+    assert {r["part"] for r in results(mock_gpu, "mlp_fused")["rows"]} == {"MLP+residual"}
+
+
+def test_mlp_sweep(mock_gpu, monkeypatch, capsys):
+    bench = load("mlp")
+    monkeypatch.setattr(bench, "SWEEP_SHAPE", (64, 32, 64))
+    monkeypatch.setattr(bench, "SWEEP_DTYPE", torch.float16)  # the interpreter refuses bf16 dots
+    configs = [bench.kernels.MatmulConfig(32, 32, 32, GROUP_M=8, num_warps=4, num_stages=2),
+               bench.kernels.MatmulConfig(64, 32, 32, GROUP_M=8, num_warps=4, num_stages=2)]
+    monkeypatch.setattr(bench, "SWEEP", {"pointer": configs})
+    monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "0")  # the configs' kernels run, under the interpreter
+    bench.main(["--sweep"])
+    out = capsys.readouterr().out
+    rows = results(mock_gpu, "mlp_sweep")["rows"]
+    assert [r["impl"] for r in rows] == [bench.SWEEP_EAGER, "pointer 32x32x32 w4 s2", "pointer 64x32x32 w4 s2"]
+    assert all(r["status"] == "ok" and float(r["rel_err"]) < 2e-2 for r in rows[1:]) and rows[1]["vs_eager"] == 1.0
+    assert "best pointer: pointer 32x32x32 w4 s2" in out
+
+
+def test_vit_gpu_path(mock_gpu, monkeypatch, capsys):
+    bench = load("vit")
+    tiny = "vit_tiny_patch16_224"
+    for attr, value in (("MODELS", [(tiny, 2)]), ("TRAIN", [(tiny, 2)]), ("LATENCY_BATCHES", (1,)),
+                        ("PROFILE", (tiny, 1))):
+        monkeypatch.setattr(bench, attr, value)
+    bench.main(["--no-compile"])
+    out = capsys.readouterr().out
+    data = results(mock_gpu, "vit")
+    rows = data["rows"]
+    inference = {(r["impl"], r["batch"]) for r in rows_of(rows, model=tiny, mode="inference")}
+    assert inference == {(impl, b) for impl in ("timm eager", "timm graph", "vit_fast", "vit_fast graph")
+                         for b in (1, 2)} | {(bench.UINT8_IMPL, 2)}
+    assert {r["impl"] for r in rows_of(rows, model=tiny, mode="train", batch=2)} == {
+        "timm eager", "timm captured", "vit_fast", "vit_fast captured"}
+    row = rows_of(rows, mode="inference", impl="vit_fast graph", batch=2)[0]
+    assert (row["ms"], row["min_ms"], row["max_ms"], row["peak_gib"], row["reserved_gib"]) == (1.0, 0.9, 1.25, 1.5, 2.0)
+    assert row["img_s"] == 2000.0 and row["x_timm"] == 1.0 and row["source"] == "vit_fast"
+    mfu = 100 * 2000.0 * 2 * bench.forward_macs(tiny) / (CEILINGS["matmul_tflops"] * 1e12)
+    assert row["mfu_pct"] == round(mfu, 1)
+    train = rows_of(rows, mode="train", impl="vit_fast", batch=2)[0]
+    assert train["mfu_pct"] == round(3 * mfu, 1) and train["x_timm"] == 1.0
+    for r in rows_of(rows, mode="train"):  # the CPU has no CUDA graph: said as the row's error
+        assert ("error" in r) == r["impl"].endswith("captured")
+    assert row["x_timm_ro"] == "n/a"  # --no-compile: no reduce-overhead rows to compare with
+    assert rows_of(rows, mode="inference", impl="timm eager", batch=1)[0]["source"].startswith("timm")
+    assert data["profile"]["eager"] == PROFILE and data["profile"]["graph"] == PROFILE
+    assert "ViT end to end, bf16" in out and "ViT-B/16" not in out  # no ViT-B rows to sum up
+
+
+def _tiny_workflow(bench, monkeypatch):
+    monkeypatch.setattr(bench, "TRAIN_PER_CLASS", {"gpu": {True: 2}, "cpu": {True: 2}})
+    monkeypatch.setattr(bench, "IMAGE_SIZE", (40, 30))
+    for attr in ("GPU_SETUP", "CPU_SETUP"):
+        monkeypatch.setattr(bench, attr, ("vit_tiny_patch16_224", {"depth": 1}, 32, 4, False))
+
+
+def test_workflow_gpu_path(mock_gpu, monkeypatch, capsys):
+    bench = load("workflow")
+    _tiny_workflow(bench, monkeypatch)
+    monkeypatch.setattr(bench, "GPU_MEASURED_EPOCHS", 2)
+    bench.main(["--quick", "--workers", "0"])
+    out = capsys.readouterr().out
+    data = results(mock_gpu, "workflow")
+    rows = {r["impl"].split(" (")[0]: r for r in data["rows"]}
+    assert set(rows) == {"loader", bench.STEP, bench.CAPTURED_STEP, bench.END_TO_END, bench.END_TO_END_GRAPH}
+    assert all("error" not in r and r["min_ms"] <= r["ms"] <= r["max_ms"] for r in rows.values())
+    step, captured = rows[bench.STEP], rows[bench.CAPTURED_STEP]
+    assert step["images_per_s"] == 4000.0 and captured["of_eager_step"] == 1.0  # both timed by the mock: 1 ms
+    end_to_end, graphed = rows[bench.END_TO_END], rows[bench.END_TO_END_GRAPH]
+    # the ratios come from the unrounded images/s: equal to those of the rounded columns to 3 digits
+    assert end_to_end["of_model_only"] == pytest.approx(end_to_end["images_per_s"] / 4000.0, abs=2e-3)
+    assert graphed["of_eager_end_to_end"] == pytest.approx(graphed["images_per_s"] / end_to_end["images_per_s"],
+                                                           rel=1e-3, abs=2e-3)
+    assert data["not_measured"] == [] and data["limited_by"] in ("loader", "step")
+    assert "end to end:" in out and "not measured" not in out
+
+
+def test_workflow_cpu_path(monkeypatch, capsys, tmp_path):
+    """Without a GPU the tiny CPU version runs, says what it did not measure, and still writes its stamped files."""
+    bench = load("workflow")
+    _tiny_workflow(bench, monkeypatch)
+    monkeypatch.setattr(harness, "has_gpu", lambda: False)
+    monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path))
+    monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "1")
+    bench.main(["--quick", "--workers", "0"])
+    out = capsys.readouterr().out
+    assert "no CUDA GPU: a tiny CPU version" in out and "not measured without a GPU: ViT-B/16" in out
+    (device,) = os.listdir(tmp_path)
+    with open(os.path.join(tmp_path, device, "workflow.json")) as f:
+        data = json.load(f)
+    assert data["meta"]["commit"] is not None or data["meta"]["dirty"] is None
+    assert {r["impl"].split(" (")[0] for r in data["rows"]} == {"loader", bench.STEP, bench.END_TO_END}
+    assert all(r["min_ms"] <= r["ms"] <= r["max_ms"] for r in data["rows"])
+    assert "the CUDA-graph captured step" in data["not_measured"]
