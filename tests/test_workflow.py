@@ -23,6 +23,7 @@ from PIL import Image, ImageDraw
 import vit_fast
 from vit_fast import data, dispatch, evaluate, predict, run_files, train
 from vit_fast.dispatch import FORCE_TORCH_ENV
+from workflow_helpers import torch_path  # noqa: F401  (autouse: the PyTorch path)
 
 # drop path makes the resume test cover the per-epoch seeding of the model's randomness
 MODEL = ["--model", "vit_tiny_patch16_224", "--img-size", "64", "--model-arg", "depth=2",
@@ -31,13 +32,6 @@ TRAIN_ARGS = [*MODEL, "--batch-size", "8", "--lr", "1e-3", "--warmup-epochs", "0
 COLOURS = {"blue_triangle": (40, 60, 220), "green_square": (40, 190, 60), "red_circle": (220, 40, 40)}
 EXTENSIONS = [".png", ".JPG", ".jpeg", ".BMP", ".webp", ".Png", ".JPEG", ".PNG", ".Webp", ".bmp", ".jpg"]
 TRAIN_PER_CLASS, VAL_PER_CLASS = 12, 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def torch_path():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(FORCE_TORCH_ENV, "1")
-        yield
 
 
 def picture(name, rng):

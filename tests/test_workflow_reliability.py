@@ -29,18 +29,12 @@ from PIL import Image, ImageOps
 import vit_fast
 from vit_fast import cli, data, devices, evaluate, loop, predict, run_files, train
 from vit_fast.dispatch import FORCE_TORCH_ENV
+from workflow_helpers import torch_path  # noqa: F401  (autouse: the PyTorch path)
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = ["--model", "vit_tiny_patch16_224", "--img-size", "32", "--model-arg", "depth=1"]
 TRAIN = [*MODEL, "--lr", "1e-3", "--warmup-epochs", "0.5", "--seed", "1", "--workers", "0"]
 CLASSES = {"blue": (30, 40, 220), "red": (220, 30, 30)}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def torch_path():
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(FORCE_TORCH_ENV, "1")
-        yield
 
 
 def make_data(root, corrupt):
