@@ -21,6 +21,7 @@ import sys
 from datetime import timedelta
 from pathlib import Path
 
+import matplotlib.figure
 import numpy as np
 import pytest
 import torch
@@ -399,6 +400,39 @@ def test_a_full_disk_while_saving_names_the_path_and_leaves_no_temp_file(clean, 
     with pytest.raises(run_files.SaveError, match=f"cannot write {previous}.*the previous kept.pt is kept"):
         run_files.save_atomic({"x": 1}, previous)
     assert previous.read_bytes() == b"previous checkpoint" and sorted(tmp_path.glob("*.tmp")) == []
+
+
+@pytest.mark.parametrize("command, extra", [(predict, ["--json"]), (evaluate, ["--json"]), (evaluate, ["--plot"])])
+def test_a_full_disk_while_writing_a_report_is_one_error_line(command, extra, run, clean, tmp_path, monkeypatch):
+    """evaluate --json / --plot and predict --json write through a temporary file: a failed write is
+    one error line naming the file (no traceback), and neither a half file nor the temporary stays."""
+    out, _ = run
+    target = tmp_path / ("report.png" if extra == ["--plot"] else "report.json")
+    real_open, real_savefig = open, matplotlib.figure.Figure.savefig
+
+    def fail_after_a_partial_write(path):
+        Path(path).write_bytes(b"{ partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def open_failing_on_the_report(path, mode="r", *args, **kwargs):
+        if str(path).startswith(str(target)) and "w" in mode:
+            fail_after_a_partial_write(path)
+        return real_open(path, mode, *args, **kwargs)
+
+    def savefig_failing(self, path, *args, **kwargs):
+        if str(path).startswith(str(target)):
+            fail_after_a_partial_write(path)
+        return real_savefig(self, path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", open_failing_on_the_report)
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", savefig_failing)
+    argv = ([str(clean / "val" / "red")] if command is predict else ["--data", str(clean / "val")])
+    with pytest.raises(SystemExit) as exc:
+        quiet(command.main, ["--weights", str(out / "best.pt"), *argv, *extra, str(target)])
+    message = str(exc.value)
+    assert message.startswith(f"error: cannot write {target}: No space left on device") and "disk full" in message
+    assert "\n" not in message
+    assert sorted(tmp_path.iterdir()) == []  # neither report.* nor report.*.tmp
 
 
 # ----------------------------------------------------------------------------- G: the DDP timeout
