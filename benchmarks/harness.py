@@ -10,7 +10,7 @@ versions), `.csv` (each row with the commit) and a PNG bar chart (`write_results
 not one op's timing go through the same loop: a peer that measures itself returns `Samples` (a
 data loader, a whole training run), `timer` swaps do_bench for `bench_cpu_stats` where the CPU is
 what is measured, measure="peak_gib" adds the allocator's peaks of a whole row (weights, optimizer
-state and graph pools in). The attention and layernorm launch-config sweeps build their rows
+state and graph pools in). The attention and layer_norm launch-config sweeps build their rows
 themselves (`time_config`) and use `print_table` and `write_results`.
 All GPU work goes through this module's functions (`bench_stats`, `bench_graph_stats`,
 `graph_ms_or_none`, `host_ms`, `peak_memory_mib`, `reset_peak_memory`, `peak_memory_gib`,

@@ -23,7 +23,7 @@ import vit_fast  # noqa: E402
 import vit_fast.functional as VF  # noqa: E402
 from vit_fast import dispatch  # noqa: E402
 from vit_fast.kernels import attention as attention_kernels  # noqa: E402
-from vit_fast.kernels import layernorm as layernorm_kernels  # noqa: E402
+from vit_fast.kernels import layer_norm as layer_norm_kernels  # noqa: E402
 from vit_fast.kernels import mlp as mlp_kernels  # noqa: E402
 
 
@@ -35,7 +35,7 @@ class _NoLaunch:
 
 
 def _stub_kernels():
-    for module in (attention_kernels, layernorm_kernels, mlp_kernels):
+    for module in (attention_kernels, layer_norm_kernels, mlp_kernels):
         for name in dir(module):
             if name.endswith("_kernel") and not name.startswith("select"):
                 setattr(module, name, _NoLaunch())

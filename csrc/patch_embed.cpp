@@ -31,7 +31,7 @@
 namespace vit_fast {
 
 // GatherPatches, AddPosAndCls (the device kernels the shared forward / backward call), the
-// declarations of patch_embed_forward / patch_embed_backward and register_patch_embed_backend (the
+// declarations of patch_embed_fwd / patch_embed_bwd and register_patch_embed_backend (the
 // TORCH_LIBRARY_IMPL registration of both backends): patch_embed.h.
 
 namespace {
@@ -139,7 +139,7 @@ at::MemoryFormat grad_memory_format(const at::Tensor& x) {
 
 // The forward, shared by the CPU and CUDA implementations: checks, gather, one GEMM (bias folded
 // into addmm) written straight into the output, then the epilogue when there is a cls or pos.
-at::Tensor patch_embed_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+at::Tensor patch_embed_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& cls_token, const std::optional<at::Tensor>& pos_embed,
                                const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std,
                                GatherPatches gather, AddPosAndCls add_pos_and_cls) {
@@ -166,16 +166,16 @@ at::Tensor patch_embed_forward(const at::Tensor& x, const at::Tensor& weight, co
 // The patch matrix is recomputed from x rather than saved by the forward: it has as many elements
 // as x (B*C*H*W) in the weight's dtype (2-4x x's bytes for uint8 images), and one gather pass
 // costs little next to the dweight GEMM.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_bwd(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& mean,
     const std::optional<at::Tensor>& std, std::array<bool, 5> output_mask, GatherPatches gather) {
   const int64_t L = check_inputs(x, weight, std::nullopt, std::nullopt, std::nullopt, mean, std);
   const int64_t B = x.size(0), E = weight.size(0), p = weight.size(2);
   TORCH_CHECK_VALUE(grad_out.dim() == 3 && grad_out.size(0) == B && grad_out.size(2) == E &&
                         (grad_out.size(1) == L || grad_out.size(1) == L + 1),
-                    "patch_embed_backward: expected grad_out of shape [", B, ", ", L, " or ", L + 1, ", ", E,
+                    "patch_embed_bwd: expected grad_out of shape [", B, ", ", L, " or ", L + 1, ", ", E,
                     "], got ", grad_out.sizes());
-  TORCH_CHECK_VALUE(grad_out.scalar_type() == weight.scalar_type(), "patch_embed_backward: expected grad_out of the ",
+  TORCH_CHECK_VALUE(grad_out.scalar_type() == weight.scalar_type(), "patch_embed_bwd: expected grad_out of the ",
                     "weight's dtype ", weight.scalar_type(), ", got ", grad_out.scalar_type());
   check_on_device("grad_out", grad_out, x);
   const int64_t T = grad_out.size(1), cls_rows = T - L, K = weight.size(1) * p * p;
@@ -183,7 +183,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_emb
   const auto unused = at::empty({0}, weight.options());
   at::Tensor dx = unused, dweight = unused, dbias = unused, dcls = unused, dpos = unused;
   if (output_mask[0]) {
-    TORCH_CHECK_VALUE(x.scalar_type() != at::kByte, "patch_embed_backward: uint8 x has no gradient");
+    TORCH_CHECK_VALUE(x.scalar_type() != at::kByte, "patch_embed_bwd: uint8 x has no gradient");
     const int64_t C = x.size(1), grid_h = x.size(2) / p, grid_w = x.size(3) / p;
     // col2im: patches do not overlap, so dx is the patch-matrix gradient permuted back to images;
     // the dropped remainder rows / columns (H or W not a multiple of p) read nothing: zero gradient.
@@ -203,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_emb
   }
   if (output_mask[2]) dbias = grad_out.narrow(1, cls_rows, L).sum(at::IntArrayRef({0, 1}));
   if (output_mask[3]) {
-    TORCH_CHECK_VALUE(cls_rows == 1, "patch_embed_backward: a cls_token gradient needs grad_out with the class row");
+    TORCH_CHECK_VALUE(cls_rows == 1, "patch_embed_bwd: a cls_token gradient needs grad_out with the class row");
     dcls = grad_out.narrow(1, 0, 1).sum(0, /*keepdim=*/true);
   }
   if (output_mask[4]) dpos = grad_out.sum(0, /*keepdim=*/true);
@@ -286,11 +286,11 @@ void add_pos_and_cls_cpu(const at::Tensor& out, const at::Tensor& cls_token, con
 TORCH_LIBRARY(vit_fast, m) {
   m.set_python_module("vit_fast.ops.patch_embed");  // where the fake impls and autograd live
   m.def(
-      "patch_embed(Tensor x, Tensor weight, Tensor? bias=None, Tensor? cls_token=None, Tensor? pos_embed=None, "
+      "patch_embed_fwd(Tensor x, Tensor weight, Tensor? bias=None, Tensor? cls_token=None, Tensor? pos_embed=None, "
       "Tensor? mean=None, Tensor? std=None) -> Tensor",
       {at::Tag::pt2_compliant_tag});
   m.def(
-      "patch_embed_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor? mean, Tensor? std, bool[5] output_mask) "
+      "patch_embed_bwd(Tensor grad_out, Tensor x, Tensor weight, Tensor? mean, Tensor? std, bool[5] output_mask) "
       "-> (Tensor grad_x, Tensor grad_weight, Tensor grad_bias, Tensor grad_cls_token, Tensor grad_pos_embed)",
       {at::Tag::pt2_compliant_tag});
 }

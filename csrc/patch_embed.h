@@ -22,14 +22,14 @@ using GatherPatches = void (*)(const at::Tensor& x, const at::Tensor& mean, cons
 using AddPosAndCls = void (*)(const at::Tensor& out, const at::Tensor& cls_token, const at::Tensor& pos_embed);
 
 // The forward, defined in patch_embed.cpp: checks, gather, one GEMM, then the epilogue.
-at::Tensor patch_embed_forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+at::Tensor patch_embed_fwd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& cls_token, const std::optional<at::Tensor>& pos_embed,
                                const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std,
                                GatherPatches gather, AddPosAndCls add_pos_and_cls);
 
 // The backward, defined in patch_embed.cpp: (dx, dweight, dbias, dcls, dpos) for output_mask, the
 // others empty [0] tensors; gather recomputes the patch matrix from x.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_backward(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> patch_embed_bwd(
     const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& mean,
     const std::optional<at::Tensor>& std, std::array<bool, 5> output_mask, GatherPatches gather);
 
@@ -40,22 +40,22 @@ struct PatchEmbedBackend {
   static at::Tensor forward(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             const std::optional<at::Tensor>& cls_token, const std::optional<at::Tensor>& pos_embed,
                             const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std) {
-    return patch_embed_forward(x, weight, bias, cls_token, pos_embed, mean, std, gather, add_pos_and_cls);
+    return patch_embed_fwd(x, weight, bias, cls_token, pos_embed, mean, std, gather, add_pos_and_cls);
   }
   static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
       const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& weight,
       const std::optional<at::Tensor>& mean, const std::optional<at::Tensor>& std, std::array<bool, 5> output_mask) {
-    return patch_embed_backward(grad_out, x, weight, mean, std, output_mask, gather);
+    return patch_embed_bwd(grad_out, x, weight, mean, std, output_mask, gather);
   }
 };
 
-// Registers patch_embed and patch_embed_backward for the backend of a TORCH_LIBRARY_IMPL block `m`:
+// Registers patch_embed and patch_embed_bwd for the backend of a TORCH_LIBRARY_IMPL block `m`:
 // patch_embed.cpp (CPU) and patch_embed_cuda.cu (CUDA) each call it with their own gather and epilogue.
 template <GatherPatches gather, AddPosAndCls add_pos_and_cls>
 void register_patch_embed_backend(torch::Library& m) {
   using Backend = PatchEmbedBackend<gather, add_pos_and_cls>;
-  m.impl("patch_embed", &Backend::forward);
-  m.impl("patch_embed_backward", &Backend::backward);
+  m.impl("patch_embed_fwd", &Backend::forward);
+  m.impl("patch_embed_bwd", &Backend::backward);
 }
 
 }  // namespace vit_fast

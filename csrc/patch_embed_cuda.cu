@@ -1,4 +1,4 @@
-// CUDA implementation of vit_fast::patch_embed (schema, checks and the device-independent forward
+// CUDA implementation of vit_fast::patch_embed_fwd / _bwd (schema, checks and the device-independent forward
 // and backward are in patch_embed.cpp): a gather kernel that builds the patch matrix [B*T, C*p*p]
 // reading x through its strides (NCHW, channels_last or any view) and converting / normalizing
 // uint8 pixels on the way, the GEMM through ATen (cuBLAS), and an epilogue kernel that adds the

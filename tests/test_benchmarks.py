@@ -121,12 +121,12 @@ def test_attention_table_has_the_vit_family():
     assert not {n for n in shapes if n.startswith(("CLIP", "SigLIP", "DINOv2"))} & set(bench.QUICK)
 
 
-def test_layernorm_gpu_path_and_targets(mock_gpu, monkeypatch, capsys):
-    bench = load("layernorm")
+def test_layer_norm_gpu_path_and_targets(mock_gpu, monkeypatch, capsys):
+    bench = load("layer_norm")
     monkeypatch.setattr(bench, "SHAPES", [("ViT-B b256", 6, 32), ("other", 4, 48)])
     bench.main(["--quick"])
     out = capsys.readouterr().out
-    data = results(mock_gpu, "layernorm")
+    data = results(mock_gpu, "layer_norm")
     rows = data["rows"]
     for shape in ("ViT-B b256 [6,32]", "other [4,48]"):
         for op, peers in (("layer_norm", {"vit_fast", "F.layer_norm"}),
@@ -142,20 +142,20 @@ def test_layernorm_gpu_path_and_targets(mock_gpu, monkeypatch, capsys):
     assert "targets at ViT-B b256 bf16" in out and "MISSED LN fwd" in out
 
 
-def test_layernorm_sweeps(mock_gpu, monkeypatch, capsys):
-    bench = load("layernorm")
+def test_layer_norm_sweeps(mock_gpu, monkeypatch, capsys):
+    bench = load("layer_norm")
     monkeypatch.setattr(bench, "SHAPES", [("tiny", 4, 64)])
     monkeypatch.setattr(bench, "RESIDUAL_ROWS", 5)
     few = {"fwd": [(1, 1, None), (2, 1, None)], "bwd": [(1, 1, 4), (2, 1, 8)], "residual": [(1, 1, None), (4, 2, None)]}
     monkeypatch.setattr(bench, "_sweep_configs", lambda block_c: {k: list(v) for k, v in few.items()})
     bench.main(["--sweep", "--widths", "64"])
     out = capsys.readouterr().out
-    plain = results(mock_gpu, "layernorm_sweep")
+    plain = results(mock_gpu, "layer_norm_sweep")
     assert {(r["mode"], r["config"]) for r in plain["rows"]} == {
         ("fwd", "rows 1, warps 1"), ("fwd", "rows 2, warps 1"),
         ("bwd", "rows 1, warps 1, programs/SM 4"), ("bwd", "rows 2, warps 1, programs/SM 8")}
     assert all(r["status"] == "ok" for r in plain["rows"]) and set(plain["best"]["64"]) == {"fwd", "bwd"}
-    residual = results(mock_gpu, "layernorm_residual_sweep")
+    residual = results(mock_gpu, "layer_norm_residual_sweep")
     configs = [r for r in residual["rows"] if r["mode"] == "residual"]
     assert len(configs) >= 2 and all(r["status"] == "ok" for r in configs)  # the table's config is appended if new
     assert {r["impl"] for r in residual["rows"] if r["mode"] == "residual peer"} >= set(bench.UNFUSED)
@@ -183,7 +183,7 @@ def test_patch_embed_gpu_path(mock_gpu, monkeypatch, capsys):
 
 @pytest.mark.parametrize("name, argv, message", [
     ("attention", [], "no CUDA GPU: attention timings not measured"),
-    ("layernorm", [], "no CUDA GPU: LayerNorm / add + LayerNorm GPU timings not measured"),
+    ("layer_norm", [], "no CUDA GPU: LayerNorm / add + LayerNorm GPU timings not measured"),
     ("patch_embed", ["--quick"], "no CUDA GPU: GPU numbers not measured"),
     ("mlp", [], "no CUDA GPU: fused Linear+GELU / Mlp / fused-MLP GPU timings not measured"),
     ("vit", [], "no CUDA GPU: nothing of vit_fast's GPU performance is measured here")])
@@ -194,7 +194,7 @@ def test_no_gpu_path(name, argv, message, monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(harness, "RESULTS_DIR", str(tmp_path))
     monkeypatch.setenv(dispatch.FORCE_TORCH_ENV, "0")  # the interpreter checks run the kernels (restored after)
     small = {"attention": {"CPU_CHECK_SHAPE": (1, 2, 17, 16), "CPU_TIMING_SHAPE": (1, 9, 32, 2)},
-             "layernorm": {"CPU_CHECK_SHAPE": (1, 5, 32), "CPU_TIMING_ROWS": 8},
+             "layer_norm": {"CPU_CHECK_SHAPE": (1, 5, 32), "CPU_TIMING_ROWS": 8},
              "patch_embed": {"CPU_CONFIG": (32, 16, 64)}, "mlp": {}, "vit": {"CPU_BATCH": 1}}[name]
     for attr, value in small.items():
         monkeypatch.setattr(bench, attr, value)

@@ -24,7 +24,7 @@ def test_kernels_installed_inside_the_package():
     """The kernels import as vit_fast.kernels from inside the package folder (a checkout reaches them
     through the vit_fast/kernels link, an install through the copied files), never as a top-level
     `kernels` module that would shadow or be shadowed by another project's."""
-    for op in ("attention", "layernorm", "mlp"):
+    for op in ("attention", "layer_norm", "mlp"):
         mod = importlib.import_module(f"vit_fast.kernels.{op}")
         assert os.path.dirname(mod.__file__) == os.path.join(os.path.dirname(vit_fast.__file__), "kernels"), mod.__file__
     assert "kernels" not in sys.modules
@@ -140,7 +140,7 @@ def test_the_library_never_imports_the_oracle():
     assert importers <= STILL_IMPORT_REFERENCE, importers - STILL_IMPORT_REFERENCE
     assert not importers and not STILL_IMPORT_REFERENCE, importers  # no library module imports the oracle
     for core in ("vit_fast.model", "vit_fast.checkpoint", "vit_fast.factory", "vit_fast.convert", "vit_fast.pos_embed",
-                 "vit_fast.configs", "vit_fast.nn.block", "vit_fast.nn.mlp", "vit_fast.nn.layernorm",
+                 "vit_fast.configs", "vit_fast.nn.block", "vit_fast.nn.mlp", "vit_fast.nn.layer_norm",
                  "vit_fast.nn.attention"):
         assert "vit_fast.reference" not in graph[core], core
     assert graph["vit_fast.reference"] == {"vit_fast.configs"}  # the oracle reads the library's configs only

@@ -162,7 +162,7 @@ def test_float_x_ignores_mean_and_std():
     plain = VF.patch_embed(**case)
     torch.testing.assert_close(VF.patch_embed(**case, mean=IMAGENET_MEAN, std=IMAGENET_STD), plain, rtol=0, atol=0)
     x, w = case["x"], case["weight"]
-    direct = torch.ops.vit_fast.patch_embed(x, w, case["bias"], case["cls_token"], case["pos_embed"],
+    direct = torch.ops.vit_fast.patch_embed_fwd(x, w, case["bias"], case["cls_token"], case["pos_embed"],
                                             torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD))
     torch.testing.assert_close(direct, plain, rtol=0, atol=0)
 
@@ -287,7 +287,7 @@ def test_cpu_runs_the_extension():
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         VF.patch_embed(**case).sum().backward()
     names = {event.name for event in prof.events()}
-    assert {"vit_fast::patch_embed", "vit_fast::patch_embed_backward", "aten::addmm"} <= names
+    assert {"vit_fast::patch_embed_fwd", "vit_fast::patch_embed_bwd", "aten::addmm"} <= names
     assert not any("conv" in name for name in names)
     for op in ("patch_embed_fwd", "patch_embed_bwd"):
         assert dispatch.kernel_launches[op] == before.get(op, 0) + 1
@@ -356,7 +356,7 @@ def test_extension_is_built_and_shares_the_namespace():
 
     case = make_case(1, 3, 16, 16, 16, 8, torch.float32, bias=False, cls=False, pos=False)
     assert torch.ops.vit_fast.test_patch_embed_namespace_probe(torch.zeros(2)).eq(1).all()
-    assert torch.ops.vit_fast.patch_embed(case["x"], case["weight"]).shape == (1, 1, 8)
+    assert torch.ops.vit_fast.patch_embed_fwd(case["x"], case["weight"]).shape == (1, 1, 8)
 
 
 @pytest.mark.parametrize("uint8", [False, True], ids=["float", "uint8"])
@@ -364,12 +364,12 @@ def test_opcheck(uint8):
     case = make_case(2, 3, 32, 48, 16, 24, torch.float32, layout="channels_last", uint8=uint8, requires_grad=True)
     x, w, b, cls, pos = (case[k] for k in ("x", "weight", "bias", "cls_token", "pos_embed"))
     mean, std = (torch.tensor(case[k]) if uint8 else None for k in ("mean", "std"))
-    torch.library.opcheck(torch.ops.vit_fast.patch_embed.default, (x, w, b, cls, pos, mean, std))
+    torch.library.opcheck(torch.ops.vit_fast.patch_embed_fwd.default, (x, w, b, cls, pos, mean, std))
     defaults = (None, None, None, mean, std) if uint8 else ()  # the schema's defaults: no bias, cls or pos
-    torch.library.opcheck(torch.ops.vit_fast.patch_embed.default, (x.detach(), w.detach(), *defaults))
+    torch.library.opcheck(torch.ops.vit_fast.patch_embed_fwd.default, (x.detach(), w.detach(), *defaults))
     grad_out = torch.randn(2, 7, 24)
     mask = [not uint8, True, True, True, True]
-    torch.library.opcheck(torch.ops.vit_fast.patch_embed_backward.default,
+    torch.library.opcheck(torch.ops.vit_fast.patch_embed_bwd.default,
                           (grad_out, x.detach(), w.detach(), mean, std, mask))
 
 
@@ -441,12 +441,12 @@ def test_bad_inputs_raise_clear_errors(case, error, match):
 def test_bad_backward_inputs_raise_clear_errors():
     x, w = torch.randn(2, 3, 32, 48), torch.randn(64, 3, 16, 16)
     with pytest.raises(ValueError, match=r"grad_out of shape \[2, 6 or 7, 64\], got \[2, 8, 64\]"):
-        torch.ops.vit_fast.patch_embed_backward(torch.zeros(2, 8, 64), x, w, None, None, [True] * 5)
+        torch.ops.vit_fast.patch_embed_bwd(torch.zeros(2, 8, 64), x, w, None, None, [True] * 5)
     with pytest.raises(ValueError, match="grad_out of the weight's dtype Float, got Double"):
-        torch.ops.vit_fast.patch_embed_backward(torch.zeros(2, 6, 64, dtype=torch.float64), x, w, None, None,
+        torch.ops.vit_fast.patch_embed_bwd(torch.zeros(2, 6, 64, dtype=torch.float64), x, w, None, None,
                                                 [True] * 5)
     with pytest.raises(ValueError, match="a cls_token gradient needs grad_out with the class row"):
-        torch.ops.vit_fast.patch_embed_backward(torch.zeros(2, 6, 64), x, w, None, None, [False] * 3 + [True, False])
+        torch.ops.vit_fast.patch_embed_bwd(torch.zeros(2, 6, 64), x, w, None, None, [False] * 3 + [True, False])
 
 
 @pytest.mark.parametrize("path", ["extension", "torch"])
@@ -651,9 +651,9 @@ def test_gpu_second_device():
 def test_gpu_opcheck():
     case = make_case(2, 3, 32, 48, 16, 24, torch.bfloat16, layout="channels_last", requires_grad=True, device="cuda")
     args = tuple(case[k] for k in ("x", "weight", "bias", "cls_token", "pos_embed"))
-    torch.library.opcheck(torch.ops.vit_fast.patch_embed.default, (*args, None, None))
+    torch.library.opcheck(torch.ops.vit_fast.patch_embed_fwd.default, (*args, None, None))
     grad_out = torch.randn(2, 7, 24, dtype=torch.bfloat16, device="cuda")
-    torch.library.opcheck(torch.ops.vit_fast.patch_embed_backward.default,
+    torch.library.opcheck(torch.ops.vit_fast.patch_embed_bwd.default,
                           (grad_out, args[0].detach(), args[1].detach(), None, None, [True] * 5))
 
 

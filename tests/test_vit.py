@@ -280,8 +280,8 @@ BAD_INPUTS = {  # name -> (a call that must fail, what the ValueError must say)
     "attention 2-D x": (lambda: vit_fast.nn.Attention(96, 3)(TOKENS[0]), r"x: Attention expected tokens \[B, N, 96\], got shape \(17, 96\)"),
     "attention 4-D x": (lambda: vit_fast.nn.Attention(96, 3)(TOKENS[None]), r"x: Attention expected tokens \[B, N, 96\]"),
     "attention last dim": (lambda: vit_fast.nn.Attention(96, 3)(TOKENS[..., :48]), r"x: Attention expected tokens \[B, N, 96\], got shape \(2, 17, 48\)"),
-    "layernorm last dim": (lambda: vit_fast.nn.LayerNorm(96)(TOKENS[..., :48]), r"x: expected trailing dims \(96,\)"),
-    "layernorm 0-D x": (lambda: vit_fast.nn.LayerNorm(96)(torch.zeros(())), r"x: expected trailing dims \(96,\)"),
+    "layer_norm last dim": (lambda: vit_fast.nn.LayerNorm(96)(TOKENS[..., :48]), r"x: expected trailing dims \(96,\)"),
+    "layer_norm 0-D x": (lambda: vit_fast.nn.LayerNorm(96)(torch.zeros(())), r"x: expected trailing dims \(96,\)"),
     "mlp in_features=0": (lambda: vit_fast.nn.Mlp(0), r"in_features: expected a positive int, got 0"),
     "mlp hidden_features<0": (lambda: vit_fast.nn.Mlp(96, -4), r"hidden_features: expected a positive int, got -4"),
     "mlp out_features float": (lambda: vit_fast.nn.Mlp(96, 192, 2.5), r"out_features: expected a positive int, got 2.5"),
@@ -322,7 +322,7 @@ def test_bad_inputs_name_the_argument(case):
 EMPTY_BATCH = {  # name -> (module factory, input of batch 0, output shape)
     "attention": (lambda: vit_fast.nn.Attention(96, 3, qkv_bias=True), torch.randn(0, 17, 96), (0, 17, 96)),
     "attention_qk_norm": (lambda: vit_fast.nn.Attention(96, 3, qk_norm=True), torch.randn(0, 17, 96), (0, 17, 96)),
-    "layernorm": (lambda: vit_fast.nn.LayerNorm(96, eps=1e-6), torch.randn(0, 17, 96), (0, 17, 96)),
+    "layer_norm": (lambda: vit_fast.nn.LayerNorm(96, eps=1e-6), torch.randn(0, 17, 96), (0, 17, 96)),
     "mlp": (lambda: vit_fast.nn.Mlp(96, 192), torch.randn(0, 17, 96), (0, 17, 96)),
     "patch_embed": (lambda: vit_fast.nn.PatchEmbed(64, 16, 3, 96), torch.randn(0, 3, 64, 64), (0, 16, 96)),
     "block": (lambda: Block(96, 3, qkv_bias=True, init_values=0.1), torch.randn(0, 17, 96), (0, 17, 96)),
@@ -736,7 +736,7 @@ def test_half_model_forward_issues_no_casts_or_copies(images, mode, device, monk
         out = model(x)
     assert out.dtype == dtype and out.shape == (2, 10)
     kernels = {op: n for op, n in ops.items() if op not in NO_KERNEL_OPS}
-    assert kernels == {"vit_fast.patch_embed": 1, "aten.addmm": 2 * SMALL["depth"] + 1}, kernels
+    assert kernels == {"vit_fast.patch_embed_fwd": 1, "aten.addmm": 2 * SMALL["depth"] + 1}, kernels
 
 
 # ----------------------------------------------------------------------------- gradient checkpointing

@@ -36,7 +36,7 @@ from vit_fast.eva import EvaBlock
 from vit_fast.nn.attention import Attention, EvaAttention
 from vit_fast.nn.attention_pool import AttentionPoolLatent
 from vit_fast.nn.block import Block
-from vit_fast.nn.layernorm import LayerNorm
+from vit_fast.nn.layer_norm import LayerNorm
 from vit_fast.nn.mlp import GluMlp, Mlp, SwiGLU, gelu_approximate, is_quick_gelu
 from vit_fast.nn.patch_embed import PatchEmbed
 

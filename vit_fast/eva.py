@@ -23,7 +23,7 @@ from vit_fast.configs import EVA_CONFIGS
 from vit_fast.model import VisionTransformer, from_config
 from vit_fast.nn.attention import EvaAttention, check_tokens
 from vit_fast.nn.block import DropPath, linear_input_dtype, norm_stream
-from vit_fast.nn.layernorm import LayerNorm
+from vit_fast.nn.layer_norm import LayerNorm
 from vit_fast.nn.mlp import GluMlp, Mlp, SwiGLU
 
 

@@ -3,7 +3,7 @@
 Shapes: B batch, N tokens, H heads, D head dim, C / E channels, p patch size.
 """
 from vit_fast.ops.attention import attention, attention_packed  # [B,H,N,D]x3 -> [B,H,N,D]; [B,N,3HD] -> [B,N,HD]
-from vit_fast.ops.layernorm import add_layer_norm, layer_norm  # [..., C] -> [..., C]
+from vit_fast.ops.layer_norm import add_layer_norm, layer_norm  # [..., C] -> [..., C]
 from vit_fast.ops.mlp import linear, linear_act, linear_gelu  # [..., K] x [N, K] -> [..., N]
 from vit_fast.ops.mlp import mlp  # fc2(act(fc1(x))) (+ residual): [..., C] -> [..., C2]
 from vit_fast.ops.mlp import swiglu  # silu(fc1_g(x)) * fc1_x(x): [..., C] -> [..., H]

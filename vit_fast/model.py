@@ -30,7 +30,7 @@ from vit_fast.configs import CONFIGS
 from vit_fast.nn.attention import check_positive_int
 from vit_fast.nn.attention_pool import AttentionPoolLatent
 from vit_fast.nn.block import Block, norm_stream
-from vit_fast.nn.layernorm import LayerNorm
+from vit_fast.nn.layer_norm import LayerNorm
 from vit_fast.nn.patch_embed import PatchEmbed
 from vit_fast.pos_embed import resample_pos_embed
 

@@ -2,7 +2,7 @@
 from vit_fast.nn.attention import Attention, EvaAttention
 from vit_fast.nn.attention_pool import AttentionPoolLatent
 from vit_fast.nn.block import Block
-from vit_fast.nn.layernorm import LayerNorm
+from vit_fast.nn.layer_norm import LayerNorm
 from vit_fast.nn.mlp import GluMlp, Mlp, QuickGELU, SwiGLU, SwiGLUPacked
 from vit_fast.nn.patch_embed import PatchEmbed
 

@@ -21,7 +21,7 @@ from vit_fast import dispatch
 from vit_fast import functional as VF
 from vit_fast.nn.attention import check_positive_int, check_tokens
 from vit_fast.nn.block import norm_stream
-from vit_fast.nn.layernorm import LayerNorm
+from vit_fast.nn.layer_norm import LayerNorm
 from vit_fast.nn.mlp import Mlp
 
 

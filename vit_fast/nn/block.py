@@ -14,7 +14,7 @@ import torch.nn as nn
 
 from vit_fast import functional as VF
 from vit_fast.nn.attention import Attention, check_positive_int, check_tokens
-from vit_fast.nn.layernorm import LayerNorm
+from vit_fast.nn.layer_norm import LayerNorm
 from vit_fast.nn.mlp import Mlp
 
 

@@ -1,6 +1,6 @@
 """torch.library registrations, autograd Functions and input checks, one module per op.
 
-The Triton ops (attention.py, layernorm.py, mlp.py) are built one way, explained here once; each
+The Triton ops (attention.py, layer_norm.py, mlp.py) are built one way, explained here once; each
 module's comments point here instead of repeating it. For an op ``<op>`` (layer_norm, linear_act,
 mlp, ...):
 
@@ -35,7 +35,10 @@ mlp, ...):
 Each of those modules lays this out in sections in the same order, after any helpers of its own:
 launches, custom ops, fake impls, autograd Functions, public functions.
 
-patch_embed.py differs: its op is defined in C++ (``csrc/patch_embed.cpp``, TORCH_LIBRARY), with
-CPU and CUDA implementations there; the module registers its fake impls and autograd from Python
-and holds the library's own PyTorch pipeline for when the extension is missing.
+patch_embed.py differs in where its ops are defined: ``vit_fast::patch_embed_fwd`` and
+``vit_fast::patch_embed_bwd`` are C++ (``csrc/patch_embed.cpp``, TORCH_LIBRARY) with CPU and CUDA
+implementations there, so a call goes through the C++ dispatcher alone, with no Python custom-op
+wrapper to skip. The module registers their fake impls and autograd from Python
+(``register_autograd``, as pytorch/extension-cpp does) and holds the library's own PyTorch pipeline
+for when the extension is missing.
 """

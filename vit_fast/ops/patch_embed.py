@@ -1,12 +1,12 @@
 """Patch embedding: images [B, C, H, W] -> tokens [B, (1+)L, E] through the C++/CUDA extension.
 
 The op is defined in C++ (`csrc/patch_embed.cpp`, `TORCH_LIBRARY(vit_fast, ...)`:
-`torch.ops.vit_fast.patch_embed` and `torch.ops.vit_fast.patch_embed_backward`), with CPU and
+`torch.ops.vit_fast.patch_embed_fwd` and `torch.ops.vit_fast.patch_embed_bwd`), with CPU and
 CUDA implementations there. This module registers what torch.compile and autograd need from
 Python: the fake impls and `register_autograd` (its backward recomputes the patch matrix from x
-instead of saving it; see `patch_embed_backward` in the .cpp for why), and picks the path:
+instead of saving it; see `patch_embed_bwd` in the .cpp for why), and picks the path:
 
-- extension built: `torch.ops.vit_fast.patch_embed` on CPU and CUDA tensors (a CUDA tensor with a
+- extension built: `torch.ops.vit_fast.patch_embed_fwd` on CPU and CUDA tensors (a CUDA tensor with a
   CPU-only build raises);
 - extension missing: the PyTorch pipeline (`torch_patch_embed`, this module's own), with one warning;
 - `VIT_FAST_FORCE_TORCH=1`, or another device: the PyTorch pipeline.
@@ -28,7 +28,7 @@ _, EXTENSION_ERROR = _extension.load()
 
 HAS_EXTENSION = EXTENSION_ERROR is None
 # False for a build without nvcc or with a CPU-only torch (a constant, so torch.compile reads it freely)
-EXTENSION_HAS_CUDA = HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("vit_fast::patch_embed", "CUDA")
+EXTENSION_HAS_CUDA = HAS_EXTENSION and torch._C._dispatch_has_kernel_for_dispatch_key("vit_fast::patch_embed_fwd", "CUDA")
 _warned_missing_extension = False
 
 
@@ -66,7 +66,7 @@ def patch_embed(x, weight, bias=None, *, cls_token=None, pos_embed=None, mean=No
         mean = std = None
     if not torch.compiler.is_compiling():
         dispatch.record_launch("patch_embed_fwd")
-    return torch.ops.vit_fast.patch_embed(x, weight, bias, cls_token, pos_embed, mean, std)
+    return torch.ops.vit_fast.patch_embed_fwd(x, weight, bias, cls_token, pos_embed, mean, std)
 
 
 def _warn_missing_extension():
@@ -134,14 +134,14 @@ def _dx_memory_format(x):
 
 if HAS_EXTENSION:
 
-    @torch.library.register_fake("vit_fast::patch_embed")
-    def _patch_embed_fake(x, weight, bias=None, cls_token=None, pos_embed=None, mean=None, std=None):
+    @torch.library.register_fake("vit_fast::patch_embed_fwd")
+    def _patch_embed_fwd_fake(x, weight, bias=None, cls_token=None, pos_embed=None, mean=None, std=None):
         p = weight.shape[-1]
         tokens = (x.shape[2] // p) * (x.shape[3] // p) + (0 if cls_token is None else 1)
         return weight.new_empty((x.shape[0], tokens, weight.shape[0]))
 
-    @torch.library.register_fake("vit_fast::patch_embed_backward")
-    def _patch_embed_backward_fake(grad_out, x, weight, mean, std, output_mask):
+    @torch.library.register_fake("vit_fast::patch_embed_bwd")
+    def _patch_embed_bwd_fake(grad_out, x, weight, mean, std, output_mask):
         unused = weight.new_empty((0,))
         E = weight.shape[0]
         return (
@@ -166,7 +166,7 @@ if HAS_EXTENSION:
             return (None,) * 7
         if not torch.compiler.is_compiling():
             dispatch.record_launch("patch_embed_bwd")
-        grads = torch.ops.vit_fast.patch_embed_backward(grad_out, x, weight, mean, std, output_mask)
+        grads = torch.ops.vit_fast.patch_embed_bwd(grad_out, x, weight, mean, std, output_mask)
         return *(g if needed else None for g, needed in zip(grads, output_mask)), None, None
 
-    torch.library.register_autograd("vit_fast::patch_embed", _backward, setup_context=_setup_context)
+    torch.library.register_autograd("vit_fast::patch_embed_fwd", _backward, setup_context=_setup_context)

@@ -1,11 +1,11 @@
-"""sm_90 compile of every LayerNorm table entry (tests/test_layernorm.py's
+"""sm_90 compile of every LayerNorm table entry (tests/test_layer_norm.py's
 test_tables_compile_for_hopper_without_spills runs it through sm90.run_script, with Triton's
 interpreter off): each forward / backward entry at its widest C, bf16, fits an H100's shared
 memory, keeps its rows in registers up to SPILL_FREE_MAX_C, and the backward's programs per SM fit
 in one wave. Prints one "registers" line per entry."""
 import triton
 from sm90 import compile_sm90
-from vit_fast.kernels import layernorm as kernels
+from vit_fast.kernels import layer_norm as kernels
 
 SPILL_FREE_MAX_C = 4096  # the tables' comment: wider rows spill a few values (correct, slower)
 

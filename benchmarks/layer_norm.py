@@ -1,8 +1,8 @@
 """LayerNorm and residual-add + LayerNorm at ViT shapes [B*N, C], against the peers.
 
-    python benchmarks/layernorm.py             # 4 widths x bf16, fp32; every peer
-    python benchmarks/layernorm.py --quick     # bf16; torch.compile peers at ViT-B only (short lease)
-    python benchmarks/layernorm.py --sweep [--widths 384,768,1024,1280] [--sweep-kinds fwd,bwd,residual]
+    python benchmarks/layer_norm.py             # 4 widths x bf16, fp32; every peer
+    python benchmarks/layer_norm.py --quick     # bf16; torch.compile peers at ViT-B only (short lease)
+    python benchmarks/layer_norm.py --sweep [--widths 384,768,1024,1280] [--sweep-kinds fwd,bwd,residual]
                                                # launch configs (default C = 768 bf16): the forward and
                                                # backward at [rows of SHAPES, C], and the residual
                                                # forward (add + LN) at [50432, C]
@@ -21,7 +21,7 @@ The residual sweep (add_layer_norm's forward: reads x and residual, writes y and
 launch config at ViT b256's 50432 rows per width, judged on graph_ms against copy bandwidth
 (bytes = 2 reads + 2 writes per element, in the dtype; target >= 85% of copy) and against add then
 LayerNorm unfused (eager, torch.compile, vit_fast's layer_norm after a torch add); the best config
-per width goes to layernorm_residual_sweep.json ("best") for kernels/layernorm.py's table. The
+per width goes to layer_norm_residual_sweep.json ("best") for kernels/layer_norm.py's table. The
 loop, timing (median, min, max), table and files (benchmarks/results/<device>/, stamped) are
 harness.run_benchmark's.
 Without a GPU: says so, checks the kernels under Triton's interpreter, times the CPU PyTorch path
@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness  # noqa: E402
 from vit_fast import dispatch, reference  # noqa: E402
 from vit_fast import functional as VF  # noqa: E402
-from vit_fast.kernels import layernorm as kernels  # noqa: E402
+from vit_fast.kernels import layer_norm as kernels  # noqa: E402
 
 EPS = 1e-6
 # (name, rows = batch * tokens, C), as in perf/TARGETS.md
@@ -138,7 +138,7 @@ def bench(dtypes, quick):
               "compile": not quick or name == COMPILE_PEERS_QUICK}
              for dtype in dtypes for name, n_rows, C in SHAPES for op in ("layer_norm", "add_layer_norm")]
     return harness.run_benchmark(
-        "layernorm", cases, _peers, harness.MODES, setup=_setup, nbytes=_nbytes,
+        "layer_norm", cases, _peers, harness.MODES, setup=_setup, nbytes=_nbytes,
         ratios={"vs_eager": lambda impl: impl in EAGER}, after_case=lambda case: torch._dynamo.reset(), write=False,
         columns=["shape", "dtype", "op", "impl", "mode", "ms", "min_ms", "max_ms", "gbps", "pct_copy", "vs_eager",
                  "graph_ms", "graph_gbps", "graph_pct_copy", "graph_vs_eager", "error"],
@@ -258,7 +258,7 @@ def sweep_plain(C, kinds, copy_gbps, best):
             best.setdefault(str(C), {})[mode] = dict(config=top["config"], graph_ms=top["graph_ms"],
                                                      pct_copy=top["pct_copy"], entry=entry)
             print(f"best {mode} at C={C}: {top['config']}, {top['pct_copy']}% of copy -> "
-                  f"kernels/layernorm.py HOPPER_{mode.upper()}_CONFIGS entry {entry}")
+                  f"kernels/layer_norm.py HOPPER_{mode.upper()}_CONFIGS entry {entry}")
     return rows
 
 
@@ -280,7 +280,7 @@ def sweep_residual(C, copy_gbps, best):
     configs += [] if (*table, None) in configs else [(*table, None)]
     rows, top = sweep_configs(shape, "residual", configs, launch, [ref_y, ref_s], nbytes, copy_gbps)
     peers = harness.run_benchmark(
-        "layernorm_residual", [{"shape": shape, "columns": {"op": "add_layer_norm"}}],
+        "layer_norm_residual", [{"shape": shape, "columns": {"op": "add_layer_norm"}}],
         {impl: _peer(fn) for impl, fn in add_layer_norm_peers(C, True).items()}, ("fwd",),
         setup=lambda case: {"inputs": [x, res, w, b], "grads": None}, nbytes=lambda case, mode: nbytes,
         after_case=lambda case: torch._dynamo.reset(), write=False,
@@ -322,8 +322,8 @@ def sweep(widths, kinds, copy_gbps):
         if "residual" in kinds:
             residual += sweep_residual(C, copy_gbps, best_residual)
         harness.free()
-    for op, rows, best in (("layernorm_sweep", plain, best_plain),
-                           ("layernorm_residual_sweep", residual, best_residual)):
+    for op, rows, best in (("layer_norm_sweep", plain, best_plain),
+                           ("layer_norm_residual_sweep", residual, best_residual)):
         if rows:
             for row in rows:
                 row.pop("cfg", None)
@@ -370,7 +370,7 @@ def run_gpu(args):
         return sweep([int(c) for c in args.widths.split(",")], args.sweep_kinds.split(","), copy_gbps)
     rows = bench(("bf16",) if args.quick else tuple(DTYPES), args.quick)
     targets = report_targets(rows)
-    print("results in", harness.write_results("layernorm", rows, plot_key="pct_copy", extra={"targets": targets},
+    print("results in", harness.write_results("layer_norm", rows, plot_key="pct_copy", extra={"targets": targets},
                                               label_keys=("shape", "dtype", "op", "mode", "impl")))
 
 

@@ -31,7 +31,7 @@ MAX_C = 16384
 # per thread, no spills on sm_90; many such programs per SM keep ~50 KB of loads in flight;
 # reductions are warp shuffles, no barriers). Wider rows take 2 or more warps each. Most entries
 # follow from that tile rather than from a measurement of their own (benchmarks/NOTES.md);
-# `python benchmarks/layernorm.py --sweep --widths 384,768,1024,1280` re-measures them on the card.
+# `python benchmarks/layer_norm.py --sweep --widths 384,768,1024,1280` re-measures them on the card.
 # Forward, (max C, rows per program, num_warps).
 HOPPER_FWD_CONFIGS = (
     (128, 16, 1),
@@ -52,7 +52,7 @@ HOPPER_FWD_CONFIGS = (
 # w * dy, and weight, dweight, dbias per column), so it takes 16 elements per thread and one row
 # per block from C = 512 up. Its grid is one wave of persistent programs: programs per SM is how
 # many fit in an SM's 64K registers at the sm_90 build's register count (tests/sm90_scripts/
-# layernorm.py prints the counts and checks the fit; no spills up to C = 4096). A program more
+# layer_norm.py prints the counts and checks the fit; no spills up to C = 4096). A program more
 # than fits would run as a second wave and double the time, so these are upper bounds, not tuning
 # knobs. At C = 768 bf16 that is ~24 KB of x and dy in flight per SM at all times (the
 # prefetch). Above C = 4096 a few values spill (correct, slower).

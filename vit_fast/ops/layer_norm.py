@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from vit_fast import dispatch
-from vit_fast.kernels import layernorm as kernels
+from vit_fast.kernels import layer_norm as kernels
 from vit_fast.ops.checks import ANY_FLOAT_DTYPES, FLOAT_DTYPES, check_kernel_dtypes, check_tensor
 
 # ----------------------------------------------------------------------------- launches

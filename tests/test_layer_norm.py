@@ -16,8 +16,8 @@ import sm90
 import vit_fast
 from vit_fast import dispatch, reference
 from vit_fast import functional as VF
-from vit_fast.kernels import layernorm as kernels
-from vit_fast.ops import layernorm as ops
+from vit_fast.kernels import layer_norm as kernels
+from vit_fast.ops import layer_norm as ops
 
 FP16, BF16, FP32 = torch.float16, torch.bfloat16, torch.float32
 
@@ -354,7 +354,7 @@ def test_tables_compile_for_hopper_without_spills(tmp_path):
     sm_90 at its widest C, bf16, with this Triton, no GPU needed, fits an H100's shared memory and
     keeps its rows in registers up to C = 4096, as the tables' comment says; the backward's 16-bit
     programs per SM all fit in one wave."""
-    stdout = sm90.run_script(sm90.script("layernorm"), tmp_path)
+    stdout = sm90.run_script(sm90.script("layer_norm"), tmp_path)
     assert stdout.count("registers") == 2 * (len(kernels.HOPPER_FWD_CONFIGS) + len(kernels.HOPPER_BWD_CONFIGS))
 
 
