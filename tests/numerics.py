@@ -60,7 +60,7 @@ def assert_model_matches_reference(label, model, ref, ref64, x, g, bound):
     return out, grads
 
 
-def select_path(path, monkeypatch):
+def select_model_path(path, monkeypatch):
     """A CPU model test's path: 'torch' sets VIT_FAST_FORCE_TORCH=1 for the test; 'kernels' skips the
     test unless Triton's interpreter runs the kernels (TRITON_INTERPRET=1)."""
     if path == "torch":

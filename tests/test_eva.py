@@ -18,7 +18,7 @@ from vit_fast import dispatch, eva, reference
 from vit_fast import functional as VF
 
 from numerics import (DTYPE_BOUND, assert_model_matches_reference, assert_same_keys_and_shapes, launches_during,
-                      select_path)
+                      select_model_path)
 
 TINY = dict(img_size=28, embed_dim=64, num_heads=2, depth=2, num_classes=10)
 NAMES = ["eva02_tiny_patch14_224", "eva02_base_patch14_224"]  # the two block layouts (small / large: same code)
@@ -41,7 +41,7 @@ def tiny_models(name):
 @pytest.mark.parametrize("path", ["kernels", "torch"])
 @pytest.mark.parametrize("name", NAMES)
 def test_eva_matches_the_reference(name, path, monkeypatch):
-    select_path(path, monkeypatch)
+    select_model_path(path, monkeypatch)
     model, ref, ref64 = tiny_models(name)
     ropes = []
     real = VF.attention_packed

@@ -17,7 +17,7 @@ import vit_fast
 from vit_fast import reference
 
 from numerics import (DTYPE_BOUND, assert_model_matches_reference, assert_same_keys_and_shapes, launches_during,
-                      select_path)
+                      select_model_path)
 
 # name -> the overrides that make it tiny (depth 2 and 10 classes for all)
 TINY = {
@@ -76,7 +76,7 @@ def tiny_models(name):
 @pytest.mark.parametrize("path", ["kernels", "torch"])
 @pytest.mark.parametrize("name", sorted(TINY))
 def test_family_matches_the_reference(name, path, monkeypatch):
-    select_path(path, monkeypatch)
+    select_model_path(path, monkeypatch)
     model, ref, ref64 = tiny_models(name)
     size = TINY[name]["img_size"]
     x = torch.randn(2, 3, size, size)

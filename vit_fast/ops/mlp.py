@@ -71,7 +71,7 @@ from vit_fast.ops.checks import ANY_FLOAT_DTYPES, check_kernel_dtypes, check_sam
 # maps onto those names here.
 ACTIVATIONS = kernels.ACTIVATIONS
 APPROXIMATE_TO_ACTIVATION = {"none": "gelu", "tanh": "gelu_tanh"}
-QUICK_GELU_ALPHA = 1.702
+QUICK_GELU_ALPHA = kernels.QUICK_GELU_ALPHA.value  # the kernels' constant, as a float for the PyTorch path
 
 
 def resolve_activation(activation=None, approximate="none", allow_identity=True) -> str:
