@@ -11,6 +11,7 @@ import sys
 
 SMEM_LIMIT = 232448  # bytes of shared memory one H100 block may use
 HERE = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(HERE)
 SCRIPTS = os.path.join(HERE, "sm90_scripts")
 
 
@@ -27,7 +28,8 @@ def run_script(script: str, tmp_path) -> str:
     command = [script] if script.endswith(".py") and os.path.isfile(script) else ["-c", script]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_DEFAULT_FP_FUSION="1", TRITON_CACHE_DIR=str(tmp_path / "cache"), SM90_CUBIN_DIR=str(tmp_path),
-               PYTHONPATH=os.pathsep.join(p for p in (HERE, env.get("PYTHONPATH")) if p))
+               # this checkout's vit_fast, whichever one an editable install points at
+               PYTHONPATH=os.pathsep.join(p for p in (HERE, REPO_ROOT, env.get("PYTHONPATH")) if p))
     proc = subprocess.run([sys.executable, *command], env=env, capture_output=True, text=True, timeout=300)
     print(proc.stdout)
     assert proc.returncode == 0, proc.stderr[-3000:]
