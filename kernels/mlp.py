@@ -142,6 +142,19 @@ def _grouped_tile(tile_id, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's output tile of the pointer kernels (grouped order, _grouped_tile) -> (pid_m,
+    offs_m, offs_n, rows, cols): its row and column indices, and the same clamped to row / column 0
+    past the edges (int64), which the loads read instead of masking every load; the stores are masked."""
+    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
+    cols = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
+    return pid_m, offs_m, offs_n, rows, cols
+
+
+@triton.jit
 def _bias_residual(acc, b_ptr, r_ptr, offs_m, offs_n, M, N, stride_rm, stride_rn,
                    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     """acc [BM, BN] fp32 + b[offs_n] + r[offs_m, offs_n] (masked at the edges)."""
@@ -173,13 +186,8 @@ def linear_act_kernel(
     EPILOGUE: tl.constexpr,  # "act": y = act(acc + b (+ r)); "act_grad": y = acc * act'(pre), HAS_BIAS: the
                              # bias-gradient partials to db_ptr (no bias, no residual added)
 ):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, offs_m, offs_n, rows, cols = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    # rows / columns past the edge load row / column 0 instead of masking every load; the stores are masked
-    rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)
-    cols = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
     w_ptrs = w_ptr + offs_k[:, None] * stride_wk + cols[None, :] * stride_wn  # [BLOCK_K, BLOCK_N]
 
@@ -327,12 +335,8 @@ def swiglu_kernel(
     DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BLOCK_M), tl.cdiv(N, BLOCK_N), GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    _, offs_m, offs_n, rows, cols = _tile_offsets(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_k = tl.arange(0, BLOCK_K)
-    rows = tl.where(offs_m < M, offs_m, 0).to(tl.int64)  # clamped loads past the edge, masked stores
-    cols = tl.where(offs_n < N, offs_n, 0).to(tl.int64)
     x_ptrs = x_ptr + rows[:, None] * stride_xm + offs_k[None, :] * stride_xk  # [BLOCK_M, BLOCK_K]
     wg_ptrs = wg_ptr + offs_k[:, None] * stride_wgk + cols[None, :] * stride_wgn  # [BLOCK_K, BLOCK_N]
     wx_ptrs = wx_ptr + offs_k[:, None] * stride_wxk + cols[None, :] * stride_wxn
