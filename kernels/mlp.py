@@ -155,6 +155,17 @@ def _tile_offsets(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
 
 
 @triton.jit
+def _load_k_step(ptrs, offs_k, k_left, EVEN_K: tl.constexpr):
+    """One K step's tile at ptrs; unless EVEN_K, zero where offs_k (the step's K indices, broadcast along
+    the tile's K axis) >= k_left (the K left from this step)."""
+    if EVEN_K:
+        tile = tl.load(ptrs)
+    else:
+        tile = tl.load(ptrs, mask=offs_k < k_left, other=0.0)
+    return tile
+
+
+@triton.jit
 def _bias_residual(acc, b_ptr, r_ptr, offs_m, offs_n, M, N, stride_rm, stride_rn,
                    HAS_BIAS: tl.constexpr, HAS_RESIDUAL: tl.constexpr):
     """acc [BM, BN] fp32 + b[offs_n] + r[offs_m, offs_n] (masked at the edges)."""
@@ -193,13 +204,8 @@ def linear_act_kernel(
 
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(x_ptrs)
-            b = tl.load(w_ptrs)
-        else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            b = tl.load(w_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        a = _load_k_step(x_ptrs, offs_k[None, :], K - k * BLOCK_K, EVEN_K)
+        b = _load_k_step(w_ptrs, offs_k[:, None], K - k * BLOCK_K, EVEN_K)
         acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
         w_ptrs += BLOCK_K * stride_wk
@@ -344,15 +350,9 @@ def swiglu_kernel(
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_x = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        if EVEN_K:
-            a = tl.load(x_ptrs)
-            bg = tl.load(wg_ptrs)
-            bx = tl.load(wx_ptrs)
-        else:
-            k_left = K - k * BLOCK_K
-            a = tl.load(x_ptrs, mask=offs_k[None, :] < k_left, other=0.0)
-            bg = tl.load(wg_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
-            bx = tl.load(wx_ptrs, mask=offs_k[:, None] < k_left, other=0.0)
+        a = _load_k_step(x_ptrs, offs_k[None, :], K - k * BLOCK_K, EVEN_K)
+        bg = _load_k_step(wg_ptrs, offs_k[:, None], K - k * BLOCK_K, EVEN_K)
+        bx = _load_k_step(wx_ptrs, offs_k[:, None], K - k * BLOCK_K, EVEN_K)
         acc_g = tl.dot(a, bg, acc_g, input_precision=DOT_PRECISION)  # one x tile, two products
         acc_x = tl.dot(a, bx, acc_x, input_precision=DOT_PRECISION)
         x_ptrs += BLOCK_K * stride_xk
