@@ -84,9 +84,10 @@ def plot_confusion(confusion, classes, path):
             for j, count in enumerate(row):
                 ax.text(j, i, count, ha="center", va="center", color="white" if count > high / 2 else "black")
     fig.tight_layout()
-    # the format from path's suffix: the temporary file's name ends in .tmp
-    write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format=Path(path).suffix[1:] or "png"))
-    plt.close(fig)
+    try:  # the format from path's suffix: the temporary file's name ends in .tmp
+        write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=100, format=Path(path).suffix[1:] or "png"))
+    finally:
+        plt.close(fig)
 
 
 def main(argv=None):
