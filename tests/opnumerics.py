@@ -34,16 +34,12 @@ from numerics import DTYPE_BOUND, FLOOR_FACTOR, FP32_UNIT_ROUNDOFF, rel_err, tor
 from vit_fast import dispatch
 
 
-def exact_fp32_matmul():
-    """torch's fp32 matmuls in full fp32 (no tf32) inside the block, as the kernels' fp32 dots are."""
-    return torch_tf32(False)
-
-
 @pytest.fixture
 def no_tf32():
-    """exact_fp32_matmul for a whole test, whatever an earlier test set (a module takes it with
+    """torch's fp32 matmuls in full fp32 (no tf32), as the kernels' fp32 dots are, for a whole test,
+    whatever an earlier test set (a module takes it with
     ``pytestmark = pytest.mark.usefixtures("no_tf32")`` after importing it)."""
-    with exact_fp32_matmul():
+    with torch_tf32(False):
         yield
 
 
@@ -124,7 +120,7 @@ def compare_to_float64(names, fn, torch_fn, ref_fn, inputs, grads_out, bound=Non
     dtype = next(t.dtype for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point())
     bound = DTYPE_BOUND[dtype] if bound is None else bound
     outs, grads = run(fn, inputs, grads_out) if ours is None else ours
-    with exact_fp32_matmul():
+    with torch_tf32(False):  # torch in the kernels' fp32: exact dots
         t_outs, t_grads = run(torch_fn, inputs if torch_inputs is None else torch_inputs, grads_out)
     r_outs, r_grads = run(ref_fn, [to_float64(t) for t in inputs], [to_float64(g) for g in grads_out])
     out_floors, grad_floors = rounding_floors(ref_fn, inputs, grads_out, exact=(r_outs, r_grads))
