@@ -34,7 +34,7 @@ from vit_fast import functional as VF  # noqa: E402
 from vit_fast.kernels import attention as kernels  # noqa: E402
 from vit_fast.nn import Attention  # noqa: E402
 
-# (name, B, H, N, D): batches that fill an H100, as in perf/TARGETS.md; then the ViT family (not in
+# (name, B, H, N, D): batches that fill an H100 (the shapes the goals are set at); then the ViT family (not in
 # --quick): CLIP ViT-L/14 at 224 (256 patches + class token), SigLIP so400m/14 at 384 (27^2 = 729
 # patches, no class token; 16 heads of 72: the kernels take it as 64 + a masked 16-wide chunk,
 # kernels.attention.head_chunks), DINOv2-L/14 with 4 registers (1 + 4 + 256 = 261). A head dim the

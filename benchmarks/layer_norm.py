@@ -45,12 +45,12 @@ from vit_fast import functional as VF  # noqa: E402
 from vit_fast.kernels import layer_norm as kernels  # noqa: E402
 
 EPS = 1e-6
-# (name, rows = batch * tokens, C), as in perf/TARGETS.md
+# (name, rows = batch * tokens, C): the shapes the goals are set at
 SHAPES = [("ViT-S b256", 256 * 197, 384), ("ViT-B b256", 256 * 197, 768),
           ("ViT-L b128", 128 * 197, 1024), ("ViT-H/14 b128", 128 * 257, 1280)]
 COMPILE_PEERS_QUICK = "ViT-B b256"
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-# TARGETS.md at [50432, 768] bf16: LN forward >= 85% of copy, backward >= 70%, fwd+bwd <= 0.21 ms
+# The goals at [50432, 768] bf16: LN forward >= 85% of copy, backward >= 70%, fwd+bwd <= 0.21 ms
 # (2x F.layer_norm); add_layer_norm <= 0.110 ms (torch.compile's) and at most 4/5 of eager add + LN
 # (it moves 4 tensors to eager's 5).
 TARGET_FWD_PCT, TARGET_BWD_PCT, TARGET_FWD_BWD_MS, TARGET_ADD_LN_MS = 85.0, 70.0, 0.21, 0.110
@@ -150,7 +150,7 @@ def _timed(row, key):
 
 
 def report_targets(rows):
-    """The TARGETS.md goals at ViT-B [50432, 768] bf16, met or missed, as called (eager, launch path
+    """The goals at ViT-B [50432, 768] bf16, met or missed, as called (eager, launch path
     included) and as kernels alone (CUDA-graph replay); returned as {timing: [{what, met, goal}]}."""
     pick = {(r["op"], r["mode"], r["impl"]): r for r in rows
             if r["shape"].startswith(TARGET_SHAPE + " [") and r["dtype"] == "bf16"}
@@ -160,7 +160,7 @@ def report_targets(rows):
     eager = pick.get(("add_layer_norm", "fwd", "eager add + F.layer_norm"))
     if not (fwd and bwd and fwd_bwd and fused and eager):
         return {}
-    print(f"\ntargets at {TARGET_SHAPE} bf16 (perf/TARGETS.md):")
+    print(f"\ntargets at {TARGET_SHAPE} bf16:")
     judged = {}
     for timing, prefix in (("as called", ""), ("kernels alone (CUDA graph)", "graph_")):
         ms, pct = prefix + "ms", prefix + "pct_copy"

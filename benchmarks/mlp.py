@@ -42,7 +42,7 @@ from vit_fast import functional as VF  # noqa: E402
 from vit_fast.kernels import mlp as kernels  # noqa: E402
 from vit_fast.nn import Mlp  # noqa: E402
 
-# (name, M = batch * tokens, K = embed dim, N = MLP hidden dim), as in perf/TARGETS.md
+# (name, M = batch * tokens, K = embed dim, N = MLP hidden dim): the shapes the goals are set at
 SHAPES = [("ViT-S b256", 256 * 197, 384, 1536), ("ViT-B b256", 256 * 197, 768, 3072),
           ("ViT-L b128", 128 * 197, 1024, 4096), ("ViT-H/14 b128", 128 * 257, 1280, 5120)]
 QUICK_SHAPES = [SHAPES[1]]

@@ -49,7 +49,7 @@ try:
 except ImportError:  # the reference model with SDPA attention stands in (timm_model)
     timm = None
 
-# (model name, throughput batch): batches that fill an H100, as in perf/TARGETS.md
+# (model name, throughput batch): batches that fill an H100 (the goals are set at them)
 MODELS = [("vit_small_patch16_224", 256), ("vit_base_patch16_224", 256), ("vit_large_patch16_224", 128),
           ("vit_base_patch16_384", 256),
           ("vit_large_patch14_clip_224", 256), ("vit_so400m_patch14_siglip_384", 64)]  # the family's encoders
@@ -290,7 +290,7 @@ def profile_forward(name, batch):
 
 
 def summarize(rows):
-    """The ViT-B/16 rows against the goals in perf/TARGETS.md."""
+    """The ViT-B/16 rows against its goals."""
     def get(mode, impl, batch):
         for r in rows:
             if (r["model"], r["mode"], r["impl"], r["batch"]) == ("vit_base_patch16_224", mode, impl, batch):
